@@ -1,0 +1,458 @@
+//! The StockReservation aggregate (id = orderId): the stock side's record of
+//! one order — reserved (all items), failed (with the shortages), released,
+//! or voided because the order was cancelled before anything was reserved.
+//!
+//! Stock itself is held per product (the [`Product`](crate::Product)
+//! aggregate). Reserving across products goes through the [`StockLedger`]
+//! service, which holds every item or none; it must be idempotent per order
+//! (holding again for an order that already holds is a no-op), so a
+//! redelivered request after a crash converges instead of double-holding.
+//!
+//! The void marker is what makes the race "`order.cancelled` reaches the
+//! stock side before `order.created`" come out right: once voided, a later
+//! reservation request reserves nothing.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::values::{FieldError, StockItem};
+
+/// One product held for the order, with the stock left available after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReservedLine {
+    pub product_id: String,
+    pub quantity: u32,
+    pub available_after: u32,
+}
+
+/// A product that could not be held: requested vs available when handled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Shortage {
+    pub product_id: String,
+    pub requested: u32,
+    pub available: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stock ledger unavailable: {0}")]
+pub struct LedgerError(pub String);
+
+/// Holds and returns stock on the products. Implemented over the Product
+/// aggregates by the service, and in memory by the tests.
+#[async_trait]
+pub trait StockLedger: Send + Sync {
+    /// Holds every item for `order_id`, or none: `Ok(Err(shortages))` names
+    /// every product that was short, and nothing stays held.
+    async fn reserve_all(
+        &self,
+        order_id: &str,
+        items: &[StockItem],
+    ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, LedgerError>;
+
+    /// Returns whatever `order_id` holds on these products (none is fine).
+    async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError>;
+}
+
+pub struct StockServices {
+    pub ledger: Arc<dyn StockLedger>,
+}
+
+impl StockServices {
+    pub fn new(ledger: Arc<dyn StockLedger>) -> Self {
+        Self { ledger }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StockReservationCommand {
+    /// From `order.created`: hold every item of the order.
+    ReserveStock {
+        order_id: String,
+        items: Vec<StockItem>,
+        causation_id: Option<Uuid>,
+    },
+    /// From `order.cancelled`: return what the order holds, if anything.
+    ReleaseStock {
+        order_id: String,
+        items: Vec<StockItem>,
+        causation_id: Option<Uuid>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StockReservationEvent {
+    #[serde(rename_all = "camelCase")]
+    StockReserved {
+        lines: Vec<ReservedLine>,
+        causation_id: Option<Uuid>,
+    },
+    #[serde(rename_all = "camelCase")]
+    StockReservationFailed {
+        shortages: Vec<Shortage>,
+        causation_id: Option<Uuid>,
+    },
+    #[serde(rename_all = "camelCase")]
+    StockReleased {
+        items: Vec<StockItem>,
+        causation_id: Option<Uuid>,
+    },
+    /// The order was cancelled before its stock was reserved.
+    #[serde(rename_all = "camelCase")]
+    ReservationVoided { causation_id: Option<Uuid> },
+}
+
+impl DomainEvent for StockReservationEvent {
+    fn event_type(&self) -> String {
+        match self {
+            StockReservationEvent::StockReserved { .. } => "StockReserved",
+            StockReservationEvent::StockReservationFailed { .. } => "StockReservationFailed",
+            StockReservationEvent::StockReleased { .. } => "StockReleased",
+            StockReservationEvent::ReservationVoided { .. } => "ReservationVoided",
+        }
+        .to_string()
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StockReservationError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReservationStatus {
+    Reserved,
+    Failed,
+    Released,
+    Voided,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockReservation {
+    pub status: Option<ReservationStatus>,
+    pub lines: Vec<ReservedLine>,
+    pub shortages: Vec<Shortage>,
+}
+
+impl StockReservation {
+    /// Whether this order holds stock right now.
+    pub fn holds_stock(&self) -> bool {
+        self.status == Some(ReservationStatus::Reserved)
+    }
+}
+
+impl Aggregate for StockReservation {
+    const TYPE: &'static str = "StockReservation";
+    type Command = StockReservationCommand;
+    type Event = StockReservationEvent;
+    type Error = StockReservationError;
+    type Services = StockServices;
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        match command {
+            StockReservationCommand::ReserveStock {
+                order_id,
+                items,
+                causation_id,
+            } => {
+                // Already reserved, failed, released or voided: a repeat or a
+                // request for a cancelled order — nothing to hold.
+                if self.status.is_some() {
+                    return Ok(());
+                }
+                if items.is_empty() {
+                    return Err(FieldError::new("items", "nothing to reserve").into());
+                }
+                let event = match services.ledger.reserve_all(&order_id, &items).await? {
+                    Ok(lines) => StockReservationEvent::StockReserved {
+                        lines,
+                        causation_id,
+                    },
+                    Err(shortages) => StockReservationEvent::StockReservationFailed {
+                        shortages,
+                        causation_id,
+                    },
+                };
+                sink.write(event, self).await;
+            }
+            StockReservationCommand::ReleaseStock {
+                order_id,
+                items,
+                causation_id,
+            } => match self.status {
+                Some(ReservationStatus::Reserved) => {
+                    services.ledger.release_all(&order_id, &items).await?;
+                    let released = self
+                        .lines
+                        .iter()
+                        .map(|l| StockItem {
+                            product_id: l.product_id.clone(),
+                            quantity: l.quantity,
+                        })
+                        .collect();
+                    let event = StockReservationEvent::StockReleased {
+                        items: released,
+                        causation_id,
+                    };
+                    sink.write(event, self).await;
+                }
+                None => {
+                    // A reservation that crashed half-way may have left holds
+                    // behind; returning them is harmless when there are none.
+                    services.ledger.release_all(&order_id, &items).await?;
+                    sink.write(
+                        StockReservationEvent::ReservationVoided { causation_id },
+                        self,
+                    )
+                    .await;
+                }
+                Some(
+                    ReservationStatus::Failed
+                    | ReservationStatus::Released
+                    | ReservationStatus::Voided,
+                ) => {}
+            },
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            StockReservationEvent::StockReserved { lines, .. } => {
+                self.status = Some(ReservationStatus::Reserved);
+                self.lines = lines;
+            }
+            StockReservationEvent::StockReservationFailed { shortages, .. } => {
+                self.status = Some(ReservationStatus::Failed);
+                self.shortages = shortages;
+            }
+            StockReservationEvent::StockReleased { .. } => {
+                self.status = Some(ReservationStatus::Released);
+            }
+            StockReservationEvent::ReservationVoided { .. } => {
+                self.status = Some(ReservationStatus::Voided);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use cqrs_es::test::TestFramework;
+
+    use super::*;
+
+    /// Records what it was asked and answers as told.
+    #[derive(Default)]
+    struct ScriptedLedger {
+        shortages: Vec<Shortage>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl StockLedger for ScriptedLedger {
+        async fn reserve_all(
+            &self,
+            order_id: &str,
+            items: &[StockItem],
+        ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, LedgerError> {
+            self.calls
+                .lock()
+                .map_err(|e| LedgerError(e.to_string()))?
+                .push(format!("reserve {order_id}"));
+            if !self.shortages.is_empty() {
+                return Ok(Err(self.shortages.clone()));
+            }
+            Ok(Ok(items
+                .iter()
+                .map(|i| line(&i.product_id, i.quantity, 10))
+                .collect()))
+        }
+
+        async fn release_all(
+            &self,
+            order_id: &str,
+            _items: &[StockItem],
+        ) -> Result<(), LedgerError> {
+            self.calls
+                .lock()
+                .map_err(|e| LedgerError(e.to_string()))?
+                .push(format!("release {order_id}"));
+            Ok(())
+        }
+    }
+
+    type StockTestFramework = TestFramework<StockReservation>;
+
+    fn services(ledger: ScriptedLedger) -> StockServices {
+        StockServices::new(Arc::new(ledger))
+    }
+
+    fn line(product_id: &str, quantity: u32, available_after: u32) -> ReservedLine {
+        ReservedLine {
+            product_id: product_id.into(),
+            quantity,
+            available_after,
+        }
+    }
+
+    fn items() -> Vec<StockItem> {
+        vec![StockItem {
+            product_id: "p-1".into(),
+            quantity: 2,
+        }]
+    }
+
+    fn reserve() -> StockReservationCommand {
+        StockReservationCommand::ReserveStock {
+            order_id: "o-1".into(),
+            items: items(),
+            causation_id: None,
+        }
+    }
+
+    fn release() -> StockReservationCommand {
+        StockReservationCommand::ReleaseStock {
+            order_id: "o-1".into(),
+            items: items(),
+            causation_id: None,
+        }
+    }
+
+    fn reserved() -> StockReservationEvent {
+        StockReservationEvent::StockReserved {
+            lines: vec![line("p-1", 2, 10)],
+            causation_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn reserve_stock_holds_every_item() {
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given_no_previous_events()
+            .when_async(reserve())
+            .await
+            .then_expect_events(vec![reserved()]);
+    }
+
+    #[tokio::test]
+    async fn reserve_stock_short_of_a_product_fails_naming_it() {
+        let shortage = Shortage {
+            product_id: "p-1".into(),
+            requested: 2,
+            available: 1,
+        };
+        let ledger = ScriptedLedger {
+            shortages: vec![shortage.clone()],
+            ..Default::default()
+        };
+        StockTestFramework::with(services(ledger))
+            .given_no_previous_events()
+            .when_async(reserve())
+            .await
+            .then_expect_events(vec![StockReservationEvent::StockReservationFailed {
+                shortages: vec![shortage],
+                causation_id: None,
+            }]);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_reservation_is_a_no_op() {
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given(vec![reserved()])
+            .when_async(reserve())
+            .await
+            .then_expect_events(vec![]);
+    }
+
+    #[tokio::test]
+    async fn release_stock_returns_a_reservation() {
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given(vec![reserved()])
+            .when_async(release())
+            .await
+            .then_expect_events(vec![StockReservationEvent::StockReleased {
+                items: items(),
+                causation_id: None,
+            }]);
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_that_arrives_first_voids_the_reservation() {
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given_no_previous_events()
+            .when_async(release())
+            .await
+            .then_expect_events(vec![StockReservationEvent::ReservationVoided {
+                causation_id: None,
+            }]);
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given(vec![StockReservationEvent::ReservationVoided {
+                causation_id: None,
+            }])
+            .when_async(reserve())
+            .await
+            .then_expect_events(vec![]);
+    }
+
+    #[tokio::test]
+    async fn releasing_a_failed_or_released_reservation_is_a_no_op() {
+        let failed = StockReservationEvent::StockReservationFailed {
+            shortages: vec![],
+            causation_id: None,
+        };
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given(vec![failed])
+            .when_async(release())
+            .await
+            .then_expect_events(vec![]);
+        let released = StockReservationEvent::StockReleased {
+            items: items(),
+            causation_id: None,
+        };
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given(vec![reserved(), released])
+            .when_async(release())
+            .await
+            .then_expect_events(vec![]);
+    }
+
+    #[tokio::test]
+    async fn reserve_stock_with_no_items_is_refused() {
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given_no_previous_events()
+            .when_async(StockReservationCommand::ReserveStock {
+                order_id: "o-1".into(),
+                items: vec![],
+                causation_id: None,
+            })
+            .await
+            .then_expect_error(StockReservationError::Invalid(FieldError::new(
+                "items",
+                "nothing to reserve",
+            )));
+    }
+}
