@@ -1,0 +1,410 @@
+//! Random command sequences through all three aggregates, wired the way the
+//! saga wires them, checking after every step the invariants the domain
+//! promises (SPEC §2):
+//!
+//! - stock never goes negative, and a product's available + reserved changes
+//!   only by an operator's restock;
+//! - what the products hold is exactly what the reserved reservations say;
+//! - no order both reaches PAYMENT_WAIT and is cancelled;
+//! - once every cancellation has reached the stock side, a cancelled order
+//!   holds no stock — whatever order the messages arrived in, and however
+//!   often they were repeated.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use order_saga_domain::*;
+use proptest::prelude::*;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+const PRODUCTS: usize = 3;
+const ORDERS: usize = 5;
+
+/// Runs one command against an in-memory aggregate; on refusal the state is
+/// left as it was, as the event store would.
+async fn exec<A: Aggregate + Clone>(
+    state: &mut A,
+    command: A::Command,
+    services: &A::Services,
+) -> Result<Vec<A::Event>, A::Error> {
+    let mut working = state.clone();
+    let sink = EventSink::default();
+    working.handle(command, services, &sink).await?;
+    *state = working;
+    Ok(sink.collect().await)
+}
+
+fn product_id(i: usize) -> String {
+    format!("p-{i}")
+}
+
+/// The stock ledger over in-memory Product aggregates.
+#[derive(Default)]
+struct MemLedger {
+    products: Mutex<BTreeMap<String, Product>>,
+}
+
+#[async_trait]
+impl StockLedger for MemLedger {
+    async fn reserve_all(
+        &self,
+        order_id: &str,
+        items: &[StockItem],
+    ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, LedgerError> {
+        let mut products = self.products.lock().await;
+        let mut lines = Vec::new();
+        let mut shortages = Vec::new();
+        for item in items {
+            let product = products.entry(item.product_id.clone()).or_default();
+            let command = ProductCommand::ReserveStock {
+                order_id: order_id.into(),
+                quantity: item.quantity,
+            };
+            match exec(product, command, &()).await {
+                Ok(_) => lines.push(ReservedLine {
+                    product_id: item.product_id.clone(),
+                    quantity: item.quantity,
+                    available_after: product.available,
+                }),
+                Err(ProductError::InsufficientStock {
+                    requested,
+                    available,
+                }) => shortages.push(Shortage {
+                    product_id: item.product_id.clone(),
+                    requested,
+                    available,
+                }),
+                Err(e) => return Err(LedgerError(e.to_string())),
+            }
+        }
+        if shortages.is_empty() {
+            return Ok(Ok(lines));
+        }
+        for line in lines {
+            let product = products.entry(line.product_id).or_default();
+            let command = ProductCommand::ReleaseStock {
+                order_id: order_id.into(),
+            };
+            exec(product, command, &())
+                .await
+                .map_err(|e| LedgerError(e.to_string()))?;
+        }
+        Ok(Err(shortages))
+    }
+
+    async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError> {
+        let mut products = self.products.lock().await;
+        for item in items {
+            let product = products.entry(item.product_id.clone()).or_default();
+            let command = ProductCommand::ReleaseStock {
+                order_id: order_id.into(),
+            };
+            exec(product, command, &())
+                .await
+                .map_err(|e| LedgerError(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Catalog for MemLedger {
+    async fn unit_price(&self, product_id: &str) -> Result<Option<Money>, CatalogError> {
+        Ok(self
+            .products
+            .lock()
+            .await
+            .get(product_id)
+            .and_then(Product::orderable_price))
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Create {
+        order: usize,
+        items: Vec<(usize, u32)>,
+    },
+    /// `order.created` reaches the stock side.
+    Reserve {
+        order: usize,
+    },
+    /// The stock side's reply reaches the order side.
+    Reply {
+        order: usize,
+    },
+    /// `order.confirmed` reaches the payment-wait handler.
+    StartPaymentWait {
+        order: usize,
+    },
+    /// A timeout or the customer cancels.
+    Cancel {
+        order: usize,
+        reason: usize,
+    },
+    /// `order.cancelled` reaches the stock side.
+    Release {
+        order: usize,
+    },
+    Restock {
+        product: usize,
+        stock: u32,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let order = 0..ORDERS;
+    prop_oneof![
+        (
+            order.clone(),
+            prop::collection::vec((0..PRODUCTS, 1..6u32), 1..=PRODUCTS)
+        )
+            .prop_map(|(order, items)| Step::Create { order, items }),
+        order.clone().prop_map(|order| Step::Reserve { order }),
+        order.clone().prop_map(|order| Step::Reply { order }),
+        order
+            .clone()
+            .prop_map(|order| Step::StartPaymentWait { order }),
+        (order.clone(), 0..CancelReason::ALL.len())
+            .prop_map(|(order, reason)| Step::Cancel { order, reason }),
+        order.prop_map(|order| Step::Release { order }),
+        (0..PRODUCTS, 0..12u32).prop_map(|(product, stock)| Step::Restock { product, stock }),
+    ]
+}
+
+struct World {
+    ledger: Arc<MemLedger>,
+    order_services: OrderServices,
+    stock_services: StockServices,
+    orders: Vec<Order>,
+    order_events: Vec<Vec<OrderEvent>>,
+    reservations: Vec<StockReservation>,
+    /// Whether the order's `order.cancelled` has reached the stock side.
+    release_delivered: Vec<bool>,
+    /// available + reserved each product must have: moved only by restocks.
+    expected_total: BTreeMap<String, u64>,
+}
+
+impl World {
+    async fn new() -> Self {
+        let ledger = Arc::new(MemLedger::default());
+        let mut expected_total = BTreeMap::new();
+        {
+            let mut products = ledger.products.lock().await;
+            for i in 0..PRODUCTS {
+                let mut product = Product::default();
+                let command = ProductCommand::SetProduct {
+                    price: Some("1.00".parse().expect("price")),
+                    stock: Some(4),
+                };
+                exec(&mut product, command, &())
+                    .await
+                    .expect("stock the product");
+                products.insert(product_id(i), product);
+                expected_total.insert(product_id(i), 4);
+            }
+        }
+        World {
+            order_services: OrderServices::new(ledger.clone()),
+            stock_services: StockServices::new(ledger.clone()),
+            ledger,
+            orders: vec![Order::default(); ORDERS],
+            order_events: vec![Vec::new(); ORDERS],
+            reservations: vec![StockReservation::default(); ORDERS],
+            release_delivered: vec![false; ORDERS],
+            expected_total,
+        }
+    }
+
+    fn order_id(order: usize) -> String {
+        format!("o-{order}")
+    }
+
+    fn stock_items(&self, order: usize) -> Vec<StockItem> {
+        self.orders[order]
+            .items
+            .iter()
+            .map(|l| StockItem {
+                product_id: l.product_id.clone(),
+                quantity: l.quantity,
+            })
+            .collect()
+    }
+
+    async fn order_command(&mut self, order: usize, command: OrderCommand) {
+        if let Ok(events) = exec(&mut self.orders[order], command, &self.order_services).await {
+            self.order_events[order].extend(events);
+        }
+    }
+
+    async fn stock_command(&mut self, order: usize, command: StockReservationCommand) {
+        let _ = exec(&mut self.reservations[order], command, &self.stock_services).await;
+    }
+
+    /// A fixed causation id per (order, kind), so redeliveries are exact
+    /// repeats.
+    fn cause(order: usize, kind: u8) -> Option<Uuid> {
+        Some(Uuid::from_u128(((order as u128) << 8) | u128::from(kind)))
+    }
+
+    async fn run(&mut self, step: &Step) {
+        match *step {
+            Step::Create { order, ref items } => {
+                let mut seen = std::collections::BTreeSet::new();
+                let items = items
+                    .iter()
+                    .filter(|(p, _)| seen.insert(*p))
+                    .map(|&(p, q)| ItemRequest {
+                        product_id: product_id(p),
+                        quantity: i64::from(q),
+                    })
+                    .collect();
+                let command = OrderCommand::CreateOrder {
+                    user_id: "u-1".into(),
+                    store_id: "s-1".into(),
+                    items,
+                };
+                self.order_command(order, command).await;
+            }
+            Step::Reserve { order } => {
+                if self.orders[order].status.is_none() {
+                    return; // no order.created exists yet
+                }
+                let command = StockReservationCommand::ReserveStock {
+                    order_id: Self::order_id(order),
+                    items: self.stock_items(order),
+                    causation_id: Self::cause(order, 1),
+                };
+                self.stock_command(order, command).await;
+            }
+            Step::Reply { order } => {
+                let command = match self.reservations[order].status {
+                    Some(stock::ReservationStatus::Reserved) => OrderCommand::ConfirmOrder {
+                        causation_id: Self::cause(order, 2),
+                    },
+                    Some(stock::ReservationStatus::Failed) => OrderCommand::CancelOrder {
+                        reason: CancelReason::StockShortage,
+                        causation_id: Self::cause(order, 3),
+                    },
+                    _ => return,
+                };
+                self.order_command(order, command).await;
+            }
+            Step::StartPaymentWait { order } => {
+                let command = OrderCommand::StartPaymentWait {
+                    causation_id: Self::cause(order, 4),
+                };
+                self.order_command(order, command).await;
+            }
+            Step::Cancel { order, reason } => {
+                let command = OrderCommand::CancelOrder {
+                    reason: CancelReason::ALL[reason],
+                    causation_id: Self::cause(order, 5),
+                };
+                self.order_command(order, command).await;
+            }
+            Step::Release { order } => {
+                if self.orders[order].status != Some(OrderStatus::OrderCancelled) {
+                    return; // no order.cancelled exists yet
+                }
+                let command = StockReservationCommand::ReleaseStock {
+                    order_id: Self::order_id(order),
+                    items: self.stock_items(order),
+                    causation_id: Self::cause(order, 6),
+                };
+                self.stock_command(order, command).await;
+                self.release_delivered[order] = true;
+            }
+            Step::Restock { product, stock } => {
+                let mut products = self.ledger.products.lock().await;
+                let p = products.entry(product_id(product)).or_default();
+                let before = u64::from(p.available);
+                let command = ProductCommand::SetProduct {
+                    price: None,
+                    stock: Some(stock),
+                };
+                exec(p, command, &()).await.expect("restock");
+                let total = self.expected_total.entry(product_id(product)).or_default();
+                *total = *total - before + u64::from(stock);
+            }
+        }
+    }
+
+    async fn check(&self) -> Result<(), TestCaseError> {
+        let products = self.ledger.products.lock().await;
+        for (id, product) in products.iter() {
+            let total = u64::from(product.available) + product.reserved();
+            prop_assert_eq!(
+                Some(&total),
+                self.expected_total.get(id),
+                "conservation of {}",
+                id
+            );
+            for (order_id, &held) in &product.held {
+                let order: usize = order_id[2..].parse().expect("order index");
+                let reservation = &self.reservations[order];
+                prop_assert!(
+                    reservation.holds_stock(),
+                    "{} holds {} of {} without a reservation",
+                    order_id,
+                    held,
+                    id
+                );
+                let line = reservation.lines.iter().find(|l| &l.product_id == id);
+                prop_assert_eq!(line.map(|l| l.quantity), Some(held));
+            }
+        }
+        for (order, events) in self.order_events.iter().enumerate() {
+            let waited = events
+                .iter()
+                .any(|e| matches!(e, OrderEvent::PaymentWaitStarted { .. }));
+            let cancelled = events
+                .iter()
+                .any(|e| matches!(e, OrderEvent::OrderCancelled { .. }));
+            prop_assert!(
+                !(waited && cancelled),
+                "o-{} both reached PAYMENT_WAIT and was cancelled",
+                order
+            );
+        }
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn stock_and_order_invariants_hold_for_any_delivery_order(steps in prop::collection::vec(step(), 1..60)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(async {
+            let mut world = World::new().await;
+            for step in &steps {
+                world.run(step).await;
+                world.check().await?;
+            }
+            // Eventually every order.cancelled reaches the stock side — once:
+            // a handler that already processed it skips a redelivery.
+            for order in 0..ORDERS {
+                if !world.release_delivered[order] {
+                    world.run(&Step::Release { order }).await;
+                }
+            }
+            world.check().await?;
+            let products = world.ledger.products.lock().await;
+            for order in 0..ORDERS {
+                if world.orders[order].status == Some(OrderStatus::OrderCancelled) {
+                    let id = World::order_id(order);
+                    for product in products.values() {
+                        prop_assert!(!product.held.contains_key(&id), "cancelled {} still holds stock", id);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
