@@ -1,1 +1,117 @@
-fn main() {}
+//! The `order-saga` binary: parses the command line, opens and migrates the
+//! store, and runs the chosen subcommand.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
+use order_saga::service::{App, ProductView};
+use order_saga::store::Store;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.store.config().map_err(anyhow::Error::msg)?;
+    let store = Store::open(&config).await.context("opening the store")?;
+    store.migrate().await.context("migrating the store")?;
+    let app = App::new(store.clone());
+    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(app, args).await,
+        Command::Migrate => {
+            println!("migrations applied ({})", store.backend());
+            Ok(())
+        }
+        Command::Product(ProductCommand::Set {
+            product_id,
+            price,
+            stock,
+        }) => {
+            let view = app.set_product(&product_id, price, stock).await?;
+            print_products(&[view]);
+            Ok(())
+        }
+        Command::Product(ProductCommand::Show { product_id: None }) => {
+            print_products(&app.products().await?);
+            Ok(())
+        }
+        Command::Product(ProductCommand::Show {
+            product_id: Some(id),
+        }) => {
+            let view = app
+                .product(&id)
+                .await?
+                .with_context(|| format!("productId: unknown product '{id}'"))?;
+            print_products(&[view]);
+            Ok(())
+        }
+    };
+    store.close().await;
+    result
+}
+
+async fn serve(app: std::sync::Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
+    let addr = args
+        .http_addr
+        .context("HTTP_ADDR (--http-addr): missing address")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("HTTP_ADDR (--http-addr): cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(store = app.store().backend(), %local, "order-saga serving");
+    println!("listening on http://{local}");
+    axum::serve(listener, order_saga::http::router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn print_products(products: &[ProductView]) {
+    println!(
+        "{:<24} {:>14} {:>10} {:>10}",
+        "PRODUCT", "PRICE", "AVAILABLE", "RESERVED"
+    );
+    for p in products {
+        let price = p.price.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<24} {:>14} {:>10} {:>10}",
+            p.product_id, price, p.available, p.reserved
+        );
+    }
+}

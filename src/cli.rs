@@ -1,0 +1,152 @@
+//! The command line: one binary, `order-saga`, whose subcommands share the
+//! store settings. Every setting is a flag and an environment variable;
+//! a wrong one fails at start with a message naming it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use order_saga_domain::Money;
+
+use crate::store::StoreConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "order-saga",
+    version,
+    about = "Event-sourced order service running the Order Creation SAGA",
+    long_about = "Event-sourced order service running the Order Creation SAGA.\n\n\
+        With no DATABASE_URL the events live in an embedded SQLite file under --data-dir; \
+        with DATABASE_URL=postgres://... they live in PostgreSQL. Migrations are applied \
+        at start. Without a subcommand, `serve` runs."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// PostgreSQL URL (postgres://user@host:port/db). When unset, the
+    /// embedded SQLite store in --data-dir is used.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+
+    /// Directory of the embedded SQLite store (used when DATABASE_URL is
+    /// unset); created if missing.
+    #[arg(long, env = "DATA_DIR", default_value = "./data", global = true)]
+    pub data_dir: PathBuf,
+
+    /// Most connections held open to PostgreSQL.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16, global = true,
+          value_parser = clap::value_parser!(u32).range(2..=1000))]
+    pub pool_size: u32,
+}
+
+impl StoreArgs {
+    /// The store these settings select. An empty DATABASE_URL counts as
+    /// unset; anything but a postgres URL is refused, naming the setting.
+    pub fn config(&self) -> Result<StoreConfig, String> {
+        match self.database_url.as_deref().map(str::trim) {
+            None | Some("") => Ok(StoreConfig::Sqlite {
+                data_dir: self.data_dir.clone(),
+            }),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(StoreConfig::Postgres {
+                    url: url.to_string(),
+                    pool_size: self.pool_size,
+                })
+            }
+            Some(_) => Err(
+                "DATABASE_URL (--database-url): expected a postgres:// or postgresql:// URL"
+                    .to_string(),
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (the default).
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Set or show products: price and stock, as operators manage them.
+    #[command(subcommand)]
+    Product(ProductCommand),
+}
+
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// Address the HTTP server listens on (port 0 picks a free port; the
+    /// chosen address is printed on start).
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProductCommand {
+    /// Create a product or change its price and/or stock level.
+    ///
+    /// Example: order-saga product set p-1 --price 12900.00 --stock 15
+    Set {
+        /// The product's id (1 to 64 printable characters).
+        product_id: String,
+        /// Unit price, a decimal with at most 2 places (e.g. 12900.00).
+        #[arg(long, value_parser = parse_money)]
+        price: Option<Money>,
+        /// Units available to order (replaces the current available level).
+        #[arg(long)]
+        stock: Option<u32>,
+    },
+    /// Show one product, or every product when no id is given.
+    Show {
+        /// The product's id; omit to list all products.
+        product_id: Option<String>,
+    },
+}
+
+fn parse_money(text: &str) -> Result<Money, String> {
+    text.parse::<Money>().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_non_postgres_database_url_is_refused_by_name() {
+        let cli = Cli::parse_from(["order-saga", "--database-url", "mysql://x", "migrate"]);
+        let err = cli.store.config().unwrap_err();
+        assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn no_database_url_means_the_embedded_store() {
+        let cli = Cli::parse_from(["order-saga", "--data-dir", "/tmp/x", "migrate"]);
+        assert_eq!(
+            cli.store.config(),
+            Ok(StoreConfig::Sqlite {
+                data_dir: "/tmp/x".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_bad_price_is_refused_by_name() {
+        let err = Cli::try_parse_from(["order-saga", "product", "set", "p-1", "--price", "1.234"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--price"), "{err}");
+    }
+}

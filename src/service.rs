@@ -1,0 +1,433 @@
+//! The application's use cases over the event store: create and read
+//! orders, set and show products. Also the adapters through which the
+//! aggregates reach the rest of the store: the catalog the Order prices from
+//! and the stock ledger the StockReservation holds stock through.
+//!
+//! Every refusal becomes an [`AppError`], which the HTTP layer and the CLI
+//! turn into their own shapes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cqrs_es::AggregateError;
+use order_saga_domain::order::MAX_ITEMS;
+use order_saga_domain::{
+    validate_id, CancelReason, Catalog, CatalogError, FieldError, ItemRequest, LedgerError, Money,
+    Order, OrderCommand, OrderError, OrderLine, OrderServices, OrderStatus, Product,
+    ProductCommand, ProductError, ReservedLine, Shortage, StockItem, StockLedger,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::store::{Store, StoreError};
+
+/// How often a command is retried when a concurrent writer changed its
+/// aggregate first.
+const CONFLICT_ATTEMPTS: u32 = 50;
+
+/// Longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("{field}: unknown product '{product_id}'")]
+    UnknownProduct { field: String, product_id: String },
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Connect(_) | StoreError::Database(sqlx::Error::PoolTimedOut) => {
+                AppError::Unavailable(e.to_string())
+            }
+            _ => AppError::Internal(e.to_string()),
+        }
+    }
+}
+
+fn from_aggregate<E: std::error::Error>(
+    e: AggregateError<E>,
+    user: impl FnOnce(E) -> AppError,
+) -> AppError {
+    match e {
+        AggregateError::UserError(e) => user(e),
+        AggregateError::AggregateConflict => {
+            AppError::Conflict("changed concurrently, try again".into())
+        }
+        AggregateError::DatabaseConnectionError(e) => AppError::Unavailable(e.to_string()),
+        AggregateError::DeserializationError(e) | AggregateError::UnexpectedError(e) => {
+            AppError::Internal(e.to_string())
+        }
+    }
+}
+
+fn from_order_error(e: OrderError) -> AppError {
+    match e {
+        OrderError::Invalid(e) => AppError::Invalid(e),
+        OrderError::UnknownProduct { field, product_id } => {
+            AppError::UnknownProduct { field, product_id }
+        }
+        OrderError::NotFound => AppError::NotFound,
+        OrderError::AlreadyExists | OrderError::InvalidTransition { .. } => {
+            AppError::Conflict(e.to_string())
+        }
+        OrderError::Catalog(e) => AppError::Unavailable(e.to_string()),
+    }
+}
+
+fn from_product_error(e: ProductError) -> AppError {
+    match e {
+        ProductError::Invalid(e) => AppError::Invalid(e),
+        ProductError::UnknownProduct => AppError::NotFound,
+        ProductError::InsufficientStock { .. } => AppError::Conflict(e.to_string()),
+    }
+}
+
+/// `POST /api/v1/orders`'s body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateOrderRequest {
+    pub user_id: String,
+    pub store_id: String,
+    pub items: Vec<ItemRequest>,
+}
+
+/// An order as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderView {
+    pub order_id: String,
+    pub status: OrderStatus,
+    pub user_id: String,
+    pub store_id: String,
+    pub items: Vec<OrderLine>,
+    pub total_amount: Money,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<CancelReason>,
+}
+
+impl OrderView {
+    fn of(order_id: &str, order: Order) -> Option<Self> {
+        Some(OrderView {
+            order_id: order_id.to_string(),
+            status: order.status?,
+            user_id: order.user_id,
+            store_id: order.store_id,
+            items: order.items,
+            total_amount: order.total_amount,
+            cancel_reason: order.cancel_reason,
+        })
+    }
+}
+
+/// A product as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProductView {
+    pub product_id: String,
+    pub price: Option<Money>,
+    pub available: u32,
+    pub reserved: u64,
+}
+
+impl ProductView {
+    fn of(product_id: &str, product: &Product) -> Self {
+        ProductView {
+            product_id: product_id.to_string(),
+            price: product.price,
+            available: product.available,
+            reserved: product.reserved(),
+        }
+    }
+}
+
+/// The order service's use cases.
+pub struct App {
+    store: Store,
+    order_services: OrderServices,
+}
+
+impl App {
+    pub fn new(store: Store) -> Arc<Self> {
+        let catalog = Arc::new(StoreCatalog {
+            store: store.clone(),
+        });
+        Arc::new(App {
+            order_services: OrderServices::new(catalog),
+            store,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Accepts an order at once (stock is the saga's business). With an
+    /// idempotency key, a retry of the same request returns the order the
+    /// first one created; the same key with a different request is refused.
+    pub async fn create_order(
+        &self,
+        request: CreateOrderRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<OrderView, AppError> {
+        validate_request_shape(&request)?;
+        let fresh_id = Uuid::new_v4().to_string();
+        let order_id = match idempotency_key {
+            None => fresh_id.clone(),
+            Some(key) => self.claim_key(key, &fresh_id, &request).await?,
+        };
+        let command = OrderCommand::CreateOrder {
+            user_id: request.user_id,
+            store_id: request.store_id,
+            items: request.items,
+        };
+        let result = self
+            .store
+            .execute::<Order>(&order_id, command, &self.order_services, HashMap::new())
+            .await;
+        match result {
+            Ok(done) => OrderView::of(&order_id, done.aggregate)
+                .ok_or_else(|| AppError::Internal("created order has no status".into())),
+            // The first request with this key got there before us.
+            Err(AggregateError::UserError(OrderError::AlreadyExists))
+            | Err(AggregateError::AggregateConflict)
+                if idempotency_key.is_some() =>
+            {
+                self.order(&order_id).await?.ok_or(AppError::NotFound)
+            }
+            Err(e) => {
+                if let (Some(key), true) = (idempotency_key, order_id == fresh_id) {
+                    self.store.release_idempotency_key(key, &order_id).await?;
+                }
+                Err(from_aggregate(e, from_order_error))
+            }
+        }
+    }
+
+    async fn claim_key(
+        &self,
+        key: &str,
+        fresh_id: &str,
+        request: &CreateOrderRequest,
+    ) -> Result<String, AppError> {
+        if key.is_empty()
+            || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+            || key.chars().any(char::is_control)
+        {
+            return Err(FieldError::new(
+                "Idempotency-Key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable characters"),
+            )
+            .into());
+        }
+        let fingerprint =
+            serde_json::to_string(request).map_err(|e| AppError::Internal(e.to_string()))?;
+        let (order_id, claimed_for) = self
+            .store
+            .claim_idempotency_key(key, fresh_id, &fingerprint)
+            .await?;
+        if claimed_for != fingerprint {
+            return Err(
+                FieldError::new("Idempotency-Key", "already used for a different request").into(),
+            );
+        }
+        Ok(order_id)
+    }
+
+    pub async fn order(&self, order_id: &str) -> Result<Option<OrderView>, AppError> {
+        let loaded = self
+            .store
+            .load::<Order>(order_id)
+            .await
+            .map_err(|e| from_aggregate(e, from_order_error))?;
+        Ok(loaded.and_then(|(order, _)| OrderView::of(order_id, order)))
+    }
+
+    /// Sets a product's price and/or stock level, creating it if new.
+    pub async fn set_product(
+        &self,
+        product_id: &str,
+        price: Option<Money>,
+        stock: Option<u32>,
+    ) -> Result<ProductView, AppError> {
+        let product_id = validate_id("productId", product_id)?;
+        let done = self
+            .store
+            .execute_retrying::<Product>(
+                &product_id,
+                ProductCommand::SetProduct { price, stock },
+                &(),
+                HashMap::new(),
+                CONFLICT_ATTEMPTS,
+            )
+            .await
+            .map_err(|e| from_aggregate(e, from_product_error))?;
+        Ok(ProductView::of(&product_id, &done.aggregate))
+    }
+
+    pub async fn product(&self, product_id: &str) -> Result<Option<ProductView>, AppError> {
+        let loaded = self
+            .store
+            .load::<Product>(product_id)
+            .await
+            .map_err(|e| from_aggregate(e, from_product_error))?;
+        Ok(loaded.map(|(product, _)| ProductView::of(product_id, &product)))
+    }
+
+    pub async fn products(&self) -> Result<Vec<ProductView>, AppError> {
+        let mut views = Vec::new();
+        for id in self
+            .store
+            .aggregate_ids(<Product as cqrs_es::Aggregate>::TYPE)
+            .await?
+        {
+            if let Some(view) = self.product(&id).await? {
+                views.push(view);
+            }
+        }
+        Ok(views)
+    }
+}
+
+/// Cheap checks that need no catalog, made before anything is stored (the
+/// aggregate repeats them; this keeps a bad request from claiming a key).
+fn validate_request_shape(request: &CreateOrderRequest) -> Result<(), FieldError> {
+    validate_id("userId", &request.user_id)?;
+    validate_id("storeId", &request.store_id)?;
+    if request.items.is_empty() || request.items.len() > MAX_ITEMS {
+        return Err(FieldError::new(
+            "items",
+            format!(
+                "must have 1 to {MAX_ITEMS} items, got {}",
+                request.items.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The catalog the Order prices from: the Product aggregates in the store.
+pub struct StoreCatalog {
+    store: Store,
+}
+
+#[async_trait]
+impl Catalog for StoreCatalog {
+    async fn unit_price(&self, product_id: &str) -> Result<Option<Money>, CatalogError> {
+        let loaded = self
+            .store
+            .load::<Product>(product_id)
+            .await
+            .map_err(|e| CatalogError(e.to_string()))?;
+        Ok(loaded.and_then(|(product, _)| product.orderable_price()))
+    }
+}
+
+/// The stock ledger over the Product aggregates: holds each item on its
+/// product (retrying when concurrent orders hit the same product), and on
+/// any shortage returns what it held, so the order ends with all or nothing.
+pub struct StoreLedger {
+    store: Store,
+}
+
+impl StoreLedger {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    async fn product_command(
+        &self,
+        product_id: &str,
+        command: ProductCommand,
+    ) -> Result<Result<Product, ProductError>, LedgerError> {
+        match self
+            .store
+            .execute_retrying::<Product>(
+                product_id,
+                command,
+                &(),
+                HashMap::new(),
+                CONFLICT_ATTEMPTS,
+            )
+            .await
+        {
+            Ok(done) => Ok(Ok(done.aggregate)),
+            Err(AggregateError::UserError(e)) => Ok(Err(e)),
+            Err(e) => Err(LedgerError(e.to_string())),
+        }
+    }
+}
+
+#[async_trait]
+impl StockLedger for StoreLedger {
+    async fn reserve_all(
+        &self,
+        order_id: &str,
+        items: &[StockItem],
+    ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, LedgerError> {
+        let mut lines = Vec::with_capacity(items.len());
+        let mut shortages = Vec::new();
+        for item in items {
+            let command = ProductCommand::ReserveStock {
+                order_id: order_id.to_string(),
+                quantity: item.quantity,
+            };
+            match self.product_command(&item.product_id, command).await? {
+                Ok(product) => lines.push(ReservedLine {
+                    product_id: item.product_id.clone(),
+                    quantity: item.quantity,
+                    available_after: product.available,
+                }),
+                Err(ProductError::InsufficientStock {
+                    requested,
+                    available,
+                }) => shortages.push(Shortage {
+                    product_id: item.product_id.clone(),
+                    requested,
+                    available,
+                }),
+                Err(ProductError::UnknownProduct) => shortages.push(Shortage {
+                    product_id: item.product_id.clone(),
+                    requested: item.quantity,
+                    available: 0,
+                }),
+                Err(e @ ProductError::Invalid(_)) => return Err(LedgerError(e.to_string())),
+            }
+        }
+        if shortages.is_empty() {
+            return Ok(Ok(lines));
+        }
+        let held: Vec<StockItem> = lines
+            .into_iter()
+            .map(|l| StockItem {
+                product_id: l.product_id,
+                quantity: l.quantity,
+            })
+            .collect();
+        self.release_all(order_id, &held).await?;
+        Ok(Err(shortages))
+    }
+
+    async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError> {
+        for item in items {
+            let command = ProductCommand::ReleaseStock {
+                order_id: order_id.to_string(),
+            };
+            if let Err(e) = self.product_command(&item.product_id, command).await? {
+                return Err(LedgerError(e.to_string()));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,63 @@
+//! PostgreSQL specifics: the sequencer that numbers the global log.
+//!
+//! postgres-es inserts rows with no position. Before reading, a reader runs
+//! the sequencer once (if no other session is running it), which numbers
+//! the committed rows in a commit-safe order (`sql/pg_sequence.sql`).
+
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::Row;
+
+use super::{corrupt, LogEntry, StoreError};
+
+/// One sequencer at a time per schema: the advisory lock key is derived from
+/// the schema, so test schemas in one database do not contend.
+const TRY_LOCK: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.order_saga.sequencer'))";
+
+/// Numbers up to `limit` committed events; returns how many. Returns 0 when
+/// another session holds the sequencer lock (it is doing the same work).
+pub(super) async fn sequence(pool: &PgPool, limit: i64) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    let locked: bool = sqlx::query_scalar(TRY_LOCK).fetch_one(&mut *tx).await?;
+    if !locked {
+        return Ok(0);
+    }
+    let numbered = sqlx::query(include_str!("sql/pg_sequence.sql"))
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    Ok(numbered)
+}
+
+pub(super) async fn read_log(
+    pool: &PgPool,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<LogEntry>, StoreError> {
+    sequence(pool, limit).await?;
+    let rows = sqlx::query(include_str!("sql/pg_read_log.sql"))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(entry).collect()
+}
+
+fn entry(row: &PgRow) -> Result<LogEntry, StoreError> {
+    let position: i64 = row.try_get("position")?;
+    let sequence: i64 = row.try_get("sequence")?;
+    Ok(LogEntry {
+        position,
+        event_id: row.try_get("event_id")?,
+        recorded_at: row.try_get("recorded_at")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: row.try_get("payload").map_err(|e| corrupt(position, e))?,
+        metadata: row.try_get("metadata").map_err(|e| corrupt(position, e))?,
+    })
+}

@@ -1,0 +1,79 @@
+//! SQLite specifics: the embedded store in one file under the data
+//! directory, in WAL mode so readers never block the single writer.
+//!
+//! Positions are assigned by a trigger inside the writing transaction;
+//! SQLite has one writer at a time, so position order is commit order.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{corrupt, LogEntry, Store, StoreError};
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "order-saga.sqlite";
+
+pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    let options = SqliteConnectOptions::new()
+        .filename(data_dir.join(DB_FILE))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // With WAL, NORMAL survives a crash of the process (kill -9); only
+        // an OS crash or power loss can lose the last commits.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .map_err(StoreError::Connect)?;
+    Ok(Store::Sqlite(pool))
+}
+
+pub(super) async fn read_log(
+    pool: &SqlitePool,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<LogEntry>, StoreError> {
+    let rows = sqlx::query(include_str!("sql/sqlite_read_log.sql"))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(entry).collect()
+}
+
+fn entry(row: &SqliteRow) -> Result<LogEntry, StoreError> {
+    let position: i64 = row.try_get("position")?;
+    let event_id: String = row.try_get("event_id")?;
+    let recorded_at: String = row.try_get("recorded_at")?;
+    let payload: String = row.try_get("payload")?;
+    let metadata: String = row.try_get("metadata")?;
+    Ok(LogEntry {
+        position,
+        event_id: Uuid::from_str(&event_id).map_err(|e| corrupt(position, e))?,
+        recorded_at: DateTime::parse_from_rfc3339(&recorded_at)
+            .map_err(|e| corrupt(position, e))?
+            .with_timezone(&Utc),
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: serde_json::from_str(&payload).map_err(|e| corrupt(position, e))?,
+        metadata: serde_json::from_str(&metadata).map_err(|e| corrupt(position, e))?,
+    })
+}
