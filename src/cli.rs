@@ -79,12 +79,21 @@ pub enum Command {
     Product(ProductCommand),
 }
 
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Parser)]
+#[command(name = "serve")]
 pub struct ServeArgs {
     /// Address the HTTP server listens on (port 0 picks a free port; the
     /// chosen address is printed on start).
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
-    pub http_addr: Option<SocketAddr>,
+    pub http_addr: SocketAddr,
+}
+
+impl ServeArgs {
+    /// The serve settings from the environment and defaults alone, for
+    /// `order-saga` run without a subcommand.
+    pub fn from_env() -> Self {
+        ServeArgs::parse_from(["serve"])
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,6 +149,18 @@ mod tests {
                 data_dir: "/tmp/x".into()
             })
         );
+    }
+
+    #[test]
+    fn serve_is_the_default_and_reads_its_defaults() {
+        let cli = Cli::parse_from(["order-saga"]);
+        assert!(cli.command.is_none());
+        if std::env::var_os("HTTP_ADDR").is_none() {
+            assert_eq!(
+                ServeArgs::from_env().http_addr.to_string(),
+                "127.0.0.1:8080"
+            );
+        }
     }
 
     #[test]

@@ -111,9 +111,12 @@ fn parse_body(body: &[u8]) -> Result<CreateOrderRequest, ApiError> {
     serde_path_to_error::deserialize(&mut json).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::bad_request(None, format!("malformed JSON: {inner}"));
+        }
         let field = match (path.as_str(), missing_field(&inner.to_string())) {
-            (".", Some(missing)) => Some(missing),
-            (".", None) => None,
+            ("." | "?", Some(missing)) => Some(missing),
+            ("." | "?", None) => None,
             (path, Some(missing)) => Some(format!("{path}.{missing}")),
             (path, None) => Some(path.to_string()),
         };

@@ -31,7 +31,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let store = Store::open(&config).await.context("opening the store")?;
     store.migrate().await.context("migrating the store")?;
     let app = App::new(store.clone());
-    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    let result = match cli
+        .command
+        .unwrap_or_else(|| Command::Serve(ServeArgs::from_env()))
+    {
         Command::Serve(args) => serve(app, args).await,
         Command::Migrate => {
             println!("migrations applied ({})", store.backend());
@@ -66,9 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(app: std::sync::Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
-    let addr = args
-        .http_addr
-        .context("HTTP_ADDR (--http-addr): missing address")?;
+    let addr = args.http_addr;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("HTTP_ADDR (--http-addr): cannot listen on {addr}"))?;

@@ -5,7 +5,7 @@
 -- default inside the same transaction:
 --   event_id     a UUID per stored event, stable for ever (integration eventId)
 --   recorded_at  when the row was written
---   tx           the writing transaction's id (xid8), for the sequencer
+--   tx           the writing transaction's id (xid8): the sequencer's order
 --   position     the global log position: NULL at insert, then assigned by the
 --                sequencer (src/store/sql/pg_sequence.sql) in commit-safe order,
 --                dense, 1, 2, 3, ... See ARCHITECTURE.md, "The global log".

@@ -1,1 +1,12 @@
-fn main() {}
+//! Integration tests, one binary (compiled once) with a module per area.
+//! Every test runs on both backends — the embedded SQLite store in a fresh
+//! directory and PostgreSQL in a fresh schema — against the real
+//! application (started on port 0) or the real binary.
+//!
+//! PostgreSQL is found at `TEST_DATABASE_URL`, by default
+//! `postgres://postgres@127.0.0.1:5432/test`.
+
+mod binary;
+mod helpers;
+mod orders;
+mod store;

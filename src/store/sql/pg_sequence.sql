@@ -1,12 +1,18 @@
--- Numbers the next batch of committed, not yet numbered events, in
--- (tx, aggregate_type, aggregate_id, sequence) order, continuing after the
--- highest position. Runs only while holding the sequencer's advisory lock,
--- in its own transaction.
+-- Numbers the committed events that have no position yet, continuing after
+-- the highest position. Runs only while holding the sequencer's advisory
+-- lock, in its own transaction, so runs never overlap.
 --
--- Only rows whose transaction is below the snapshot's xmin are taken: every
--- such transaction has finished, and every transaction still able to commit
--- has a tx at or above xmin, so no row can later appear *before* what is
--- numbered here. Positions therefore become visible in order, without gaps.
+-- Why no event is ever skipped by a reader: a run numbers exactly the rows
+-- visible to its snapshot, i.e. committed before it started; a row that
+-- commits later is numbered by a later run, which (holding the lock after
+-- this run committed) sees this run's positions and continues above them.
+-- So positions become visible in increasing order, without gaps, and a
+-- reader that checkpoints the last position it read can never find a
+-- smaller one appear later.
+--
+-- Within a run rows go in (tx, aggregate, sequence) order. An aggregate's
+-- event n+1 is written by a transaction that loaded event n after it
+-- committed, so its xid is larger: per-aggregate order is kept.
 WITH base AS (
     SELECT COALESCE(MAX(position), 0) AS last FROM events
 ),
@@ -15,7 +21,6 @@ pending AS (
            row_number() OVER (ORDER BY tx, aggregate_type, aggregate_id, sequence) AS n
     FROM events
     WHERE position IS NULL
-      AND tx < pg_snapshot_xmin(pg_current_snapshot())
     ORDER BY tx, aggregate_type, aggregate_id, sequence
     LIMIT $1
 )

@@ -1,0 +1,126 @@
+//! The real `order-saga` binary, configured only by its environment: an
+//! operator sets a product with `product set`, the service accepts and
+//! prices an order, and the order is still there after the process is
+//! killed and started again.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::{order_body, Backend, TestStore};
+use crate::on_both_backends;
+
+on_both_backends!(the_binary_serves_orders_priced_by_product_set_across_a_restart);
+
+fn order_saga(t: &TestStore) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_order-saga"));
+    command
+        .env_remove("DATABASE_URL")
+        .env_remove("HTTP_ADDR")
+        .env("RUST_LOG", "warn")
+        .envs(t.env())
+        .kill_on_drop(true);
+    command
+}
+
+/// Starts `order-saga` with no subcommand (serve is the default) on a free
+/// port; returns the process and its base URL, read from its first line.
+async fn serve(t: &TestStore) -> (Child, String) {
+    let mut child = order_saga(t)
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start order-saga");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("order-saga printed its address in time")
+        .expect("read stdout")
+        .expect("a line");
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_string();
+    (child, url)
+}
+
+async fn the_binary_serves_orders_priced_by_product_set_across_a_restart(backend: Backend) {
+    let t = TestStore::new(backend).await;
+    let output = order_saga(&t)
+        .args([
+            "product", "set", "p-1", "--price", "12900.00", "--stock", "15",
+        ])
+        .output()
+        .await
+        .expect("run product set");
+    assert!(
+        output.status.success(),
+        "product set: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let shown = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        shown.contains("p-1") && shown.contains("12900.00") && shown.contains("15"),
+        "{shown}"
+    );
+
+    let client = reqwest::Client::new();
+    let (mut server, url) = serve(&t).await;
+    let response = client
+        .post(format!("{url}/api/v1/orders"))
+        .json(&order_body(&[("p-1", 2)]))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.expect("json");
+    let order_id = created["orderId"].as_str().expect("orderId").to_string();
+
+    // A product set while the service runs is what the next order is priced at.
+    let output = order_saga(&t)
+        .args(["product", "set", "p-1", "--price", "100.00"])
+        .output()
+        .await
+        .expect("run product set");
+    assert!(output.status.success());
+    let second: Value = client
+        .post(format!("{url}/api/v1/orders"))
+        .json(&order_body(&[("p-1", 1)]))
+        .send()
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(second["totalAmount"], "100.00");
+
+    server.kill().await.expect("kill the service");
+    let (mut server, url) = serve(&t).await;
+    let order: Value = client
+        .get(format!("{url}/api/v1/orders/{order_id}"))
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(order["status"], "ORDER_CREATED");
+    assert_eq!(order["items"][0]["unitPrice"], "12900.00");
+    assert_eq!(order["totalAmount"], "25800.00");
+    server.kill().await.expect("kill the service");
+
+    // A wrong setting fails at start, naming it.
+    let output = order_saga(&t)
+        .env("DATABASE_URL", "mysql://nowhere")
+        .arg("migrate")
+        .output()
+        .await
+        .expect("run migrate");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("DATABASE_URL"));
+    t.cleanup().await;
+}

@@ -1,0 +1,204 @@
+//! Fresh stores per test and the app started on port 0.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use order_saga::service::App;
+use order_saga::store::{Store, StoreConfig};
+use serde_json::Value;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+/// Runs an `async fn(Backend)` test once per backend, as `NAME::sqlite` and
+/// `NAME::postgres`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name($crate::helpers::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name($crate::helpers::Backend::Postgres).await;
+            }
+        }
+    )*};
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A store no other test sees: a new SQLite directory, or a new PostgreSQL
+/// schema. Dropped (directory removed, schema dropped) by [`TestStore::cleanup`].
+pub struct TestStore {
+    pub store: Store,
+    pub backend: Backend,
+    pub data_dir: PathBuf,
+    pub schema: String,
+}
+
+impl TestStore {
+    pub async fn new(backend: Backend) -> Self {
+        let schema = format!("t_{}", Uuid::new_v4().simple());
+        let data_dir = std::env::temp_dir().join(format!("order-saga-{schema}"));
+        if backend == Backend::Postgres {
+            let mut admin = PgConnection::connect(&postgres_url())
+                .await
+                .expect("connect to PostgreSQL (TEST_DATABASE_URL)");
+            sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                .execute(&mut admin)
+                .await
+                .expect("create test schema");
+        }
+        TestStore {
+            store: open_store(backend, &data_dir, &schema).await,
+            backend,
+            data_dir,
+            schema,
+        }
+    }
+
+    /// A new connection pool on the same data, as after a restart.
+    pub async fn open(&self) -> Store {
+        open_store(self.backend, &self.data_dir, &self.schema).await
+    }
+
+    /// The DATABASE_URL / DATA_DIR environment that points the binary here.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        match self.backend {
+            Backend::Sqlite => vec![("DATA_DIR", self.data_dir.display().to_string())],
+            Backend::Postgres => vec![
+                ("DATA_DIR", self.data_dir.display().to_string()),
+                (
+                    "DATABASE_URL",
+                    format!(
+                        "{}?options=-c%20search_path%3D{}",
+                        postgres_url(),
+                        self.schema
+                    ),
+                ),
+            ],
+        }
+    }
+
+    pub async fn cleanup(self) {
+        self.store.close().await;
+        match self.backend {
+            Backend::Sqlite => {
+                let _ = std::fs::remove_dir_all(&self.data_dir);
+            }
+            Backend::Postgres => {
+                let _ = std::fs::remove_dir_all(&self.data_dir);
+                if let Ok(mut admin) = PgConnection::connect(&postgres_url()).await {
+                    let _ = sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.schema))
+                        .execute(&mut admin)
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+async fn open_store(backend: Backend, data_dir: &Path, schema: &str) -> Store {
+    let store = match backend {
+        Backend::Sqlite => Store::open(&StoreConfig::Sqlite {
+            data_dir: data_dir.to_path_buf(),
+        })
+        .await
+        .expect("open sqlite store"),
+        Backend::Postgres => {
+            let options: PgConnectOptions = postgres_url().parse().expect("postgres url");
+            let options = options.options([("search_path", schema)]);
+            Store::connect_postgres(options, 12)
+                .await
+                .expect("open postgres store")
+        }
+    };
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// The real application serving on a free port.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub app: Arc<App>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub async fn spawn_app(store: Store) -> TestApp {
+    let app = App::new(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let address = format!("http://{}", listener.local_addr().expect("local addr"));
+    let router = order_saga::http::router(app.clone());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        app,
+        server,
+    }
+}
+
+impl TestApp {
+    pub async fn set_product(&self, product_id: &str, price: &str, stock: u32) {
+        self.app
+            .set_product(product_id, Some(price.parse().expect("price")), Some(stock))
+            .await
+            .expect("set product");
+    }
+
+    pub async fn post_order(&self, body: &Value) -> reqwest::Response {
+        self.post_order_raw(body.to_string(), None).await
+    }
+
+    pub async fn post_order_raw(&self, body: String, key: Option<&str>) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(format!("{}/api/v1/orders", self.address))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request.send().await.expect("POST /api/v1/orders")
+    }
+
+    pub async fn get_order(&self, order_id: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}/api/v1/orders/{order_id}", self.address))
+            .send()
+            .await
+            .expect("GET /api/v1/orders/{id}")
+    }
+}
+
+pub fn order_body(items: &[(&str, i64)]) -> Value {
+    let items: Vec<Value> = items
+        .iter()
+        .map(|(p, q)| serde_json::json!({"productId": p, "quantity": q}))
+        .collect();
+    serde_json::json!({"userId": "u-1", "storeId": "s-1", "items": items})
+}

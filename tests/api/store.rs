@@ -1,0 +1,330 @@
+//! The event store on both backends: append and load, the optimistic
+//! concurrency conflict, and the global log under concurrent writers.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use cqrs_es::{AggregateError, DomainEvent};
+use order_saga::store::{LogEntry, Store};
+use order_saga_domain::{Money, Product, ProductCommand, ProductEvent};
+
+use crate::helpers::{Backend, TestStore};
+use crate::on_both_backends;
+
+on_both_backends!(
+    appended_events_load_back_with_their_log_metadata,
+    two_writers_on_one_aggregate_one_wins_the_other_conflicts,
+    the_global_log_is_read_exactly_once_under_concurrent_writers,
+);
+
+fn set_product(price_minor: i64, stock: u32) -> ProductCommand {
+    ProductCommand::SetProduct {
+        price: Some(Money::from_minor(price_minor).expect("price")),
+        stock: Some(stock),
+    }
+}
+
+async fn appended_events_load_back_with_their_log_metadata(backend: Backend) {
+    let t = TestStore::new(backend).await;
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let done = t
+        .store
+        .execute::<Product>("p-1", set_product(1_290_000, 15), &(), HashMap::new())
+        .await
+        .expect("execute");
+    assert_eq!(done.events.len(), 2);
+
+    let (product, sequence) = t
+        .store
+        .load::<Product>("p-1")
+        .await
+        .expect("load")
+        .expect("product exists");
+    assert_eq!(sequence, 2);
+    assert_eq!(product.available, 15);
+    assert_eq!(
+        product.price.map(|p| p.to_string()).as_deref(),
+        Some("12900.00")
+    );
+    assert!(t
+        .store
+        .load::<Product>("p-2")
+        .await
+        .expect("load")
+        .is_none());
+
+    let log = t.store.read_log(0, 100).await.expect("read log");
+    assert_eq!(
+        log.iter().map(|e| e.position).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(log[0].event_type, "PriceSet");
+    assert_eq!(log[1].event_type, "StockLevelSet");
+    assert_eq!((log[0].sequence, log[1].sequence), (1, 2));
+    assert_ne!(log[0].event_id, log[1].event_id);
+    assert!(log
+        .iter()
+        .all(|e| e.recorded_at > before && e.aggregate_id == "p-1"));
+    let payload: ProductEvent = serde_json::from_value(log[1].payload.clone()).expect("payload");
+    assert_eq!(
+        payload,
+        ProductEvent::StockLevelSet {
+            available: 15,
+            previous: 0
+        }
+    );
+
+    // Reading again gives the same ids: an event id is stable.
+    let again = t.store.read_log(1, 100).await.expect("read log");
+    assert_eq!(again, log[1..].to_vec());
+    t.cleanup().await;
+}
+
+async fn two_writers_on_one_aggregate_one_wins_the_other_conflicts(backend: Backend) {
+    let t = TestStore::new(backend).await;
+    t.store
+        .execute::<Product>("p-1", set_product(100, 5), &(), HashMap::new())
+        .await
+        .expect("execute");
+    let write = |available: u32| {
+        let store = t.store.clone();
+        async move {
+            let event = ProductEvent::StockLevelSet {
+                available,
+                previous: 5,
+            };
+            store
+                .append::<Product>("p-1", 2, vec![event], HashMap::new())
+                .await
+        }
+    };
+    let (a, b) = tokio::join!(write(7), write(9));
+    let conflicts = [&a, &b]
+        .iter()
+        .filter(|r| matches!(r, Err(AggregateError::AggregateConflict)))
+        .count();
+    assert_eq!(conflicts, 1, "exactly one writer conflicts: {a:?} / {b:?}");
+    let winner = if a.is_ok() { 7 } else { 9 };
+    let (product, sequence) = t
+        .store
+        .load::<Product>("p-1")
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!((product.available, sequence), (winner, 3));
+    t.cleanup().await;
+}
+
+const WRITERS: usize = 8;
+const EVENTS_PER_WRITER: usize = 500;
+/// Each command stores two events (a price and a stock level).
+const COMMITS_PER_WRITER: usize = EVENTS_PER_WRITER / 2;
+/// Every this many commits a writer holds its transaction open on purpose.
+const SLOW_EVERY: usize = 25;
+
+/// One writer: its own product, 250 commits of 2 events, some of them in a
+/// transaction held open for a while after the insert.
+async fn write_product_history(store: Store, writer: usize) {
+    let id = format!("w-{writer}");
+    for commit in 1..=COMMITS_PER_WRITER {
+        let stock = commit as u32;
+        if commit % SLOW_EVERY == 0 {
+            let events = [
+                ProductEvent::PriceSet {
+                    price: Money::from_minor(commit as i64).expect("price"),
+                },
+                ProductEvent::StockLevelSet {
+                    available: stock,
+                    previous: stock - 1,
+                },
+            ];
+            slow_commit(&store, &id, 2 * commit as i64 - 1, &events).await;
+        } else {
+            store
+                .execute_retrying::<Product>(
+                    &id,
+                    set_product(commit as i64, stock),
+                    &(),
+                    HashMap::new(),
+                    5,
+                )
+                .await
+                .expect("execute");
+        }
+    }
+}
+
+/// Appends `events` from `first_sequence` in one transaction that stays
+/// open for 30 ms after the inserts, as a slow writer's would.
+async fn slow_commit(store: &Store, id: &str, first_sequence: i64, events: &[ProductEvent]) {
+    let hold = Duration::from_millis(30);
+    let rows: Vec<(i64, String, String)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let payload = serde_json::to_string(e).expect("payload");
+            (first_sequence + i as i64, e.event_type(), payload)
+        })
+        .collect();
+    match store {
+        Store::Postgres(pool) => {
+            let mut tx = pool.begin().await.expect("begin");
+            for (sequence, event_type, payload) in &rows {
+                sqlx::query(
+                    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                     event_version, payload, metadata) VALUES ('Product', $1, $2, $3, '1.0', $4::json, '{}')",
+                )
+                .bind(id)
+                .bind(sequence)
+                .bind(event_type)
+                .bind(payload)
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+            }
+            sqlx::query("SELECT pg_sleep($1)")
+                .bind(hold.as_secs_f64())
+                .execute(&mut *tx)
+                .await
+                .expect("hold");
+            tx.commit().await.expect("commit");
+        }
+        Store::Sqlite(pool) => {
+            let mut tx = pool.begin().await.expect("begin");
+            for (sequence, event_type, payload) in &rows {
+                sqlx::query(
+                    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                     event_version, payload, metadata) VALUES ('Product', ?1, ?2, ?3, '1.0', ?4, '{}')",
+                )
+                .bind(id)
+                .bind(sequence)
+                .bind(event_type)
+                .bind(payload)
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+            }
+            tokio::time::sleep(hold).await;
+            tx.commit().await.expect("commit");
+        }
+    }
+}
+
+/// Reads the log from the reader's checkpoint into `seen`, saving the
+/// checkpoint after each batch, until `stop` says so.
+async fn tail(store: &Store, seen: &mut Vec<LogEntry>, stop: impl Fn(&[LogEntry], bool) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut checkpoint = store
+        .load_checkpoint("test-reader")
+        .await
+        .expect("checkpoint");
+    loop {
+        let batch = store.read_log(checkpoint, 97).await.expect("read log");
+        let idle = batch.is_empty();
+        for entry in batch {
+            checkpoint = entry.position;
+            seen.push(entry);
+        }
+        store
+            .save_checkpoint("test-reader", checkpoint)
+            .await
+            .expect("save checkpoint");
+        if stop(seen, idle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "log tail made no progress: {} events seen",
+            seen.len()
+        );
+        if idle {
+            // Poll interval of the tail, not a wait for a deadline.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+async fn the_global_log_is_read_exactly_once_under_concurrent_writers(backend: Backend) {
+    let t = TestStore::new(backend).await;
+    let total = WRITERS * EVENTS_PER_WRITER;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| tokio::spawn(write_product_history(t.store.clone(), w)))
+        .collect();
+
+    // First reader: tails while the writers write, stops part-way.
+    let first_reader = t.open().await;
+    let mut seen = Vec::new();
+    tail(&first_reader, &mut seen, |seen, _| seen.len() >= total / 3).await;
+    let checkpoint = seen.last().map(|e| e.position).expect("read something");
+    first_reader.close().await;
+    assert!(
+        seen.len() < total,
+        "writers were still writing when the reader stopped"
+    );
+
+    // Restarted reader: a new pool, resuming from the saved checkpoint.
+    let second_reader = t.open().await;
+    assert_eq!(
+        second_reader
+            .load_checkpoint("test-reader")
+            .await
+            .expect("checkpoint"),
+        checkpoint
+    );
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            for writer in writers {
+                writer.await.expect("writer");
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    tail(&second_reader, &mut seen, |seen, idle| {
+        idle && done.load(std::sync::atomic::Ordering::SeqCst) && seen.len() >= total
+    })
+    .await;
+    watcher.await.expect("watcher");
+    // One more read after everything committed finds nothing new.
+    let last = seen.last().map(|e| e.position).expect("events");
+    assert!(second_reader
+        .read_log(last, 100)
+        .await
+        .expect("read")
+        .is_empty());
+
+    assert_eq!(seen.len(), total, "every event seen exactly once");
+    let positions: Vec<i64> = seen.iter().map(|e| e.position).collect();
+    assert_eq!(
+        positions,
+        (1..=total as i64).collect::<Vec<_>>(),
+        "dense, in order"
+    );
+    let ids: HashSet<_> = seen.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), total, "event ids are unique");
+    let mut sequences: HashMap<&str, Vec<i64>> = HashMap::new();
+    for e in &seen {
+        sequences
+            .entry(e.aggregate_id.as_str())
+            .or_default()
+            .push(e.sequence);
+    }
+    assert_eq!(sequences.len(), WRITERS);
+    for (id, seqs) in sequences {
+        assert_eq!(
+            seqs,
+            (1..=EVENTS_PER_WRITER as i64).collect::<Vec<_>>(),
+            "{id} in sequence order"
+        );
+    }
+    // The aggregates the writers built are whole.
+    let (product, _) = second_reader
+        .load::<Product>("w-0")
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!(product.available, COMMITS_PER_WRITER as u32);
+    second_reader.close().await;
+    t.cleanup().await;
+}
