@@ -76,10 +76,25 @@ async fn serve(app: std::sync::Arc<App>, args: ServeArgs) -> anyhow::Result<()> 
     let local = listener.local_addr()?;
     tracing::info!(store = app.store().backend(), %local, "order-saga serving");
     println!("listening on http://{local}");
+    let sequencer = tokio::spawn(sequence_log(app.store().clone()));
     axum::serve(listener, order_saga::http::router(app))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    sequencer.abort();
     Ok(())
+}
+
+/// Keeps the global log numbered while the service runs, so every stored
+/// event has its position within moments even when no reader is tailing.
+async fn sequence_log(store: Store) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.sequence_pending().await {
+            tracing::warn!(error = %e, "numbering the global log failed; retrying");
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -154,8 +154,12 @@ impl Store {
     /// Answers when the database does.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
-            Store::Postgres(pool) => drop(sqlx::query("SELECT 1").execute(pool).await?),
-            Store::Sqlite(pool) => drop(sqlx::query("SELECT 1").execute(pool).await?),
+            Store::Postgres(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+            Store::Sqlite(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
         }
         Ok(())
     }
@@ -243,6 +247,16 @@ impl Store {
         aggregate_id: &str,
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
         with_event_store!(self, A, |es| es.load_events(aggregate_id).await)
+    }
+
+    /// Gives every committed event a global position now, instead of at the
+    /// next read. A no-op on SQLite, where the position is assigned at
+    /// insert. Returns how many events were numbered.
+    pub async fn sequence_pending(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Postgres(pool) => postgres::sequence(pool, MAX_LOG_BATCH).await,
+            Store::Sqlite(_) => Ok(0),
+        }
     }
 
     /// Up to `limit` log entries after `after`, in position order. Positions

@@ -9,4 +9,5 @@
 mod binary;
 mod helpers;
 mod orders;
+mod stock;
 mod store;
