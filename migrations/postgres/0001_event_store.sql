@@ -46,8 +46,7 @@ CREATE TABLE snapshots
 CREATE TABLE checkpoints
 (
     name       text PRIMARY KEY,
-    position   bigint      NOT NULL CHECK (position >= 0),
-    updated_at timestamptz NOT NULL DEFAULT now()
+    position   bigint      NOT NULL CHECK (position >= 0)
 );
 
 -- Idempotency-Key of POST /api/v1/orders -> the order it created.

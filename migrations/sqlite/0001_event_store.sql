@@ -48,8 +48,7 @@ CREATE TABLE snapshots
 CREATE TABLE checkpoints
 (
     name       text PRIMARY KEY,
-    position   integer NOT NULL CHECK (position >= 0),
-    updated_at text    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    position   integer NOT NULL CHECK (position >= 0)
 ) STRICT;
 
 -- Idempotency-Key of POST /api/v1/orders -> the order it created.

@@ -106,6 +106,18 @@ macro_rules! with_event_store {
     };
 }
 
+/// Runs `$body` with `$pool` bound to whichever pool `$store` holds: for
+/// SQL written once for both dialects (SQLite accepts `$1`-style
+/// parameters too).
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match $store {
+            Store::Postgres($pool) => $body,
+            Store::Sqlite($pool) => $body,
+        }
+    };
+}
+
 impl Store {
     /// Connects to the configured database (creating the SQLite file and its
     /// directory if needed). Does not migrate: see [`Store::migrate`].
@@ -153,22 +165,15 @@ impl Store {
 
     /// Answers when the database does.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Postgres(pool) => {
-                sqlx::query("SELECT 1").execute(pool).await?;
-            }
-            Store::Sqlite(pool) => {
-                sqlx::query("SELECT 1").execute(pool).await?;
-            }
-        }
+        on_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(drop))?;
         Ok(())
     }
 
     pub async fn close(&self) {
-        match self {
-            Store::Postgres(pool) => pool.close().await,
-            Store::Sqlite(pool) => pool.close().await,
-        }
+        on_pool!(self, |pool| pool.close().await)
     }
 
     /// Loads the aggregate, lets it handle the command and appends what it
@@ -272,61 +277,38 @@ impl Store {
 
     /// The last position the named reader recorded (0 if none).
     pub async fn load_checkpoint(&self, name: &str) -> Result<i64, StoreError> {
-        let position: Option<i64> = match self {
-            Store::Postgres(pool) => {
-                sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
-                    .bind(name)
-                    .fetch_optional(pool)
-                    .await?
-            }
-            Store::Sqlite(pool) => {
-                sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = ?1")
-                    .bind(name)
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
+        let position: Option<i64> = on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await
+        })?;
         Ok(position.unwrap_or(0))
     }
 
     /// Records how far the named reader has come.
     pub async fn save_checkpoint(&self, name: &str, position: i64) -> Result<(), StoreError> {
-        match self {
-            Store::Postgres(pool) => {
-                sqlx::query(include_str!("sql/pg_save_checkpoint.sql"))
-                    .bind(name)
-                    .bind(position)
-                    .execute(pool)
-                    .await?;
-            }
-            Store::Sqlite(pool) => {
-                sqlx::query(include_str!("sql/sqlite_save_checkpoint.sql"))
-                    .bind(name)
-                    .bind(position)
-                    .execute(pool)
-                    .await?;
-            }
-        }
+        on_pool!(self, |pool| {
+            sqlx::query(include_str!("sql/save_checkpoint.sql"))
+                .bind(name)
+                .bind(position)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })?;
         Ok(())
     }
 
     /// Ids of every aggregate of a type that has events, sorted.
     pub async fn aggregate_ids(&self, aggregate_type: &str) -> Result<Vec<String>, StoreError> {
-        let ids =
-            match self {
-                Store::Postgres(pool) => sqlx::query_scalar(
-                    "SELECT DISTINCT aggregate_id FROM events WHERE aggregate_type = $1 ORDER BY 1",
-                )
-                .bind(aggregate_type)
-                .fetch_all(pool)
-                .await?,
-                Store::Sqlite(pool) => sqlx::query_scalar(
-                    "SELECT DISTINCT aggregate_id FROM events WHERE aggregate_type = ?1 ORDER BY 1",
-                )
-                .bind(aggregate_type)
-                .fetch_all(pool)
-                .await?,
-            };
+        let ids = on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT DISTINCT aggregate_id FROM events WHERE aggregate_type = $1 ORDER BY 1",
+            )
+            .bind(aggregate_type)
+            .fetch_all(pool)
+            .await
+        })?;
         Ok(ids)
     }
 
@@ -338,38 +320,21 @@ impl Store {
         order_id: &str,
         fingerprint: &str,
     ) -> Result<(String, String), StoreError> {
-        let claimed = match self {
-            Store::Postgres(pool) => {
-                sqlx::query(
-                    "INSERT INTO idempotency_keys (key, order_id, fingerprint) VALUES ($1, $2, $3) \
-                     ON CONFLICT (key) DO NOTHING",
-                )
+        let claimed = on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO idempotency_keys (key, order_id, fingerprint) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(order_id)
+            .bind(fingerprint)
+            .execute(pool)
+            .await?;
+            sqlx::query_as("SELECT order_id, fingerprint FROM idempotency_keys WHERE key = $1")
                 .bind(key)
-                .bind(order_id)
-                .bind(fingerprint)
-                .execute(pool)
-                .await?;
-                sqlx::query_as("SELECT order_id, fingerprint FROM idempotency_keys WHERE key = $1")
-                    .bind(key)
-                    .fetch_one(pool)
-                    .await?
-            }
-            Store::Sqlite(pool) => {
-                sqlx::query(
-                    "INSERT INTO idempotency_keys (key, order_id, fingerprint) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (key) DO NOTHING",
-                )
-                .bind(key)
-                .bind(order_id)
-                .bind(fingerprint)
-                .execute(pool)
-                .await?;
-                sqlx::query_as("SELECT order_id, fingerprint FROM idempotency_keys WHERE key = ?1")
-                    .bind(key)
-                    .fetch_one(pool)
-                    .await?
-            }
-        };
+                .fetch_one(pool)
+                .await
+        })?;
         Ok(claimed)
     }
 
@@ -379,22 +344,14 @@ impl Store {
         key: &str,
         order_id: &str,
     ) -> Result<(), StoreError> {
-        match self {
-            Store::Postgres(pool) => {
-                sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND order_id = $2")
-                    .bind(key)
-                    .bind(order_id)
-                    .execute(pool)
-                    .await?;
-            }
-            Store::Sqlite(pool) => {
-                sqlx::query("DELETE FROM idempotency_keys WHERE key = ?1 AND order_id = ?2")
-                    .bind(key)
-                    .bind(order_id)
-                    .execute(pool)
-                    .await?;
-            }
-        }
+        on_pool!(self, |pool| {
+            sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND order_id = $2")
+                .bind(key)
+                .bind(order_id)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })?;
         Ok(())
     }
 }

@@ -1,3 +1,0 @@
-INSERT INTO checkpoints (name, position) VALUES (?1, ?2)
-ON CONFLICT (name) DO UPDATE SET position = excluded.position,
-    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
