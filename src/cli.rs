@@ -4,10 +4,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use order_saga_domain::Money;
 
+use crate::saga::SagaConfig;
 use crate::store::StoreConfig;
 
 #[derive(Debug, Parser)]
@@ -86,6 +88,63 @@ pub struct ServeArgs {
     /// chosen address is printed on start).
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+
+    /// Webhook that customer notifications are POSTed to as JSON (http://
+    /// only). When unset, notifications are written to the log.
+    #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
+    pub notify_webhook_url: Option<String>,
+
+    #[command(flatten)]
+    pub saga: SagaArgs,
+}
+
+/// The saga's deadlines and retries (SPEC §3). Durations like 90s, 3m, 1h.
+#[derive(Debug, Args)]
+pub struct SagaArgs {
+    /// Cancel an order (STOCK_RESERVATION_TIMEOUT) with no stock reply by then.
+    #[arg(long, env = "STOCK_REPLY_TIMEOUT", default_value = "3m", value_parser = humantime::parse_duration)]
+    pub stock_reply_timeout: Duration,
+    /// After stock is reserved, retry once and then cancel (CONFIRMATION_FAILED) an order not confirmed by then.
+    #[arg(long, env = "CONFIRMATION_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub confirmation_timeout: Duration,
+    /// Cancel (SAGA_TIMEOUT) an order neither waiting for payment nor cancelled by then.
+    #[arg(long, env = "SAGA_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub saga_timeout: Duration,
+    /// Retries of a failed confirmation before cancelling (CONFIRMATION_FAILED).
+    #[arg(long, env = "CONFIRM_RETRIES", default_value_t = 2)]
+    pub confirm_retries: u32,
+    /// Time between confirmation retries.
+    #[arg(long, env = "CONFIRM_RETRY_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub confirm_retry_interval: Duration,
+    /// Retries of a failed payment-wait opening before cancelling (PAYMENT_WAIT_FAILED).
+    #[arg(long, env = "PAYMENT_WAIT_RETRIES", default_value_t = 3)]
+    pub payment_wait_retries: u32,
+    /// Time between payment-wait retries.
+    #[arg(long, env = "PAYMENT_WAIT_RETRY_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub payment_wait_retry_interval: Duration,
+    /// Retries of a failed customer notification.
+    #[arg(long, env = "NOTIFY_RETRIES", default_value_t = 3)]
+    pub notify_retries: u32,
+    /// Time between notification retries.
+    #[arg(long, env = "NOTIFY_RETRY_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub notify_retry_interval: Duration,
+}
+
+impl SagaArgs {
+    pub fn config(&self) -> SagaConfig {
+        SagaConfig {
+            stock_reply_timeout: self.stock_reply_timeout,
+            confirmation_timeout: self.confirmation_timeout,
+            saga_timeout: self.saga_timeout,
+            confirm_retries: self.confirm_retries,
+            confirm_retry_interval: self.confirm_retry_interval,
+            payment_wait_retries: self.payment_wait_retries,
+            payment_wait_retry_interval: self.payment_wait_retry_interval,
+            notify_retries: self.notify_retries,
+            notify_retry_interval: self.notify_retry_interval,
+            ..SagaConfig::default()
+        }
+    }
 }
 
 impl ServeArgs {

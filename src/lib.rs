@@ -8,10 +8,15 @@
 //! - [`service`]: the application's use cases — create and read orders, set
 //!   and show products — and the adapters the aggregates' services need
 //!   (catalog, stock ledger);
+//! - [`saga`]: the Order Creation SAGA — consumers, timers, notifications —
+//!   fed from the global log through a transport seam;
 //! - [`http`]: the REST API (axum);
 //! - [`cli`]: the command line and its settings (clap).
 
+#[macro_use]
+pub mod store;
+
 pub mod cli;
 pub mod http;
+pub mod saga;
 pub mod service;
-pub mod store;

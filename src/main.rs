@@ -2,10 +2,15 @@
 //! store, and runs the chosen subcommand.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
+use order_saga::saga::notify::{LogNotifier, Notifier, WebhookNotifier};
+use order_saga::saga::transport::LogTransport;
+use order_saga::saga::{Saga, SagaOptions};
 use order_saga::service::{App, ProductView};
 use order_saga::store::Store;
 use tracing_subscriber::EnvFilter;
@@ -68,8 +73,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(app: std::sync::Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
     let addr = args.http_addr;
+    let notifier: Arc<dyn Notifier> = match args.notify_webhook_url.as_deref() {
+        Some(url) if !url.trim().is_empty() => {
+            if !url.starts_with("http://") {
+                anyhow::bail!("NOTIFY_WEBHOOK_URL (--notify-webhook-url): expected an http:// URL");
+            }
+            Arc::new(
+                WebhookNotifier::new(url.to_string(), Duration::from_secs(5))
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        _ => Arc::new(LogNotifier),
+    };
+    let options = SagaOptions {
+        config: args.saga.config(),
+        notifier,
+        ..SagaOptions::default()
+    };
+    let transport = LogTransport::new(app.store().clone());
+    let saga = Saga::new(app.store().clone(), &transport, options)
+        .await
+        .context("starting the saga")?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("HTTP_ADDR (--http-addr): cannot listen on {addr}"))?;
@@ -77,10 +103,12 @@ async fn serve(app: std::sync::Arc<App>, args: ServeArgs) -> anyhow::Result<()> 
     tracing::info!(store = app.store().backend(), %local, "order-saga serving");
     println!("listening on http://{local}");
     let sequencer = tokio::spawn(sequence_log(app.store().clone()));
+    let saga_tasks = saga.spawn();
     axum::serve(listener, order_saga::http::router(app))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     sequencer.abort();
+    drop(saga_tasks);
     Ok(())
 }
 

@@ -160,9 +160,7 @@ pub struct App {
 
 impl App {
     pub fn new(store: Store) -> Arc<Self> {
-        let catalog = Arc::new(StoreCatalog {
-            store: store.clone(),
-        });
+        let catalog = Arc::new(StoreCatalog::new(store.clone()));
         Arc::new(App {
             order_services: OrderServices::new(catalog),
             store,
@@ -192,13 +190,21 @@ impl App {
             store_id: request.store_id,
             items: request.items,
         };
+        // The order's saga is correlated by one id across all its events.
+        let metadata = HashMap::from([(
+            crate::saga::integration::CORRELATION_ID.to_string(),
+            Uuid::new_v4().to_string(),
+        )]);
         let result = self
             .store
-            .execute::<Order>(&order_id, command, &self.order_services, HashMap::new())
+            .execute::<Order>(&order_id, command, &self.order_services, metadata)
             .await;
         match result {
-            Ok(done) => OrderView::of(&order_id, done.aggregate)
-                .ok_or_else(|| AppError::Internal("created order has no status".into())),
+            Ok(done) => {
+                metrics::counter!("order_saga_orders_created_total").increment(1);
+                OrderView::of(&order_id, done.aggregate)
+                    .ok_or_else(|| AppError::Internal("created order has no status".into()))
+            }
             // The first request with this key got there before us.
             Err(AggregateError::UserError(OrderError::AlreadyExists))
             | Err(AggregateError::AggregateConflict)
@@ -207,6 +213,7 @@ impl App {
                 self.order(&order_id).await?.ok_or(AppError::NotFound)
             }
             Err(e) => {
+                metrics::counter!("order_saga_orders_rejected_total").increment(1);
                 if let (Some(key), true) = (idempotency_key, order_id == fresh_id) {
                     self.store.release_idempotency_key(key, &order_id).await?;
                 }
@@ -320,6 +327,12 @@ fn validate_request_shape(request: &CreateOrderRequest) -> Result<(), FieldError
 /// The catalog the Order prices from: the Product aggregates in the store.
 pub struct StoreCatalog {
     store: Store,
+}
+
+impl StoreCatalog {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
 }
 
 #[async_trait]

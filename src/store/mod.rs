@@ -53,6 +53,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("stored event at position {position} is unreadable: {message}")]
     Corrupt { position: i64, message: String },
+    #[error("stored row is unreadable: {0}")]
+    CorruptRow(String),
 }
 
 /// One entry of the global log: a stored event with its metadata.

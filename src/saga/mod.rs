@@ -1,0 +1,939 @@
+//! The Order Creation SAGA, by choreography: three services — stock, order
+//! and notifier — each a consumer group reacting to the others' integration
+//! events, plus the durable timers that enforce deadlines and retries.
+//!
+//! ```text
+//! order.created            -> stock: reserve all items  -> stock.reserved | stock.reservation.failed
+//! order.created            -> order: start the stock-reply and saga deadlines
+//! stock.reserved           -> order: confirm             -> order.confirmed
+//! stock.reservation.failed -> order: cancel STOCK_SHORTAGE -> order.cancelled
+//! order.confirmed          -> order: start payment wait  -> order.payment.waiting
+//! order.cancelled          -> stock: release, if held    -> stock.released
+//! order.confirmed | order.payment.waiting | order.cancelled -> notifier
+//! ```
+//!
+//! Idempotency: every effect is an aggregate command that carries the
+//! incoming event's id as its cause; the aggregate treats an exact repeat as
+//! a no-op, so the record of what was handled is the effect's own event,
+//! written in the same append. A message handled twice changes nothing.
+
+pub mod clock;
+pub mod integration;
+pub mod notify;
+pub mod timers;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_es::{Aggregate, AggregateError};
+use order_saga_domain::{
+    CancelReason, Order, OrderCommand, OrderError, OrderServices, OrderStatus, StockItem,
+    StockReservation, StockReservationCommand, StockReservationError, StockServices,
+};
+use serde_json::json;
+use tokio::sync::Mutex;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use self::clock::{Clock, SystemClock};
+use self::integration::{Body, IntegrationEvent, Topic, CAUSATION_ID, CORRELATION_ID};
+use self::notify::{LogNotifier, Notification, Notifier};
+use self::timers::{Timer, TimerKind};
+use self::transport::{Delivery, Subscription, Transport, TransportError};
+use crate::service::{StoreCatalog, StoreLedger};
+use crate::store::{Store, StoreError};
+
+/// Every duration and count of SPEC §3, configurable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaConfig {
+    pub stock_reply_timeout: Duration,
+    pub confirmation_timeout: Duration,
+    pub saga_timeout: Duration,
+    pub confirm_retries: u32,
+    pub confirm_retry_interval: Duration,
+    pub payment_wait_retries: u32,
+    pub payment_wait_retry_interval: Duration,
+    pub notify_retries: u32,
+    pub notify_retry_interval: Duration,
+    /// Tries of a message whose handler keeps failing before it is
+    /// dead-lettered.
+    pub handler_attempts: u32,
+    /// How long a claimed timer is held before another claimer may fire it.
+    pub timer_lease: Duration,
+    /// How often an idle consumer or the timer loop looks for work.
+    pub poll_interval: Duration,
+    pub batch_size: usize,
+}
+
+impl Default for SagaConfig {
+    fn default() -> Self {
+        SagaConfig {
+            stock_reply_timeout: Duration::from_secs(180),
+            confirmation_timeout: Duration::from_secs(120),
+            saga_timeout: Duration::from_secs(600),
+            confirm_retries: 2,
+            confirm_retry_interval: Duration::from_secs(30),
+            payment_wait_retries: 3,
+            payment_wait_retry_interval: Duration::from_secs(60),
+            notify_retries: 3,
+            notify_retry_interval: Duration::from_secs(10),
+            handler_attempts: 5,
+            timer_lease: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(10),
+            batch_size: 256,
+        }
+    }
+}
+
+/// The three choreographed services, each its own consumer group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    Stock,
+    Order,
+    Notifier,
+}
+
+impl Service {
+    pub const ALL: [Service; 3] = [Service::Stock, Service::Order, Service::Notifier];
+
+    pub fn group(self) -> &'static str {
+        match self {
+            Service::Stock => "order-saga.stock",
+            Service::Order => "order-saga.order",
+            Service::Notifier => "order-saga.notifier",
+        }
+    }
+
+    pub fn topics(self) -> &'static [Topic] {
+        match self {
+            Service::Stock => &[Topic::OrderCreated, Topic::OrderCancelled],
+            Service::Order => &[
+                Topic::OrderCreated,
+                Topic::StockReserved,
+                Topic::StockReservationFailed,
+                Topic::OrderConfirmed,
+            ],
+            Service::Notifier => &[
+                Topic::OrderConfirmed,
+                Topic::PaymentWaiting,
+                Topic::OrderCancelled,
+            ],
+        }
+    }
+}
+
+/// A saga step whose failure can be injected (see [`FaultInjector`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Confirm,
+    PaymentWait,
+}
+
+/// Lets a test make a step fail, as a store outage or a payment service
+/// that does not answer would. Production runs without one.
+pub trait FaultInjector: Send + Sync {
+    fn check(&self, step: Step, order_id: &str) -> Result<(), String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SagaError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How a handler failed: worth another try, or never going to work.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("{0}")]
+    Transient(String),
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(e: StoreError) -> Self {
+        HandlerError::Transient(e.to_string())
+    }
+}
+
+fn store_failure<E: std::error::Error>(e: AggregateError<E>) -> HandlerError {
+    match e {
+        AggregateError::DeserializationError(e) => HandlerError::Permanent(e.to_string()),
+        other => HandlerError::Transient(other.to_string()),
+    }
+}
+
+/// What the saga runs with besides the store and the transport.
+pub struct SagaOptions {
+    pub clock: Arc<dyn Clock>,
+    pub config: SagaConfig,
+    pub notifier: Arc<dyn Notifier>,
+    pub faults: Option<Arc<dyn FaultInjector>>,
+}
+
+impl Default for SagaOptions {
+    fn default() -> Self {
+        SagaOptions {
+            clock: Arc::new(SystemClock),
+            config: SagaConfig::default(),
+            notifier: Arc::new(LogNotifier),
+            faults: None,
+        }
+    }
+}
+
+struct Consumer {
+    service: Service,
+    subscription: Mutex<Box<dyn Subscription>>,
+    /// Failed tries per event id, for dead-lettering.
+    failures: Mutex<HashMap<Uuid, u32>>,
+}
+
+pub struct Saga {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    config: SagaConfig,
+    notifier: Arc<dyn Notifier>,
+    faults: Option<Arc<dyn FaultInjector>>,
+    order_services: OrderServices,
+    stock_services: StockServices,
+    consumers: Vec<Consumer>,
+}
+
+/// The saga's background loops; dropping this stops them.
+pub struct SagaTasks {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SagaTasks {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Saga {
+    /// Subscribes the three services to `transport`.
+    pub async fn new(
+        store: Store,
+        transport: &dyn Transport,
+        options: SagaOptions,
+    ) -> Result<Arc<Self>, SagaError> {
+        let mut consumers = Vec::new();
+        for service in Service::ALL {
+            let subscription = transport
+                .subscribe(service.group(), service.topics())
+                .await?;
+            consumers.push(Consumer {
+                service,
+                subscription: Mutex::new(subscription),
+                failures: Mutex::new(HashMap::new()),
+            });
+        }
+        Ok(Arc::new(Saga {
+            order_services: OrderServices::new(Arc::new(StoreCatalog::new(store.clone()))),
+            stock_services: StockServices::new(Arc::new(StoreLedger::new(store.clone()))),
+            store,
+            clock: options.clock,
+            config: options.config,
+            notifier: options.notifier,
+            faults: options.faults,
+            consumers,
+        }))
+    }
+
+    /// Starts a loop per consumer and one for the timers.
+    pub fn spawn(self: &Arc<Self>) -> SagaTasks {
+        let mut tasks = Vec::new();
+        for index in 0..self.consumers.len() {
+            let saga = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let consumer = &saga.consumers[index];
+                loop {
+                    let idle = match saga.run_consumer(consumer).await {
+                        Ok(n) => n == 0,
+                        Err(e) => {
+                            tracing::warn!(group = consumer.service.group(), error = %e, "consumer failed; retrying");
+                            true
+                        }
+                    };
+                    if idle {
+                        tokio::time::sleep(saga.config.poll_interval).await;
+                    }
+                }
+            }));
+        }
+        let saga = self.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let idle = match saga.run_timers().await {
+                    Ok(n) => n == 0,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "timer loop failed; retrying");
+                        true
+                    }
+                };
+                if idle {
+                    tokio::time::sleep(saga.config.poll_interval).await;
+                }
+            }
+        }));
+        SagaTasks { tasks }
+    }
+
+    /// One pass: each of `services` handles what is waiting for it, then due
+    /// timers fire (if `timers`). Returns how much work was done.
+    pub async fn run_once_for(
+        &self,
+        services: &[Service],
+        timers: bool,
+    ) -> Result<usize, SagaError> {
+        let mut done = 0;
+        for consumer in self
+            .consumers
+            .iter()
+            .filter(|c| services.contains(&c.service))
+        {
+            done += self.run_consumer(consumer).await?;
+        }
+        if timers {
+            done += self.run_timers().await?;
+        }
+        Ok(done)
+    }
+
+    /// Runs passes until one finds nothing to do: everything delivered is
+    /// handled and no timer is due on the saga's clock.
+    pub async fn run_until_idle_for(
+        &self,
+        services: &[Service],
+        timers: bool,
+    ) -> Result<(), SagaError> {
+        for _ in 0..10_000 {
+            if self.run_once_for(services, timers).await? == 0 {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn run_until_idle(&self) -> Result<(), SagaError> {
+        self.run_until_idle_for(&Service::ALL, true).await
+    }
+
+    async fn run_consumer(&self, consumer: &Consumer) -> Result<usize, SagaError> {
+        let mut subscription = consumer.subscription.lock().await;
+        let deliveries = subscription.poll(self.config.batch_size).await?;
+        for (handled, delivery) in deliveries.iter().enumerate() {
+            if !self.deliver(consumer, delivery).await? {
+                // Try this one again from the next poll on.
+                subscription.commit(&deliveries[..handled]).await?;
+                subscription.rewind().await?;
+                return Ok(handled.max(1));
+            }
+        }
+        subscription.commit(&deliveries).await?;
+        Ok(deliveries.len())
+    }
+
+    /// Handles one delivery. `Ok(false)`: it failed for now and must be
+    /// delivered again; a message that cannot work is dead-lettered.
+    async fn deliver(&self, consumer: &Consumer, delivery: &Delivery) -> Result<bool, SagaError> {
+        let event = match &delivery.event {
+            Ok(event) => event,
+            Err(undecodable) => {
+                self.dead_letter(
+                    consumer.service,
+                    delivery,
+                    undecodable.event_id.as_deref(),
+                    &undecodable.error,
+                    &undecodable.payload,
+                )
+                .await?;
+                return Ok(true);
+            }
+        };
+        let span = tracing::info_span!(
+            "handle",
+            group = consumer.service.group(),
+            topic = %delivery.topic,
+            order_id = %event.order_id,
+            event_id = %event.event_id,
+            correlation_id = event.correlation_id.as_deref().unwrap_or(""),
+        );
+        let started = self.clock.now();
+        let result = self.handle(consumer.service, event).instrument(span).await;
+        let payload = || serde_json::to_string(event).unwrap_or_default();
+        match result {
+            Ok(()) => {
+                consumer.failures.lock().await.remove(&event.event_id);
+                let age = (started - event.occurred_at).to_std().unwrap_or_default();
+                metrics::histogram!("order_saga_stage_seconds", "stage" => delivery.topic.clone())
+                    .record(age.as_secs_f64());
+                Ok(true)
+            }
+            Err(HandlerError::Permanent(error)) => {
+                let id = event.event_id.to_string();
+                self.dead_letter(consumer.service, delivery, Some(&id), &error, &payload())
+                    .await?;
+                Ok(true)
+            }
+            Err(HandlerError::Transient(error)) => {
+                let mut failures = consumer.failures.lock().await;
+                let tries = failures.entry(event.event_id).or_default();
+                *tries += 1;
+                if *tries < self.config.handler_attempts {
+                    tracing::warn!(tries = *tries, %error, "handler failed; will retry");
+                    return Ok(false);
+                }
+                failures.remove(&event.event_id);
+                drop(failures);
+                let id = event.event_id.to_string();
+                self.dead_letter(consumer.service, delivery, Some(&id), &error, &payload())
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        service: Service,
+        delivery: &Delivery,
+        event_id: Option<&str>,
+        error: &str,
+        payload: &str,
+    ) -> Result<(), StoreError> {
+        tracing::error!(group = service.group(), topic = %delivery.topic, error, "dead-lettered");
+        metrics::counter!("order_saga_dead_letters_total", "consumer" => service.group())
+            .increment(1);
+        self.store
+            .record_dead_letter(service.group(), &delivery.topic, event_id, error, payload)
+            .await
+    }
+
+    /// What each service does with each integration event. Public so tests
+    /// can deliver events in any order.
+    pub async fn handle(
+        &self,
+        service: Service,
+        event: &IntegrationEvent,
+    ) -> Result<(), HandlerError> {
+        match (service, &event.body) {
+            (Service::Stock, Body::OrderCreated { items, .. }) => {
+                let items = items
+                    .iter()
+                    .map(|l| StockItem {
+                        product_id: l.product_id.clone(),
+                        quantity: l.quantity,
+                    })
+                    .collect();
+                self.reserve_stock(event, items).await
+            }
+            (Service::Stock, Body::OrderCancelled { items, .. }) => {
+                self.release_stock(event, items.clone()).await
+            }
+            (Service::Order, Body::OrderCreated { .. }) => self.start_deadlines(event).await,
+            (Service::Order, Body::StockReserved { .. }) => {
+                self.store
+                    .cancel_timers(TimerKind::StockReplyTimeout, &event.order_id)
+                    .await?;
+                self.schedule(
+                    TimerKind::ConfirmationDeadline,
+                    &event.order_id,
+                    self.config.confirm_retries,
+                    self.config.confirmation_timeout,
+                    event.event_id,
+                    event.correlation_id.clone(),
+                )
+                .await?;
+                let cause = Cause::of(event);
+                self.try_confirm(&event.order_id, &cause, 0).await
+            }
+            (Service::Order, Body::StockReservationFailed { .. }) => {
+                self.store
+                    .cancel_timers(TimerKind::StockReplyTimeout, &event.order_id)
+                    .await?;
+                let cause = Cause::of(event);
+                self.cancel_order(&event.order_id, CancelReason::StockShortage, &cause)
+                    .await
+            }
+            (Service::Order, Body::OrderConfirmed { .. }) => {
+                self.store
+                    .cancel_timers(TimerKind::ConfirmationDeadline, &event.order_id)
+                    .await?;
+                self.try_payment_wait(&event.order_id, &Cause::of(event), 0)
+                    .await
+            }
+            (Service::Notifier, _) => match Notification::for_event(event) {
+                Some(notification) => self.notify(&notification, 0).await,
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    async fn reserve_stock(
+        &self,
+        event: &IntegrationEvent,
+        items: Vec<StockItem>,
+    ) -> Result<(), HandlerError> {
+        let command = StockReservationCommand::ReserveStock {
+            order_id: event.order_id.clone(),
+            items,
+            causation_id: Some(event.event_id),
+        };
+        let done = self
+            .stock_command(&event.order_id, command, &Cause::of(event))
+            .await?;
+        if let Some(envelope) = done.events.first() {
+            let outcome = envelope.payload_type();
+            metrics::counter!("order_saga_stock_reservations_total", "outcome" => outcome)
+                .increment(1);
+        }
+        Ok(())
+    }
+
+    async fn release_stock(
+        &self,
+        event: &IntegrationEvent,
+        items: Vec<StockItem>,
+    ) -> Result<(), HandlerError> {
+        let command = StockReservationCommand::ReleaseStock {
+            order_id: event.order_id.clone(),
+            items,
+            causation_id: Some(event.event_id),
+        };
+        self.stock_command(&event.order_id, command, &Cause::of(event))
+            .await?;
+        Ok(())
+    }
+
+    async fn stock_command(
+        &self,
+        order_id: &str,
+        command: StockReservationCommand,
+        cause: &Cause,
+    ) -> Result<crate::store::Executed<StockReservation>, HandlerError> {
+        self.store
+            .execute_retrying::<StockReservation>(
+                order_id,
+                command,
+                &self.stock_services,
+                cause.metadata(),
+                20,
+            )
+            .await
+            .map_err(|e| match e {
+                AggregateError::UserError(StockReservationError::Invalid(e)) => {
+                    HandlerError::Permanent(e.to_string())
+                }
+                AggregateError::UserError(StockReservationError::Ledger(e)) => {
+                    HandlerError::Transient(e.to_string())
+                }
+                other => store_failure(other),
+            })
+    }
+
+    async fn start_deadlines(&self, event: &IntegrationEvent) -> Result<(), HandlerError> {
+        // Deadlines count from when the order side learns of the order.
+        for (kind, after) in [
+            (
+                TimerKind::StockReplyTimeout,
+                self.config.stock_reply_timeout,
+            ),
+            (TimerKind::SagaTimeout, self.config.saga_timeout),
+        ] {
+            self.schedule(
+                kind,
+                &event.order_id,
+                0,
+                after,
+                Uuid::new_v4(),
+                event.correlation_id.clone(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn schedule(
+        &self,
+        kind: TimerKind,
+        order_id: &str,
+        attempt: u32,
+        after: Duration,
+        causation: Uuid,
+        correlation_id: Option<String>,
+    ) -> Result<(), StoreError> {
+        let timer = Timer {
+            kind,
+            subject: order_id.to_string(),
+            order_id: order_id.to_string(),
+            attempt,
+            due_at: self.clock.now()
+                + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX),
+            causation_id: causation.to_string(),
+            correlation_id,
+            payload: json!({}),
+        };
+        self.store.schedule_timer(&timer).await
+    }
+
+    async fn order_status(&self, order_id: &str) -> Result<Option<OrderStatus>, HandlerError> {
+        let loaded = self
+            .store
+            .load::<Order>(order_id)
+            .await
+            .map_err(store_failure)?;
+        Ok(loaded.and_then(|(order, _)| order.status))
+    }
+
+    async fn order_command(
+        &self,
+        order_id: &str,
+        command: OrderCommand,
+        cause: &Cause,
+    ) -> Result<Result<(), OrderError>, HandlerError> {
+        match self
+            .store
+            .execute_retrying::<Order>(
+                order_id,
+                command,
+                &self.order_services,
+                cause.metadata(),
+                20,
+            )
+            .await
+        {
+            Ok(_) => Ok(Ok(())),
+            Err(AggregateError::UserError(e)) => Ok(Err(e)),
+            Err(e) => Err(store_failure(e)),
+        }
+    }
+
+    fn fault(&self, step: Step, order_id: &str) -> Result<(), String> {
+        match &self.faults {
+            Some(faults) => faults.check(step, order_id),
+            None => Ok(()),
+        }
+    }
+
+    /// Confirms the order, or schedules the next try, or — out of tries —
+    /// cancels it (CONFIRMATION_FAILED).
+    async fn try_confirm(
+        &self,
+        order_id: &str,
+        cause: &Cause,
+        attempt: u32,
+    ) -> Result<(), HandlerError> {
+        let failure = match self.fault(Step::Confirm, order_id) {
+            Err(injected) => injected,
+            Ok(()) => {
+                let command = OrderCommand::ConfirmOrder {
+                    causation_id: Some(cause.causation),
+                };
+                match self.order_command(order_id, command, cause).await {
+                    Ok(Ok(())) => return Ok(()),
+                    // Cancelled meanwhile (its stock is released by the stock
+                    // side on order.cancelled), or already past this step.
+                    Ok(Err(OrderError::InvalidTransition { .. })) => return Ok(()),
+                    Ok(Err(e)) => return Err(HandlerError::Permanent(e.to_string())),
+                    Err(e) => e.to_string(),
+                }
+            }
+        };
+        tracing::warn!(order_id, attempt, error = %failure, "confirmation failed");
+        if attempt < self.config.confirm_retries {
+            self.schedule(
+                TimerKind::ConfirmRetry,
+                order_id,
+                attempt + 1,
+                self.config.confirm_retry_interval,
+                cause.causation,
+                cause.correlation_id.clone(),
+            )
+            .await?;
+            Ok(())
+        } else {
+            self.cancel_order(order_id, CancelReason::ConfirmationFailed, cause)
+                .await
+        }
+    }
+
+    /// Opens the payment wait, or schedules the next try, or — out of tries
+    /// — cancels the order (PAYMENT_WAIT_FAILED).
+    async fn try_payment_wait(
+        &self,
+        order_id: &str,
+        cause: &Cause,
+        attempt: u32,
+    ) -> Result<(), HandlerError> {
+        let failure = match self.fault(Step::PaymentWait, order_id) {
+            Err(injected) => injected,
+            Ok(()) => {
+                let command = OrderCommand::StartPaymentWait {
+                    causation_id: Some(cause.causation),
+                };
+                match self.order_command(order_id, command, cause).await {
+                    Ok(Ok(())) => {
+                        metrics::counter!("order_saga_sagas_completed_total", "outcome" => "PAYMENT_WAIT")
+                            .increment(1);
+                        self.store
+                            .cancel_timers(TimerKind::SagaTimeout, order_id)
+                            .await?;
+                        return Ok(());
+                    }
+                    Ok(Err(OrderError::InvalidTransition { .. })) => return Ok(()),
+                    Ok(Err(e)) => return Err(HandlerError::Permanent(e.to_string())),
+                    Err(e) => e.to_string(),
+                }
+            }
+        };
+        tracing::warn!(order_id, attempt, error = %failure, "opening the payment wait failed");
+        if attempt < self.config.payment_wait_retries {
+            self.schedule(
+                TimerKind::PaymentWaitRetry,
+                order_id,
+                attempt + 1,
+                self.config.payment_wait_retry_interval,
+                cause.causation,
+                cause.correlation_id.clone(),
+            )
+            .await?;
+            Ok(())
+        } else {
+            self.cancel_order(order_id, CancelReason::PaymentWaitFailed, cause)
+                .await
+        }
+    }
+
+    /// The compensating transaction's first step: cancel the order (the
+    /// stock side releases on order.cancelled). A no-op for an order that is
+    /// already cancelled or waiting for payment.
+    async fn cancel_order(
+        &self,
+        order_id: &str,
+        reason: CancelReason,
+        cause: &Cause,
+    ) -> Result<(), HandlerError> {
+        let command = OrderCommand::CancelOrder {
+            reason,
+            causation_id: Some(cause.causation),
+        };
+        match self.order_command(order_id, command, cause).await? {
+            Ok(()) => {
+                metrics::counter!("order_saga_compensations_total", "reason" => reason.as_str())
+                    .increment(1);
+                metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1);
+                for kind in [
+                    TimerKind::StockReplyTimeout,
+                    TimerKind::ConfirmationDeadline,
+                    TimerKind::SagaTimeout,
+                    TimerKind::ConfirmRetry,
+                    TimerKind::PaymentWaitRetry,
+                ] {
+                    self.store.cancel_timers(kind, order_id).await?;
+                }
+                Ok(())
+            }
+            Err(OrderError::InvalidTransition { .. }) => Ok(()),
+            Err(e) => Err(HandlerError::Permanent(e.to_string())),
+        }
+    }
+
+    /// Sends attempt `attempt` of a notification unless it was made already;
+    /// a failure schedules the next attempt. Never fails the saga.
+    async fn notify(&self, notification: &Notification, attempt: u32) -> Result<(), HandlerError> {
+        let (made, delivered) = self
+            .store
+            .notification_progress(&notification.event_id)
+            .await?;
+        if delivered || made > attempt {
+            return Ok(());
+        }
+        let result = self.notifier.send(notification).await;
+        let now = self.clock.now();
+        self.store
+            .record_notification_attempt(notification, attempt, &result, now.timestamp_millis())
+            .await?;
+        let outcome = if result.is_ok() {
+            "delivered"
+        } else {
+            "failed"
+        };
+        metrics::counter!("order_saga_notifications_total", "outcome" => outcome).increment(1);
+        if let Err(error) = result {
+            tracing::warn!(order_id = %notification.order_id, attempt, %error, "notification failed");
+            if attempt < self.config.notify_retries {
+                let timer = Timer {
+                    kind: TimerKind::NotifyRetry,
+                    subject: notification.event_id.clone(),
+                    order_id: notification.order_id.clone(),
+                    attempt: attempt + 1,
+                    due_at: now
+                        + chrono::Duration::from_std(self.config.notify_retry_interval)
+                            .unwrap_or(chrono::Duration::MAX),
+                    causation_id: notification.event_id.clone(),
+                    correlation_id: None,
+                    payload: serde_json::to_value(notification)
+                        .map_err(|e| HandlerError::Permanent(e.to_string()))?,
+                };
+                self.store.schedule_timer(&timer).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fires the timers due on the saga's clock.
+    pub async fn run_timers(&self) -> Result<usize, SagaError> {
+        let now = self.clock.now();
+        let lease =
+            chrono::Duration::from_std(self.config.timer_lease).unwrap_or(chrono::Duration::MAX);
+        let due = self
+            .store
+            .claim_due_timers(now, now + lease, self.config.batch_size as i64)
+            .await?;
+        for timer in &due {
+            metrics::counter!("order_saga_timers_fired_total", "kind" => timer.kind.as_str())
+                .increment(1);
+            match self.fire(timer).await {
+                Ok(()) => self.store.complete_timer(timer).await?,
+                Err(HandlerError::Permanent(error)) => {
+                    tracing::error!(timer = %timer.id(), %error, "timer action failed for good");
+                    self.store.complete_timer(timer).await?;
+                }
+                // Left leased: it fires again when the lease runs out.
+                Err(HandlerError::Transient(error)) => {
+                    tracing::warn!(timer = %timer.id(), %error, "timer action failed; will retry");
+                }
+            }
+        }
+        Ok(due.len())
+    }
+
+    async fn fire(&self, timer: &Timer) -> Result<(), HandlerError> {
+        let cause = Cause {
+            causation: Uuid::parse_str(&timer.causation_id)
+                .map_err(|e| HandlerError::Permanent(format!("timer cause: {e}")))?,
+            correlation_id: timer.correlation_id.clone(),
+        };
+        let order_id = timer.order_id.as_str();
+        match timer.kind {
+            TimerKind::StockReplyTimeout => {
+                if self.order_status(order_id).await? == Some(OrderStatus::OrderCreated) {
+                    self.cancel_order(order_id, CancelReason::StockReservationTimeout, &cause)
+                        .await?;
+                }
+                Ok(())
+            }
+            TimerKind::SagaTimeout => {
+                if matches!(
+                    self.order_status(order_id).await?,
+                    Some(OrderStatus::OrderCreated | OrderStatus::OrderConfirmed)
+                ) {
+                    self.cancel_order(order_id, CancelReason::SagaTimeout, &cause)
+                        .await?;
+                }
+                Ok(())
+            }
+            // Still not confirmed: one last try (attempt = the last one).
+            TimerKind::ConfirmationDeadline => {
+                if self.order_status(order_id).await? == Some(OrderStatus::OrderCreated) {
+                    self.try_confirm(order_id, &cause, self.config.confirm_retries)
+                        .await?;
+                }
+                Ok(())
+            }
+            TimerKind::ConfirmRetry => self.try_confirm(order_id, &cause, timer.attempt).await,
+            TimerKind::PaymentWaitRetry => {
+                self.try_payment_wait(order_id, &cause, timer.attempt).await
+            }
+            TimerKind::NotifyRetry => {
+                let notification: Notification = serde_json::from_value(timer.payload.clone())
+                    .map_err(|e| HandlerError::Permanent(format!("notification timer: {e}")))?;
+                self.notify(&notification, timer.attempt).await
+            }
+        }
+    }
+}
+
+/// The cause passed on to an effect: the id of the event (or timer) that
+/// caused it, and the saga's correlation id.
+struct Cause {
+    causation: Uuid,
+    correlation_id: Option<String>,
+}
+
+impl Cause {
+    fn of(event: &IntegrationEvent) -> Self {
+        Cause {
+            causation: event.event_id,
+            correlation_id: event.correlation_id.clone(),
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        let mut metadata = HashMap::from([(CAUSATION_ID.to_string(), self.causation.to_string())]);
+        if let Some(correlation) = &self.correlation_id {
+            metadata.insert(CORRELATION_ID.to_string(), correlation.clone());
+        }
+        metadata
+    }
+}
+
+/// The event type of a stored envelope, for metric labels.
+trait PayloadType {
+    fn payload_type(&self) -> String;
+}
+
+impl<A: Aggregate> PayloadType for cqrs_es::EventEnvelope<A> {
+    fn payload_type(&self) -> String {
+        use cqrs_es::DomainEvent;
+        self.payload.event_type()
+    }
+}
+
+impl Store {
+    pub async fn record_dead_letter(
+        &self,
+        consumer: &str,
+        topic: &str,
+        event_id: Option<&str>,
+        error: &str,
+        payload: &str,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO dead_letters (consumer, topic, event_id, error, payload) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(consumer)
+            .bind(topic)
+            .bind(event_id)
+            .bind(error)
+            .bind(payload)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Dead letters as (consumer, topic, event id, error), oldest first.
+    pub async fn dead_letters(
+        &self,
+    ) -> Result<Vec<(String, String, Option<String>, String)>, StoreError> {
+        let rows = on_pool!(self, |pool| {
+            sqlx::query_as("SELECT consumer, topic, event_id, error FROM dead_letters ORDER BY id")
+                .fetch_all(pool)
+                .await
+        })?;
+        Ok(rows)
+    }
+}

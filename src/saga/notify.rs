@@ -1,0 +1,228 @@
+//! Customer notifications: a pluggable [`Notifier`] — a JSON webhook by
+//! default, a log line when no webhook is configured. Every attempt is
+//! recorded; a failed one is retried on a timer, and a notification that
+//! keeps failing never holds up the saga.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use order_saga_domain::{CancelReason, Money};
+use serde::{Deserialize, Serialize};
+
+use super::integration::{Body, IntegrationEvent};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum NotificationKind {
+    OrderConfirmed,
+    PaymentRequested,
+    OrderCancelled,
+}
+
+impl NotificationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationKind::OrderConfirmed => "ORDER_CONFIRMED",
+            NotificationKind::PaymentRequested => "PAYMENT_REQUESTED",
+            NotificationKind::OrderCancelled => "ORDER_CANCELLED",
+        }
+    }
+}
+
+/// What the customer is told; the webhook's JSON body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Notification {
+    pub event_id: String,
+    pub order_id: String,
+    pub user_id: String,
+    pub kind: NotificationKind,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<CancelReason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_amount: Option<Money>,
+}
+
+impl Notification {
+    /// The notification an integration event calls for, if any.
+    pub fn for_event(event: &IntegrationEvent) -> Option<Self> {
+        let (kind, user_id, message, reason, total_amount) = match &event.body {
+            Body::OrderConfirmed {
+                user_id,
+                total_amount,
+            } => (
+                NotificationKind::OrderConfirmed,
+                user_id,
+                "Your order is confirmed.".to_string(),
+                None,
+                Some(*total_amount),
+            ),
+            Body::PaymentWaitStarted {
+                user_id,
+                total_amount,
+            } => (
+                NotificationKind::PaymentRequested,
+                user_id,
+                format!("Please pay {total_amount} to complete your order."),
+                None,
+                Some(*total_amount),
+            ),
+            Body::OrderCancelled {
+                user_id, reason, ..
+            } => (
+                NotificationKind::OrderCancelled,
+                user_id,
+                format!("Your order was cancelled: {}.", reason.as_str()),
+                Some(*reason),
+                None,
+            ),
+            _ => return None,
+        };
+        Some(Notification {
+            event_id: event.event_id.to_string(),
+            order_id: event.order_id.clone(),
+            user_id: user_id.clone(),
+            kind,
+            message,
+            reason,
+            total_amount,
+        })
+    }
+}
+
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    /// Delivers one notification; `Err` says why it did not arrive.
+    async fn send(&self, notification: &Notification) -> Result<(), String>;
+}
+
+/// POSTs the notification as JSON to a URL; any 2xx answer is delivery.
+pub struct WebhookNotifier {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl WebhookNotifier {
+    pub fn new(url: String, timeout: Duration) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| format!("NOTIFY_WEBHOOK_URL: {e}"))?;
+        Ok(Self { client, url })
+    }
+}
+
+#[async_trait]
+impl Notifier for WebhookNotifier {
+    async fn send(&self, notification: &Notification) -> Result<(), String> {
+        let response = self
+            .client
+            .post(&self.url)
+            .header("Idempotency-Key", &notification.event_id)
+            .json(notification)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("webhook answered {}", response.status()))
+        }
+    }
+}
+
+/// Used when no webhook is configured: the notification goes to the log.
+pub struct LogNotifier;
+
+#[async_trait]
+impl Notifier for LogNotifier {
+    async fn send(&self, notification: &Notification) -> Result<(), String> {
+        tracing::info!(
+            order_id = %notification.order_id,
+            event_id = %notification.event_id,
+            kind = notification.kind.as_str(),
+            "notify customer: {}",
+            notification.message
+        );
+        Ok(())
+    }
+}
+
+/// One recorded attempt.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct NotificationAttempt {
+    pub event_id: String,
+    pub attempt: i64,
+    pub order_id: String,
+    pub kind: String,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+impl Store {
+    pub async fn record_notification_attempt(
+        &self,
+        notification: &Notification,
+        attempt: u32,
+        result: &Result<(), String>,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (outcome, error) = match result {
+            Ok(()) => ("delivered", None),
+            Err(e) => ("failed", Some(e.as_str())),
+        };
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO notification_attempts \
+                 (event_id, attempt, order_id, kind, outcome, error, attempted_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO NOTHING",
+            )
+            .bind(&notification.event_id)
+            .bind(i64::from(attempt))
+            .bind(&notification.order_id)
+            .bind(notification.kind.as_str())
+            .bind(outcome)
+            .bind(error)
+            .bind(at_ms)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Every attempt for an order, oldest first.
+    pub async fn notification_attempts(
+        &self,
+        order_id: &str,
+    ) -> Result<Vec<NotificationAttempt>, StoreError> {
+        let rows = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT event_id, attempt, order_id, kind, outcome, error \
+                 FROM notification_attempts WHERE order_id = $1 \
+                 ORDER BY attempted_at_ms, event_id, attempt",
+            )
+            .bind(order_id)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
+    /// Attempts made so far for one event's notification, and whether one
+    /// of them delivered it.
+    pub async fn notification_progress(&self, event_id: &str) -> Result<(u32, bool), StoreError> {
+        let (attempts, delivered): (i64, i64) = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN outcome = 'delivered' THEN 1 ELSE 0 END), 0) \
+                 FROM notification_attempts WHERE event_id = $1",
+            )
+            .bind(event_id)
+            .fetch_one(pool)
+            .await
+        })?;
+        Ok((u32::try_from(attempts).unwrap_or(u32::MAX), delivered > 0))
+    }
+}

@@ -1,0 +1,204 @@
+//! Durable timers: the saga's deadlines and scheduled retries, stored in the
+//! `timers` table so they survive restarts and fire on whichever instance
+//! claims them first.
+//!
+//! A timer is claimed with a lease (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so
+//! instances never claim the same one) and deleted once its action is done;
+//! if the claimer dies, the lease runs out and the timer fires again. Every
+//! action is idempotent, so firing twice is harmless. Times come from the
+//! saga's [`Clock`](super::clock::Clock), never from the database.
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimerKind {
+    /// No stock reply within the timeout: cancel (STOCK_RESERVATION_TIMEOUT).
+    StockReplyTimeout,
+    /// Not confirmed in time after the stock reply: one last try, then
+    /// cancel (CONFIRMATION_FAILED).
+    ConfirmationDeadline,
+    /// The whole saga took too long: cancel (SAGA_TIMEOUT).
+    SagaTimeout,
+    /// Try the confirmation again.
+    ConfirmRetry,
+    /// Try opening the payment wait again.
+    PaymentWaitRetry,
+    /// Try the customer notification again.
+    NotifyRetry,
+}
+
+impl TimerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimerKind::StockReplyTimeout => "StockReplyTimeout",
+            TimerKind::ConfirmationDeadline => "ConfirmationDeadline",
+            TimerKind::SagaTimeout => "SagaTimeout",
+            TimerKind::ConfirmRetry => "ConfirmRetry",
+            TimerKind::PaymentWaitRetry => "PaymentWaitRetry",
+            TimerKind::NotifyRetry => "NotifyRetry",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [
+            TimerKind::StockReplyTimeout,
+            TimerKind::ConfirmationDeadline,
+            TimerKind::SagaTimeout,
+            TimerKind::ConfirmRetry,
+            TimerKind::PaymentWaitRetry,
+            TimerKind::NotifyRetry,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timer {
+    pub kind: TimerKind,
+    /// What the timer is about: the order, or for notifications the event.
+    pub subject: String,
+    pub order_id: String,
+    pub attempt: u32,
+    pub due_at: DateTime<Utc>,
+    /// The id the timer's action passes on as its cause (stable across
+    /// re-fires, so the action's effect is applied once).
+    pub causation_id: String,
+    pub correlation_id: Option<String>,
+    pub payload: Value,
+}
+
+impl Timer {
+    /// One timer per kind, subject and attempt: scheduling it again is a
+    /// no-op.
+    pub fn id(&self) -> String {
+        format!("{}:{}:{}", self.kind.as_str(), self.subject, self.attempt)
+    }
+}
+
+fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_millis(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+impl Store {
+    /// Stores the timer unless one with its id exists.
+    pub async fn schedule_timer(&self, timer: &Timer) -> Result<(), StoreError> {
+        let payload = timer.payload.to_string();
+        on_pool!(self, |pool| {
+            sqlx::query(include_str!("sql/schedule_timer.sql"))
+                .bind(timer.id())
+                .bind(timer.kind.as_str())
+                .bind(&timer.order_id)
+                .bind(i64::from(timer.attempt))
+                .bind(millis(timer.due_at))
+                .bind(&timer.causation_id)
+                .bind(&timer.correlation_id)
+                .bind(&payload)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Drops every pending timer of this kind for the order.
+    pub async fn cancel_timers(&self, kind: TimerKind, order_id: &str) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            sqlx::query("DELETE FROM timers WHERE kind = $1 AND order_id = $2")
+                .bind(kind.as_str())
+                .bind(order_id)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Claims up to `limit` timers due at `now`, leasing them until
+    /// `lease_until`.
+    pub async fn claim_due_timers(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<Timer>, StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => include_str!("sql/pg_claim_timers.sql"),
+            Store::Sqlite(_) => include_str!("sql/sqlite_claim_timers.sql"),
+        };
+        let rows: Vec<TimerRow> = on_pool!(self, |pool| {
+            sqlx::query_as(sql)
+                .bind(millis(now))
+                .bind(millis(lease_until))
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+        })?;
+        rows.into_iter().map(TimerRow::into_timer).collect()
+    }
+
+    /// Removes a timer whose action is done.
+    pub async fn complete_timer(&self, timer: &Timer) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            sqlx::query("DELETE FROM timers WHERE timer_id = $1")
+                .bind(timer.id())
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// How many timers are waiting (for the pending-timers metric and tests).
+    pub async fn pending_timers(&self) -> Result<i64, StoreError> {
+        let n = on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT COUNT(*) FROM timers")
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(n)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct TimerRow {
+    timer_id: String,
+    kind: String,
+    order_id: String,
+    attempt: i64,
+    due_at_ms: i64,
+    causation_id: String,
+    correlation_id: Option<String>,
+    payload: String,
+}
+
+impl TimerRow {
+    fn into_timer(self) -> Result<Timer, StoreError> {
+        let bad = |what: &str| StoreError::CorruptRow(format!("timer {}: {what}", self.timer_id));
+        // The subject is the middle part of the id: kind:subject:attempt.
+        let subject = self
+            .timer_id
+            .split_once(':')
+            .and_then(|(_, rest)| rest.rsplit_once(':'))
+            .map(|(subject, _)| subject.to_string())
+            .ok_or_else(|| bad("malformed id"))?;
+        Ok(Timer {
+            kind: TimerKind::parse(&self.kind).ok_or_else(|| bad("unknown kind"))?,
+            subject,
+            attempt: u32::try_from(self.attempt).map_err(|_| bad("attempt out of range"))?,
+            due_at: from_millis(self.due_at_ms),
+            payload: serde_json::from_str(&self.payload).map_err(|e| bad(&e.to_string()))?,
+            order_id: self.order_id,
+            causation_id: self.causation_id,
+            correlation_id: self.correlation_id,
+        })
+    }
+}

@@ -1,0 +1,176 @@
+//! The transport seam: how integration events reach the consumers.
+//!
+//! A consumer group subscribes to topics and polls deliveries; it commits
+//! the ones it has handled (at-least-once: anything not committed is
+//! delivered again, after a crash or a [`Subscription::rewind`]). Every
+//! topic is keyed by `orderId` and one key's deliveries arrive in order.
+//!
+//! [`LogTransport`] is the in-process transport, used when no broker is
+//! configured: each subscription tails the store's global log itself, from
+//! its own durable checkpoint, so nothing is ever held only in memory.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+
+use super::integration::{IntegrationEvent, Topic};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+/// Where a delivery sits in its stream (a partition and an offset; the
+/// in-process transport has one partition whose offsets are log positions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offset {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A message that could not be turned into an integration event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    pub error: String,
+    pub payload: String,
+    pub event_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub topic: String,
+    pub key: String,
+    pub offset: Offset,
+    pub event: Result<IntegrationEvent, Undecodable>,
+}
+
+#[async_trait]
+pub trait Transport: Send + Sync {
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[Topic],
+    ) -> Result<Box<dyn Subscription>, TransportError>;
+}
+
+#[async_trait]
+pub trait Subscription: Send {
+    /// Up to `max` deliveries after what was last polled (possibly none).
+    async fn poll(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError>;
+
+    /// Records that `handled` (a prefix of what was polled, in order) is
+    /// done: it will not be delivered to this group again.
+    async fn commit(&mut self, handled: &[Delivery]) -> Result<(), TransportError>;
+
+    /// Forgets what was polled but not committed: the next poll starts
+    /// after the last commit.
+    async fn rewind(&mut self) -> Result<(), TransportError>;
+}
+
+/// The in-process transport over the store's global log.
+pub struct LogTransport {
+    store: Store,
+}
+
+impl LogTransport {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait]
+impl Transport for LogTransport {
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[Topic],
+    ) -> Result<Box<dyn Subscription>, TransportError> {
+        let checkpoint = format!("consumer.{group}");
+        let committed = self.store.load_checkpoint(&checkpoint).await?;
+        Ok(Box::new(LogSubscription {
+            store: self.store.clone(),
+            checkpoint,
+            topics: topics.iter().copied().collect(),
+            cursor: committed,
+            committed,
+        }))
+    }
+}
+
+struct LogSubscription {
+    store: Store,
+    checkpoint: String,
+    topics: HashSet<Topic>,
+    /// Last log position polled.
+    cursor: i64,
+    /// Last log position committed.
+    committed: i64,
+}
+
+#[async_trait]
+impl Subscription for LogSubscription {
+    async fn poll(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
+        let entries = self.store.read_log(self.cursor, max.max(1) as i64).await?;
+        let mut deliveries = Vec::new();
+        let mut skipped_to = None;
+        for entry in entries {
+            self.cursor = entry.position;
+            let offset = Offset {
+                partition: 0,
+                offset: entry.position,
+            };
+            match IntegrationEvent::from_log(&entry) {
+                Ok(Some(event)) if self.topics.contains(&event.topic()) => {
+                    deliveries.push(Delivery {
+                        topic: event.topic().as_str().to_string(),
+                        key: event.order_id.clone(),
+                        offset,
+                        event: Ok(event),
+                    })
+                }
+                Ok(_) => skipped_to = Some(entry.position),
+                Err(error) => deliveries.push(Delivery {
+                    topic: format!("{}.{}", entry.aggregate_type, entry.event_type),
+                    key: entry.aggregate_id.clone(),
+                    offset,
+                    event: Err(Undecodable {
+                        error,
+                        payload: entry.payload.to_string(),
+                        event_id: Some(entry.event_id.to_string()),
+                    }),
+                }),
+            }
+        }
+        // Nothing for us in this stretch of the log: move the checkpoint past
+        // it so a restart does not read it again.
+        if deliveries.is_empty() {
+            if let Some(position) = skipped_to {
+                self.store
+                    .save_checkpoint(&self.checkpoint, position)
+                    .await?;
+                self.committed = position;
+            }
+        }
+        Ok(deliveries)
+    }
+
+    async fn commit(&mut self, handled: &[Delivery]) -> Result<(), TransportError> {
+        if let Some(last) = handled.last() {
+            let position = last.offset.offset.max(self.committed);
+            self.store
+                .save_checkpoint(&self.checkpoint, position)
+                .await?;
+            self.committed = position;
+        }
+        Ok(())
+    }
+
+    async fn rewind(&mut self) -> Result<(), TransportError> {
+        self.cursor = self.committed;
+        Ok(())
+    }
+}
