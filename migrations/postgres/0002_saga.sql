@@ -8,7 +8,7 @@ CREATE TABLE timers
     timer_id        text PRIMARY KEY,
     kind            text   NOT NULL,
     order_id        text   NOT NULL,
-    attempt         integer NOT NULL,
+    attempt         bigint  NOT NULL,
     due_at_ms       bigint NOT NULL,
     leased_until_ms bigint,
     causation_id    text   NOT NULL,
@@ -33,7 +33,7 @@ CREATE TABLE dead_letters
 CREATE TABLE notification_attempts
 (
     event_id        text    NOT NULL,
-    attempt         integer NOT NULL,
+    attempt         bigint  NOT NULL,
     order_id        text    NOT NULL,
     kind            text    NOT NULL,
     outcome         text    NOT NULL,

@@ -202,7 +202,7 @@ impl Store {
             sqlx::query_as(
                 "SELECT event_id, attempt, order_id, kind, outcome, error \
                  FROM notification_attempts WHERE order_id = $1 \
-                 ORDER BY attempted_at_ms, event_id, attempt",
+                 ORDER BY attempted_at_ms, attempt, kind",
             )
             .bind(order_id)
             .fetch_all(pool)

@@ -9,5 +9,6 @@
 mod binary;
 mod helpers;
 mod orders;
+mod saga;
 mod stock;
 mod store;
