@@ -28,7 +28,7 @@ fn order_saga(t: &TestStore) -> Command {
 
 /// Starts `order-saga` with no subcommand (serve is the default) on a free
 /// port; returns the process and its base URL, read from its first line.
-async fn serve(t: &TestStore) -> (Child, String) {
+pub async fn serve(t: &TestStore) -> (Child, String) {
     let mut child = order_saga(t)
         .env("HTTP_ADDR", "127.0.0.1:0")
         .stdout(Stdio::piped())
