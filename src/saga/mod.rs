@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_es::{Aggregate, AggregateError};
+use futures_util::StreamExt;
 use order_saga_domain::{
     CancelReason, Order, OrderCommand, OrderError, OrderServices, OrderStatus, StockItem,
     StockReservation, StockReservationCommand, StockReservationError, StockServices,
@@ -65,6 +66,8 @@ pub struct SagaConfig {
     /// How often an idle consumer or the timer loop looks for work.
     pub poll_interval: Duration,
     pub batch_size: usize,
+    /// Orders a consumer handles at once (one order's messages stay in order).
+    pub handler_concurrency: usize,
 }
 
 impl Default for SagaConfig {
@@ -83,6 +86,7 @@ impl Default for SagaConfig {
             timer_lease: Duration::from_secs(60),
             poll_interval: Duration::from_millis(10),
             batch_size: 256,
+            handler_concurrency: 16,
         }
     }
 }
@@ -326,19 +330,55 @@ impl Saga {
         self.run_until_idle_for(&Service::ALL, true).await
     }
 
+    /// Polls one batch and handles it: one order's messages in order, up to
+    /// `handler_concurrency` orders at a time. The batch is committed when
+    /// every message in it is done; otherwise it is delivered again (what
+    /// was done is then a no-op).
     async fn run_consumer(&self, consumer: &Consumer) -> Result<usize, SagaError> {
         let mut subscription = consumer.subscription.lock().await;
         let deliveries = subscription.poll(self.config.batch_size).await?;
-        for (handled, delivery) in deliveries.iter().enumerate() {
+        if deliveries.is_empty() {
+            return Ok(0);
+        }
+        let mut by_key: Vec<Vec<Delivery>> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for delivery in &deliveries {
+            let slot = *index.entry(delivery.key.as_str()).or_insert_with(|| {
+                by_key.push(Vec::new());
+                by_key.len() - 1
+            });
+            by_key[slot].push(delivery.clone());
+        }
+        let outcomes: Vec<Result<bool, SagaError>> = futures_util::stream::iter(by_key)
+            .map(|group| self.deliver_in_order(consumer, group))
+            .buffer_unordered(self.config.handler_concurrency.max(1))
+            .collect()
+            .await;
+        let mut all_done = true;
+        for outcome in outcomes {
+            all_done &= outcome?;
+        }
+        if all_done {
+            subscription.commit(&deliveries).await?;
+        } else {
+            subscription.rewind().await?;
+        }
+        Ok(deliveries.len())
+    }
+
+    /// Handles one order's deliveries in order; `Ok(false)` when one must be
+    /// delivered again.
+    async fn deliver_in_order(
+        &self,
+        consumer: &Consumer,
+        group: Vec<Delivery>,
+    ) -> Result<bool, SagaError> {
+        for delivery in &group {
             if !self.deliver(consumer, delivery).await? {
-                // Try this one again from the next poll on.
-                subscription.commit(&deliveries[..handled]).await?;
-                subscription.rewind().await?;
-                return Ok(handled.max(1));
+                return Ok(false);
             }
         }
-        subscription.commit(&deliveries).await?;
-        Ok(deliveries.len())
+        Ok(true)
     }
 
     /// Handles one delivery. `Ok(false)`: it failed for now and must be
