@@ -39,6 +39,8 @@ on_both_backends!(
     replaying_every_consumer_from_checkpoint_0_changes_nothing,
     an_undecodable_message_is_dead_lettered_and_the_saga_goes_on,
     the_webhook_is_retried_and_every_attempt_recorded_without_holding_up_the_saga,
+    deadlines_survive_a_restart,
+    two_instances_never_claim_the_same_timer,
 );
 
 /// Notifications as the customer would receive them.
@@ -767,4 +769,87 @@ async fn the_webhook_is_retried_and_every_attempt_recorded_without_holding_up_th
     );
     server.abort();
     h.finish().await;
+}
+
+async fn deadlines_survive_a_restart(backend: Backend) {
+    let h = harness(backend, vec![]).await;
+    let order = h.order(&[("p-1", 1)]).await;
+    // The order side schedules its deadlines; the stock side is down; the
+    // process stops.
+    h.run_only(&[Service::Order]).await;
+    h.saga
+        .run_until_idle_for(&[], false)
+        .await
+        .expect("nothing");
+    let restarted_store = h.t.open().await;
+    let restarted = saga_on(
+        &restarted_store,
+        &LogTransport::new(restarted_store.clone()),
+        &h.clock,
+        h.notifier.clone(),
+        None,
+    )
+    .await;
+    h.advance(3 * MINUTE).await;
+    restarted
+        .run_until_idle_for(&[Service::Order], true)
+        .await
+        .expect("restarted saga");
+    assert_eq!(
+        h.state(&order).await.cancel_reason,
+        Some(CancelReason::StockReservationTimeout)
+    );
+    restarted_store.close().await;
+    h.finish().await;
+}
+
+async fn two_instances_never_claim_the_same_timer(backend: Backend) {
+    use order_saga::saga::timers::{Timer, TimerKind};
+    let t = TestStore::new(backend).await;
+    let now = Utc::now();
+    for i in 0..60 {
+        let timer = Timer {
+            kind: TimerKind::SagaTimeout,
+            subject: format!("o-{i}"),
+            order_id: format!("o-{i}"),
+            attempt: 0,
+            due_at: now,
+            causation_id: uuid::Uuid::new_v4().to_string(),
+            correlation_id: None,
+            payload: serde_json::json!({}),
+        };
+        t.store.schedule_timer(&timer).await.expect("schedule");
+    }
+    let other = t.open().await;
+    let lease = now + chrono::Duration::seconds(60);
+    let claim = |store: Store| async move {
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            let claimed = store.claim_due_timers(now, lease, 7).await.expect("claim");
+            ids.extend(claimed.iter().map(Timer::id));
+        }
+        ids
+    };
+    let (a, b) = tokio::join!(claim(t.store.clone()), claim(other.clone()));
+    let all: std::collections::HashSet<&String> = a.iter().chain(&b).collect();
+    assert_eq!(a.len() + b.len(), 60, "every due timer claimed once");
+    assert_eq!(all.len(), 60, "no timer claimed by both");
+    // A leased timer is not claimable until its lease runs out.
+    assert!(t
+        .store
+        .claim_due_timers(now, lease, 100)
+        .await
+        .expect("claim")
+        .is_empty());
+    let after_lease = lease + chrono::Duration::milliseconds(1);
+    assert_eq!(
+        t.store
+            .claim_due_timers(after_lease, after_lease, 100)
+            .await
+            .expect("claim")
+            .len(),
+        60
+    );
+    other.close().await;
+    t.cleanup().await;
 }
