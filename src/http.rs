@@ -1,5 +1,7 @@
-//! The REST API (axum): `POST /api/v1/orders`, `GET /api/v1/orders/{id}`,
-//! `/healthz` and `/readyz`.
+//! The HTTP surface (axum): the REST API (`POST /api/v1/orders`,
+//! `GET /api/v1/orders/{id}`), GraphQL (`POST /graphql`, GraphiQL on
+//! `GET /graphql`, subscriptions over WebSocket on `/graphql/ws`),
+//! `/healthz`, `/readyz` and `/metrics`.
 //!
 //! Errors are JSON, `{"error": {"code", "message", "field"?}}`, with a 4xx
 //! status for anything the client can fix: 400 for a body that is not the
@@ -7,29 +9,66 @@
 //! unknown order, 409 for a conflict.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use async_graphql::http::GraphiQLSource;
+use async_graphql_axum::GraphQLSubscription;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use order_saga_domain::FieldError;
+use order_saga_graphql::{Backend, OrderSagaSchema};
 use serde::Serialize;
 
+use crate::graphql_backend::ApiBackend;
+use crate::health::Readiness;
+use crate::projections::Projections;
 use crate::service::{App, AppError, CreateOrderRequest, OrderView};
 
 /// Largest request body accepted; a 100-item order is far below it.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-pub fn router(app: Arc<App>) -> Router {
+/// What the routes need.
+#[derive(Clone)]
+pub struct HttpState {
+    pub app: Arc<App>,
+    pub schema: OrderSagaSchema,
+    pub readiness: Readiness,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+impl HttpState {
+    /// The service's routes over `app` and `projections`; `readiness` lists
+    /// the background loops `/readyz` requires.
+    pub fn new(app: Arc<App>, projections: Arc<Projections>, readiness: Readiness) -> Self {
+        let backend: Arc<dyn Backend> = Arc::new(ApiBackend::new(app.clone(), projections));
+        HttpState {
+            app,
+            schema: order_saga_graphql::schema(Some(backend)),
+            readiness,
+            metrics: crate::telemetry::prometheus(),
+        }
+    }
+}
+
+pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/api/v1/orders", post(create_order))
         .route("/api/v1/orders/{order_id}", get(get_order))
+        .route("/graphql", get(graphiql).post(graphql))
+        .route_service(
+            "/graphql/ws",
+            GraphQLSubscription::new(state.schema.clone()),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(app)
+        .with_state(state)
 }
 
 #[derive(Serialize)]
@@ -131,7 +170,7 @@ fn missing_field(message: &str) -> Option<String> {
 }
 
 async fn create_order(
-    State(app): State<Arc<App>>,
+    State(HttpState { app, .. }): State<HttpState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -156,7 +195,7 @@ async fn create_order(
 }
 
 async fn get_order(
-    State(app): State<Arc<App>>,
+    State(HttpState { app, .. }): State<HttpState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
     app.order(&order_id)
@@ -165,7 +204,51 @@ async fn get_order(
         .ok_or_else(|| AppError::NotFound.into())
 }
 
-async fn ready(State(app): State<Arc<App>>) -> Result<&'static str, ApiError> {
-    app.store().ping().await.map_err(AppError::from)?;
-    Ok("ready")
+/// Ready when the store answers and every background loop is alive.
+async fn ready(State(state): State<HttpState>) -> Response {
+    if let Err(e) = state.app.store().ping().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response();
+    }
+    for (name, heartbeat) in &state.readiness.components {
+        if !heartbeat.alive(Duration::from_secs(10)) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{name}: not running"),
+            )
+                .into_response();
+        }
+    }
+    "ready".into_response()
+}
+
+async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {
+    let Some(handle) = &state.metrics else {
+        return Err(AppError::Unavailable("metrics recorder not installed".into()).into());
+    };
+    let text = crate::telemetry::render(state.app.store(), handle)
+        .await
+        .map_err(AppError::from)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+async fn graphiql() -> Html<String> {
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql/ws")
+            .finish(),
+    )
+}
+
+/// GraphQL over POST. The body is read here, under the same size limit as
+/// the REST API, and must be one JSON request.
+async fn graphql(State(state): State<HttpState>, body: Bytes) -> Response {
+    let request: async_graphql::Request = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return ApiError::bad_request(None, format!("invalid GraphQL request: {e}"))
+                .into_response()
+        }
+    };
+    Json(state.schema.execute(request).await).into_response()
 }

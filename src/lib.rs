@@ -10,6 +10,7 @@
 //!   (catalog, stock ledger);
 //! - [`saga`]: the Order Creation SAGA — consumers, timers, notifications —
 //!   fed from the global log through a transport seam;
+//! - [`projections`]: the read models, kept up to date from the global log;
 //! - [`http`]: the REST API (axum);
 //! - [`cli`]: the command line and its settings (clap).
 
@@ -17,6 +18,10 @@
 pub mod store;
 
 pub mod cli;
+pub mod graphql_backend;
+pub mod health;
 pub mod http;
+pub mod projections;
 pub mod saga;
 pub mod service;
+pub mod telemetry;

@@ -8,6 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
+use order_saga::health::{pause, Readiness, Shutdown};
+use order_saga::http::HttpState;
+use order_saga::projections::Projections;
 use order_saga::saga::notify::{LogNotifier, Notifier, WebhookNotifier};
 use order_saga::saga::transport::LogTransport;
 use order_saga::saga::{Saga, SagaOptions};
@@ -92,35 +95,51 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
         notifier,
         ..SagaOptions::default()
     };
-    let transport = LogTransport::new(app.store().clone());
-    let saga = Saga::new(app.store().clone(), &transport, options)
+    let store = app.store().clone();
+    let transport = LogTransport::new(store.clone());
+    let saga = Saga::new(store.clone(), &transport, options)
         .await
         .context("starting the saga")?;
+    let projections = Projections::new(store.clone());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("HTTP_ADDR (--http-addr): cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(store = app.store().backend(), %local, "order-saga serving");
+
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut tasks = saga.spawn(shutdown.clone());
+    tasks.extend(projections.spawn(Duration::from_millis(10), shutdown.clone()));
+    tasks.push(tokio::spawn(sequence_log(store.clone(), shutdown)));
+    let readiness = Readiness {
+        components: vec![
+            ("saga", saga.heartbeat()),
+            ("projections", projections.heartbeat()),
+        ],
+    };
+    let state = HttpState::new(app, projections, readiness);
+
+    tracing::info!(store = store.backend(), %local, "order-saga serving");
     println!("listening on http://{local}");
-    let sequencer = tokio::spawn(sequence_log(app.store().clone()));
-    let saga_tasks = saga.spawn();
-    axum::serve(listener, order_saga::http::router(app))
+    axum::serve(listener, order_saga::http::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
-    sequencer.abort();
-    drop(saga_tasks);
+    // In-flight requests are done; let the loops finish their pass (their
+    // checkpoints are committed per batch) and stop.
+    let _ = stop.send(true);
+    tasks.join(Duration::from_secs(10)).await;
+    tracing::info!("order-saga stopped");
     Ok(())
 }
 
 /// Keeps the global log numbered while the service runs, so every stored
 /// event has its position within moments even when no reader is tailing.
-async fn sequence_log(store: Store) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+async fn sequence_log(store: Store, mut shutdown: Shutdown) {
     loop {
-        tick.tick().await;
         if let Err(e) = store.sequence_pending().await {
             tracing::warn!(error = %e, "numbering the global log failed; retrying");
+        }
+        if pause(Duration::from_millis(100), &mut shutdown).await {
+            break;
         }
     }
 }

@@ -115,11 +115,14 @@ pub struct OrderView {
     pub total_amount: Money,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancel_reason: Option<CancelReason>,
+    /// How many events the order has (its last sequence number).
+    pub version: i64,
 }
 
 impl OrderView {
-    fn of(order_id: &str, order: Order) -> Option<Self> {
+    fn of(order_id: &str, order: Order, version: usize) -> Option<Self> {
         Some(OrderView {
+            version: i64::try_from(version).unwrap_or(i64::MAX),
             order_id: order_id.to_string(),
             status: order.status?,
             user_id: order.user_id,
@@ -202,7 +205,8 @@ impl App {
         match result {
             Ok(done) => {
                 metrics::counter!("order_saga_orders_created_total").increment(1);
-                OrderView::of(&order_id, done.aggregate)
+                let version = done.events.last().map_or(0, |e| e.sequence);
+                OrderView::of(&order_id, done.aggregate, version)
                     .ok_or_else(|| AppError::Internal("created order has no status".into()))
             }
             // The first request with this key got there before us.
@@ -258,7 +262,36 @@ impl App {
             .load::<Order>(order_id)
             .await
             .map_err(|e| from_aggregate(e, from_order_error))?;
-        Ok(loaded.and_then(|(order, _)| OrderView::of(order_id, order)))
+        Ok(loaded.and_then(|(order, version)| OrderView::of(order_id, order, version)))
+    }
+
+    /// Cancels an order at the customer's request, which is allowed until
+    /// it waits for payment. Returns the order as it now is.
+    pub async fn cancel_order(&self, order_id: &str) -> Result<OrderView, AppError> {
+        let command = OrderCommand::CancelOrder {
+            reason: CancelReason::CustomerRequest,
+            causation_id: None,
+        };
+        let done = self
+            .store
+            .execute_retrying::<Order>(
+                order_id,
+                command,
+                &self.order_services,
+                HashMap::new(),
+                CONFLICT_ATTEMPTS,
+            )
+            .await
+            .map_err(|e| {
+                from_aggregate(e, |e| match e {
+                    OrderError::InvalidTransition { status, .. } => AppError::Conflict(format!(
+                        "order is {status}: only an order not yet waiting for payment can be cancelled"
+                    )),
+                    other => from_order_error(other),
+                })
+            })?;
+        let version = done.events.last().map_or(0, |e| e.sequence);
+        OrderView::of(order_id, done.aggregate, version).ok_or(AppError::NotFound)
     }
 
     /// Sets a product's price and/or stock level, creating it if new.

@@ -43,6 +43,7 @@ use self::integration::{Body, IntegrationEvent, Topic, CAUSATION_ID, CORRELATION
 use self::notify::{LogNotifier, Notification, Notifier};
 use self::timers::{Timer, TimerKind};
 use self::transport::{Delivery, Subscription, Transport, TransportError};
+use crate::health::{pause, Heartbeat, Shutdown, Tasks};
 use crate::service::{StoreCatalog, StoreLedger};
 use crate::store::{Store, StoreError};
 
@@ -206,19 +207,7 @@ pub struct Saga {
     order_services: OrderServices,
     stock_services: StockServices,
     consumers: Vec<Consumer>,
-}
-
-/// The saga's background loops; dropping this stops them.
-pub struct SagaTasks {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for SagaTasks {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
+    heartbeat: Heartbeat,
 }
 
 impl Saga {
@@ -248,46 +237,46 @@ impl Saga {
             notifier: options.notifier,
             faults: options.faults,
             consumers,
+            heartbeat: Heartbeat::default(),
         }))
     }
 
-    /// Starts a loop per consumer and one for the timers.
-    pub fn spawn(self: &Arc<Self>) -> SagaTasks {
-        let mut tasks = Vec::new();
-        for index in 0..self.consumers.len() {
+    /// Starts a loop per consumer and one for the timers; they stop after
+    /// their current pass when `shutdown` turns true.
+    pub fn spawn(self: &Arc<Self>, shutdown: Shutdown) -> Tasks {
+        let mut tasks = Tasks::default();
+        for index in 0..=self.consumers.len() {
             let saga = self.clone();
+            let mut shutdown = shutdown.clone();
             tasks.push(tokio::spawn(async move {
-                let consumer = &saga.consumers[index];
                 loop {
-                    let idle = match saga.run_consumer(consumer).await {
+                    saga.heartbeat.beat();
+                    let pass = match saga.consumers.get(index) {
+                        Some(consumer) => saga.run_consumer(consumer).await,
+                        None => saga.run_timers().await,
+                    };
+                    let idle = match pass {
                         Ok(n) => n == 0,
                         Err(e) => {
-                            tracing::warn!(group = consumer.service.group(), error = %e, "consumer failed; retrying");
+                            tracing::warn!(error = %e, "saga loop failed; retrying");
                             true
                         }
                     };
-                    if idle {
-                        tokio::time::sleep(saga.config.poll_interval).await;
+                    if idle && pause(saga.config.poll_interval, &mut shutdown).await {
+                        break;
+                    }
+                    if *shutdown.borrow() {
+                        break;
                     }
                 }
             }));
         }
-        let saga = self.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let idle = match saga.run_timers().await {
-                    Ok(n) => n == 0,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "timer loop failed; retrying");
-                        true
-                    }
-                };
-                if idle {
-                    tokio::time::sleep(saga.config.poll_interval).await;
-                }
-            }
-        }));
-        SagaTasks { tasks }
+        tasks
+    }
+
+    /// Beats while the saga's loops run.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
     }
 
     /// One pass: each of `services` handles what is waiting for it, then due

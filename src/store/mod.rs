@@ -277,6 +277,16 @@ impl Store {
         }
     }
 
+    /// The highest global position assigned so far.
+    pub async fn head_position(&self) -> Result<i64, StoreError> {
+        let head: Option<i64> = on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT MAX(position) FROM events")
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(head.unwrap_or(0))
+    }
+
     /// The last position the named reader recorded (0 if none).
     pub async fn load_checkpoint(&self, name: &str) -> Result<i64, StoreError> {
         let position: Option<i64> = on_pool!(self, |pool| {

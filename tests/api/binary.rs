@@ -108,7 +108,7 @@ async fn the_binary_serves_orders_priced_by_product_set_across_a_restart(backend
         .json()
         .await
         .expect("json");
-    assert_eq!(order["status"], "ORDER_CREATED");
+    assert_eq!(order["orderId"], order_id.as_str());
     assert_eq!(order["items"][0]["unitPrice"], "12900.00");
     assert_eq!(order["totalAmount"], "25800.00");
     server.kill().await.expect("kill the service");

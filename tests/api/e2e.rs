@@ -324,7 +324,8 @@ async fn a_thousand_orders_for_half_the_stock_all_end_in_payment_wait_or_stock_s
     )
     .await
     .expect("saga");
-    let tasks = saga.spawn();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let tasks = saga.spawn(shutdown);
 
     let started = Instant::now();
     let mut slots = vec![None; ORDERS];

@@ -3,11 +3,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use order_saga::health::{Readiness, Tasks};
+use order_saga::http::HttpState;
+use order_saga::projections::Projections;
+use order_saga::saga::transport::LogTransport;
+use order_saga::saga::{Saga, SagaOptions};
 use order_saga::service::App;
 use order_saga::store::{Store, StoreConfig};
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Runs an `async fn(Backend)` test once per backend, as `NAME::sqlite` and
@@ -135,7 +141,9 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub app: Arc<App>,
+    pub projections: Arc<Projections>,
     server: tokio::task::JoinHandle<()>,
+    _loops: Option<(Tasks, tokio::sync::watch::Sender<bool>)>,
 }
 
 impl Drop for TestApp {
@@ -144,13 +152,45 @@ impl Drop for TestApp {
     }
 }
 
+/// The HTTP API alone: no saga, no projection running.
 pub async fn spawn_app(store: Store) -> TestApp {
-    let app = App::new(store);
+    start(store, false).await
+}
+
+/// The whole service, as `serve` runs it: HTTP, saga and projections.
+pub async fn spawn_service(store: Store) -> TestApp {
+    start(store, true).await
+}
+
+async fn start(store: Store, with_loops: bool) -> TestApp {
+    let app = App::new(store.clone());
+    let projections = Projections::new(store.clone());
+    let mut readiness = Readiness::default();
+    let loops = if with_loops {
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let saga = Saga::new(
+            store.clone(),
+            &LogTransport::new(store.clone()),
+            SagaOptions::default(),
+        )
+        .await
+        .expect("saga");
+        let mut tasks = saga.spawn(shutdown.clone());
+        tasks.extend(projections.spawn(Duration::from_millis(5), shutdown));
+        readiness.components = vec![
+            ("saga", saga.heartbeat()),
+            ("projections", projections.heartbeat()),
+        ];
+        Some((tasks, stop))
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind port 0");
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
-    let router = order_saga::http::router(app.clone());
+    let router =
+        order_saga::http::router(HttpState::new(app.clone(), projections.clone(), readiness));
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
@@ -158,7 +198,9 @@ pub async fn spawn_app(store: Store) -> TestApp {
         address,
         client: reqwest::Client::new(),
         app,
+        projections,
         server,
+        _loops: loops,
     }
 }
 

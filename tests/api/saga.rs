@@ -587,7 +587,7 @@ async fn every_message_delivered_twice_changes_nothing_the_second_time(backend: 
     )
     .await;
     let ok = h.order(&[("p-1", 2)]).await;
-    let short = h.order(&[("p-1", 4)]).await;
+    let short = h.order(&[("p-1", 6)]).await;
     saga.run_until_idle().await.expect("saga");
     assert_eq!(
         h.order_events(&ok).await,

@@ -1,0 +1,192 @@
+//! The GraphQL schema's [`Backend`]: reads from the read models, commands
+//! through [`App`], and read-your-writes — a mutation answers only once the
+//! read model shows its effect (bounded wait), so whatever the client reads
+//! next includes it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::stream::{BoxStream, StreamExt};
+use order_saga_domain::{Money, OrderStatus};
+use order_saga_graphql::{Backend, BackendError, ErrorCode, NewOrder};
+use order_saga_projections::{
+    HistoryRecord, OrderFilter, OrderRecord, ProductRecord, StatRecord, StatusChange,
+};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::projections::Projections;
+use crate::service::{App, AppError, CreateOrderRequest};
+use crate::store::StoreError;
+
+/// Longest a mutation waits for the read model to show its effect.
+const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
+
+pub struct ApiBackend {
+    app: Arc<App>,
+    projections: Arc<Projections>,
+}
+
+impl ApiBackend {
+    pub fn new(app: Arc<App>, projections: Arc<Projections>) -> Self {
+        Self { app, projections }
+    }
+
+    async fn caught_up(&self, order_id: &str, version: i64) -> Result<OrderRecord, BackendError> {
+        self.projections
+            .wait_for_order(order_id, version, READ_YOUR_WRITES)
+            .await?
+            .filter(|r| r.version >= version)
+            .ok_or_else(|| {
+                BackendError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "order '{order_id}' is stored but not yet readable; query it again shortly"
+                    ),
+                )
+            })
+    }
+}
+
+impl From<AppError> for BackendError {
+    fn from(e: AppError) -> Self {
+        let message = e.to_string();
+        match e {
+            AppError::Invalid(field) => BackendError {
+                code: ErrorCode::BadUserInput,
+                message,
+                field: Some(field.field),
+            },
+            AppError::UnknownProduct { field, .. } => BackendError {
+                code: ErrorCode::BadUserInput,
+                message,
+                field: Some(field),
+            },
+            AppError::NotFound => BackendError::new(ErrorCode::NotFound, message),
+            AppError::Conflict(_) => BackendError::new(ErrorCode::Conflict, message),
+            AppError::Unavailable(_) => BackendError::new(ErrorCode::Unavailable, message),
+            AppError::Internal(_) => BackendError::new(ErrorCode::Internal, message),
+        }
+    }
+}
+
+impl From<StoreError> for BackendError {
+    fn from(e: StoreError) -> Self {
+        AppError::from(e).into()
+    }
+}
+
+fn is_final(status: OrderStatus) -> bool {
+    matches!(
+        status,
+        OrderStatus::PaymentWait | OrderStatus::OrderCancelled
+    )
+}
+
+#[async_trait]
+impl Backend for ApiBackend {
+    async fn order(&self, order_id: &str) -> Result<Option<OrderRecord>, BackendError> {
+        Ok(self.projections.order(order_id).await?)
+    }
+
+    async fn orders(
+        &self,
+        filter: &OrderFilter,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<OrderRecord>, BackendError> {
+        Ok(self.projections.orders(filter, after, limit).await?)
+    }
+
+    async fn history(&self, order_id: &str) -> Result<Vec<HistoryRecord>, BackendError> {
+        Ok(self.projections.history(order_id).await?)
+    }
+
+    async fn product(&self, product_id: &str) -> Result<Option<ProductRecord>, BackendError> {
+        Ok(self.projections.product(product_id).await?)
+    }
+
+    async fn stats(&self) -> Result<Vec<StatRecord>, BackendError> {
+        Ok(self.projections.stats().await?)
+    }
+
+    async fn create_order(&self, order: NewOrder) -> Result<OrderRecord, BackendError> {
+        let request = CreateOrderRequest {
+            user_id: order.user_id,
+            store_id: order.store_id,
+            items: order.items,
+        };
+        let view = self.app.create_order(request, None).await?;
+        self.caught_up(&view.order_id, view.version).await
+    }
+
+    async fn cancel_order(&self, order_id: &str) -> Result<OrderRecord, BackendError> {
+        let view = self.app.cancel_order(order_id).await?;
+        self.caught_up(order_id, view.version).await
+    }
+
+    async fn set_product(
+        &self,
+        product_id: &str,
+        price: Option<Money>,
+        stock: Option<u32>,
+    ) -> Result<ProductRecord, BackendError> {
+        let set = self.app.set_product(product_id, price, stock).await?;
+        let deadline = tokio::time::Instant::now() + READ_YOUR_WRITES;
+        loop {
+            self.projections.run_once().await?;
+            let record = self.projections.product(product_id).await?;
+            let shows_it = record
+                .as_ref()
+                .is_some_and(|r| r.price == set.price && r.available == i64::from(set.available));
+            if shows_it || tokio::time::Instant::now() >= deadline {
+                return record.ok_or_else(|| {
+                    BackendError::new(ErrorCode::Unavailable, "product not yet readable")
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn status_changes(&self, order_id: &str) -> BoxStream<'static, StatusChange> {
+        let projections = self.projections.clone();
+        let order_id = order_id.to_string();
+        let (tx, rx) = tokio::sync::mpsc::channel::<StatusChange>(16);
+        tokio::spawn(async move {
+            // Listen first, then read what already happened, so nothing falls
+            // between the two.
+            let mut live = projections.subscribe();
+            let mut last_version = 0;
+            let mut backlog = match projections.status_history(&order_id).await {
+                Ok(history) => history,
+                Err(_) => return,
+            };
+            loop {
+                for change in backlog.drain(..) {
+                    if change.version <= last_version {
+                        continue;
+                    }
+                    last_version = change.version;
+                    let done = is_final(change.status);
+                    if tx.send(change).await.is_err() || done {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    received = live.recv() => match received {
+                        Ok(change) if change.order_id == order_id => backlog.push(change),
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(_)) => match projections.status_history(&order_id).await {
+                            Ok(history) => backlog = history,
+                            Err(_) => return,
+                        },
+                        Err(RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+            .boxed()
+    }
+}

@@ -1,0 +1,609 @@
+//! Keeps the read models (`order_views`, `order_history`, `product_views`,
+//! `saga_stats`) up to date from the global log, and answers queries on
+//! them.
+//!
+//! Each batch of log entries is applied in one transaction together with
+//! the projection's checkpoint, and the checkpoint moves only if it still
+//! holds the position the batch was read from — so every event is applied
+//! exactly once, even with several instances running the projection, and a
+//! crash at any instant loses nothing. After a commit, status changes go to
+//! subscribers and waiters learn the new position.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use order_saga_domain::{CancelReason, OrderStatus};
+use order_saga_projections::{
+    project, HistoryRecord, OrderFilter, OrderRecord, OrderTime, ProductRecord, ReadOp, StageStart,
+    StatRecord, StatusChange, StoredEvent,
+};
+use sqlx::{Postgres, Sqlite, Transaction};
+use tokio::sync::{broadcast, watch};
+
+use crate::health::{pause, Heartbeat, Shutdown, Tasks};
+use crate::store::{LogEntry, Store, StoreError};
+
+/// The checkpoint of the read models.
+pub const CHECKPOINT: &str = "projection.read_models";
+const BATCH: i64 = 500;
+
+enum Tx {
+    Pg(Transaction<'static, Postgres>),
+    Lite(Transaction<'static, Sqlite>),
+}
+
+/// Runs `$body` with `$conn` bound to the transaction's connection.
+macro_rules! on_tx {
+    ($tx:expr, |$conn:ident| $body:expr) => {
+        match $tx {
+            Tx::Pg(t) => {
+                let $conn = &mut **t;
+                $body
+            }
+            Tx::Lite(t) => {
+                let $conn = &mut **t;
+                $body
+            }
+        }
+    };
+}
+
+impl Tx {
+    async fn begin(store: &Store) -> Result<Self, StoreError> {
+        Ok(match store {
+            Store::Postgres(pool) => Tx::Pg(pool.begin().await?),
+            Store::Sqlite(pool) => Tx::Lite(pool.begin().await?),
+        })
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        match self {
+            Tx::Pg(t) => t.commit().await?,
+            Tx::Lite(t) => t.commit().await?,
+        }
+        Ok(())
+    }
+}
+
+pub struct Projections {
+    store: Store,
+    changes: broadcast::Sender<StatusChange>,
+    progress: watch::Sender<i64>,
+    heartbeat: Heartbeat,
+}
+
+fn stored(entry: &LogEntry) -> StoredEvent {
+    StoredEvent {
+        position: entry.position,
+        recorded_at_ms: entry.recorded_at.timestamp_millis(),
+        aggregate_type: entry.aggregate_type.clone(),
+        aggregate_id: entry.aggregate_id.clone(),
+        sequence: entry.sequence,
+        event_type: entry.event_type.clone(),
+        payload: entry.payload.clone(),
+    }
+}
+
+fn time_column(time: OrderTime) -> &'static str {
+    match time {
+        OrderTime::Confirmed => "confirmed_at_ms",
+        OrderTime::PaymentWait => "payment_wait_at_ms",
+        OrderTime::Cancelled => "cancelled_at_ms",
+    }
+}
+
+fn start_column(start: StageStart) -> &'static str {
+    match start {
+        StageStart::Created => "created_at_ms",
+        StageStart::StockReplied => "stock_replied_at_ms",
+        StageStart::Confirmed => "confirmed_at_ms",
+    }
+}
+
+impl Projections {
+    pub fn new(store: Store) -> Arc<Self> {
+        let (changes, _) = broadcast::channel(4096);
+        let (progress, _) = watch::channel(0);
+        Arc::new(Projections {
+            store,
+            changes,
+            progress,
+            heartbeat: Heartbeat::default(),
+        })
+    }
+
+    /// Status changes as they are projected.
+    pub fn subscribe(&self) -> broadcast::Receiver<StatusChange> {
+        self.changes.subscribe()
+    }
+
+    /// The last log position applied (0 before anything).
+    pub async fn position(&self) -> Result<i64, StoreError> {
+        self.store.load_checkpoint(CHECKPOINT).await
+    }
+
+    /// Applies the next batch of the log; returns how many entries.
+    pub async fn run_once(&self) -> Result<usize, StoreError> {
+        let from = self.position().await?;
+        let entries = self.store.read_log(from, BATCH).await?;
+        let Some(last) = entries.last().map(|e| e.position) else {
+            return Ok(0);
+        };
+        let mut tx = Tx::begin(&self.store).await?;
+        if !claim(&mut tx, from, last).await? {
+            // Another instance applied this stretch first.
+            return Ok(0);
+        }
+        let mut changes = Vec::new();
+        for entry in &entries {
+            match project(&stored(entry)) {
+                Ok(ops) => {
+                    for op in ops {
+                        apply(&mut tx, &op).await?;
+                        changes.extend(op.status_change());
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "projection skipped an unreadable event"),
+            }
+        }
+        tx.commit().await?;
+        for change in changes {
+            let _ = self.changes.send(change);
+        }
+        self.progress.send_replace(last);
+        Ok(entries.len())
+    }
+
+    /// Runs until the projection has caught up with the log.
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        while self.run_once().await? > 0 {}
+        Ok(())
+    }
+
+    /// Keeps the read models up to date in the background until
+    /// `shutdown` turns true.
+    pub fn spawn(self: &Arc<Self>, poll: Duration, mut shutdown: Shutdown) -> Tasks {
+        let this = self.clone();
+        let mut tasks = Tasks::default();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                this.heartbeat.beat();
+                let idle = match this.run_once().await {
+                    Ok(n) => n == 0,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "projection failed; retrying");
+                        true
+                    }
+                };
+                if (idle && pause(poll, &mut shutdown).await) || *shutdown.borrow() {
+                    break;
+                }
+            }
+        }));
+        tasks
+    }
+
+    /// Beats while the projection loop runs.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
+    /// Drops the read models and builds them again from position 0.
+    pub async fn rebuild(&self) -> Result<(), StoreError> {
+        let mut tx = Tx::begin(&self.store).await?;
+        for table in [
+            "order_views",
+            "order_history",
+            "product_views",
+            "saga_stats",
+        ] {
+            on_tx!(&mut tx, |conn| sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(conn)
+                .await
+                .map(|_| ()))?;
+        }
+        on_tx!(&mut tx, |conn| sqlx::query(include_str!(
+            "store/sql/save_checkpoint.sql"
+        ))
+        .bind(CHECKPOINT)
+        .bind(0_i64)
+        .execute(conn)
+        .await
+        .map(|_| ()))?;
+        tx.commit().await?;
+        self.catch_up().await
+    }
+
+    /// Waits (at most `timeout`) until the order's read model has reached
+    /// `version`; returns it as it then is.
+    pub async fn wait_for_order(
+        &self,
+        order_id: &str,
+        version: i64,
+        timeout: Duration,
+    ) -> Result<Option<OrderRecord>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut progress = self.progress.subscribe();
+        loop {
+            let record = self.order(order_id).await?;
+            if record.as_ref().is_some_and(|r| r.version >= version)
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(record);
+            }
+            // Woken by this instance's projection, or re-checked shortly in
+            // case another instance applied it.
+            let _ = tokio::time::timeout(Duration::from_millis(20), progress.changed()).await;
+        }
+    }
+
+    pub async fn order(&self, order_id: &str) -> Result<Option<OrderRecord>, StoreError> {
+        let row: Option<OrderRow> = on_pool!(&self.store, |pool| sqlx::query_as(
+            "SELECT * FROM order_views WHERE order_id = $1"
+        )
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await)?;
+        row.map(OrderRow::into_record).transpose()
+    }
+
+    /// Orders matching `filter`, oldest first, after the cursor position.
+    pub async fn orders(
+        &self,
+        filter: &OrderFilter,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<OrderRecord>, StoreError> {
+        let status = filter.status.map(|s| s.as_str());
+        let rows: Vec<OrderRow> = on_pool!(&self.store, |pool| sqlx::query_as(
+            "SELECT * FROM order_views \
+             WHERE (CAST($1 AS TEXT) IS NULL OR status = $1) \
+               AND (CAST($2 AS TEXT) IS NULL OR user_id = $2) \
+               AND (CAST($3 AS TEXT) IS NULL OR store_id = $3) \
+               AND created_position > $4 \
+             ORDER BY created_position LIMIT $5"
+        )
+        .bind(status)
+        .bind(filter.user_id.as_deref())
+        .bind(filter.store_id.as_deref())
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?;
+        rows.into_iter().map(OrderRow::into_record).collect()
+    }
+
+    pub async fn history(&self, order_id: &str) -> Result<Vec<HistoryRecord>, StoreError> {
+        let rows: Vec<(i64, String, i64, String, i64, String)> =
+            on_pool!(&self.store, |pool| sqlx::query_as(
+                "SELECT position, aggregate_type, sequence, event_type, recorded_at_ms, payload \
+             FROM order_history WHERE order_id = $1 ORDER BY position"
+            )
+            .bind(order_id)
+            .fetch_all(pool)
+            .await)?;
+        rows.into_iter()
+            .map(
+                |(position, aggregate_type, sequence, event_type, recorded_at_ms, payload)| {
+                    Ok(HistoryRecord {
+                        position,
+                        aggregate_type,
+                        sequence,
+                        event_type,
+                        recorded_at_ms,
+                        payload: serde_json::from_str(&payload)
+                            .map_err(|e| StoreError::CorruptRow(e.to_string()))?,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Every status the order has had, oldest first.
+    pub async fn status_history(&self, order_id: &str) -> Result<Vec<StatusChange>, StoreError> {
+        let history = self.history(order_id).await?;
+        Ok(history
+            .into_iter()
+            .filter(|h| h.aggregate_type == "Order")
+            .filter_map(|h| {
+                let event = StoredEvent {
+                    position: h.position,
+                    recorded_at_ms: h.recorded_at_ms,
+                    aggregate_type: h.aggregate_type,
+                    aggregate_id: order_id.to_string(),
+                    sequence: h.sequence,
+                    event_type: h.event_type,
+                    payload: h.payload,
+                };
+                project(&event).ok()?.iter().find_map(ReadOp::status_change)
+            })
+            .collect())
+    }
+
+    pub async fn product(&self, product_id: &str) -> Result<Option<ProductRecord>, StoreError> {
+        Ok(self
+            .products()
+            .await?
+            .into_iter()
+            .find(|p| p.product_id == product_id))
+    }
+
+    pub async fn products(&self) -> Result<Vec<ProductRecord>, StoreError> {
+        let rows: Vec<(String, Option<String>, i64, i64)> = on_pool!(&self.store, |pool| {
+            sqlx::query_as(
+            "SELECT product_id, price, available, reserved FROM product_views ORDER BY product_id"
+        )
+        .fetch_all(pool)
+        .await
+        })?;
+        rows.into_iter()
+            .map(|(product_id, price, available, reserved)| {
+                Ok(ProductRecord {
+                    product_id,
+                    price: price
+                        .map(|p| p.parse())
+                        .transpose()
+                        .map_err(|e| StoreError::CorruptRow(format!("price: {e}")))?,
+                    available,
+                    reserved,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn stats(&self) -> Result<Vec<StatRecord>, StoreError> {
+        let rows: Vec<(String, i64, i64, i64)> = on_pool!(&self.store, |pool| sqlx::query_as(
+            "SELECT metric, count, total_ms, max_ms FROM saga_stats ORDER BY metric"
+        )
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(metric, count, total_ms, max_ms)| StatRecord {
+                metric,
+                count,
+                total_ms,
+                max_ms,
+            })
+            .collect())
+    }
+}
+
+/// Moves the checkpoint from `from` to `to` if it is still at `from`.
+async fn claim(tx: &mut Tx, from: i64, to: i64) -> Result<bool, StoreError> {
+    on_tx!(tx, |conn| sqlx::query(
+        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING"
+    )
+    .bind(CHECKPOINT)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ()))?;
+    let moved = on_tx!(tx, |conn| sqlx::query(
+        "UPDATE checkpoints SET position = $3 WHERE name = $1 AND position = $2"
+    )
+    .bind(CHECKPOINT)
+    .bind(from)
+    .bind(to)
+    .execute(conn)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(moved == 1)
+}
+
+async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
+    match op {
+        ReadOp::InsertOrder {
+            order_id,
+            position,
+            user_id,
+            store_id,
+            items,
+            total_amount,
+            at_ms,
+            version,
+        } => {
+            let items =
+                serde_json::to_string(items).map_err(|e| StoreError::CorruptRow(e.to_string()))?;
+            on_tx!(tx, |conn| {
+                sqlx::query(
+                "INSERT INTO order_views (order_id, created_position, user_id, store_id, status, items, \
+                 total_amount, created_at_ms, version) VALUES ($1, $2, $3, $4, 'ORDER_CREATED', $5, $6, $7, $8) \
+                 ON CONFLICT (order_id) DO NOTHING"
+            )
+            .bind(order_id)
+            .bind(position)
+            .bind(user_id)
+            .bind(store_id)
+            .bind(&items)
+            .bind(total_amount.to_string())
+            .bind(at_ms)
+            .bind(version)
+            .execute(conn)
+            .await
+            .map(|_| ())
+            })?;
+        }
+        ReadOp::SetStatus {
+            order_id,
+            status,
+            time,
+            cancel_reason,
+            at_ms,
+            version,
+        } => {
+            let sql = format!(
+                "UPDATE order_views SET status = $2, cancel_reason = $3, version = $4, {} = $5 WHERE order_id = $1",
+                time_column(*time)
+            );
+            on_tx!(tx, |conn| sqlx::query(&sql)
+                .bind(order_id)
+                .bind(status.as_str())
+                .bind(cancel_reason.map(CancelReason::as_str))
+                .bind(version)
+                .bind(at_ms)
+                .execute(conn)
+                .await
+                .map(|_| ()))?;
+        }
+        ReadOp::StockReplied { order_id, at_ms } => {
+            on_tx!(tx, |conn| sqlx::query(
+                "UPDATE order_views SET stock_replied_at_ms = $2 WHERE order_id = $1"
+            )
+            .bind(order_id)
+            .bind(at_ms)
+            .execute(conn)
+            .await
+            .map(|_| ()))?;
+        }
+        ReadOp::History {
+            order_id,
+            position,
+            aggregate_type,
+            sequence,
+            event_type,
+            at_ms,
+            payload,
+        } => {
+            on_tx!(tx, |conn| {
+                sqlx::query(
+                "INSERT INTO order_history (order_id, position, aggregate_type, sequence, event_type, \
+                 recorded_at_ms, payload) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
+            )
+            .bind(order_id)
+            .bind(position)
+            .bind(aggregate_type)
+            .bind(sequence)
+            .bind(event_type)
+            .bind(at_ms)
+            .bind(payload.to_string())
+            .execute(conn)
+            .await
+            .map(|_| ())
+            })?;
+        }
+        ReadOp::ProductPrice { product_id, price } => {
+            on_tx!(tx, |conn| {
+                sqlx::query(
+                "INSERT INTO product_views (product_id, price, available, reserved) VALUES ($1, $2, 0, 0) \
+                 ON CONFLICT (product_id) DO UPDATE SET price = excluded.price"
+            )
+            .bind(product_id)
+            .bind(price.to_string())
+            .execute(conn)
+            .await
+            .map(|_| ())
+            })?;
+        }
+        ReadOp::ProductStock {
+            product_id,
+            available,
+            reserved_delta,
+        } => {
+            on_tx!(tx, |conn| {
+                sqlx::query(
+                "INSERT INTO product_views (product_id, price, available, reserved) VALUES ($1, NULL, $2, $3) \
+                 ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, \
+                 reserved = product_views.reserved + excluded.reserved"
+            )
+            .bind(product_id)
+            .bind(i64::from(*available))
+            .bind(reserved_delta)
+            .execute(conn)
+            .await
+            .map(|_| ())
+            })?;
+        }
+        ReadOp::Count { metric } => count(tx, metric, None).await?,
+        ReadOp::StageDone {
+            order_id,
+            stage,
+            from,
+            at_ms,
+        } => {
+            let sql = format!(
+                "SELECT {} FROM order_views WHERE order_id = $1",
+                start_column(*from)
+            );
+            let started: Option<Option<i64>> = on_tx!(tx, |conn| sqlx::query_scalar(&sql)
+                .bind(order_id)
+                .fetch_optional(conn)
+                .await)?;
+            if let Some(Some(started)) = started {
+                let metric = order_saga_projections::stage_metric(*stage);
+                count(tx, &metric, Some((at_ms - started).max(0))).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn count(tx: &mut Tx, metric: &str, duration_ms: Option<i64>) -> Result<(), StoreError> {
+    let ms = duration_ms.unwrap_or(0);
+    on_tx!(tx, |conn| {
+        sqlx::query(
+        "INSERT INTO saga_stats (metric, count, total_ms, max_ms) VALUES ($1, 1, $2, $2) \
+         ON CONFLICT (metric) DO UPDATE SET count = saga_stats.count + 1, \
+         total_ms = saga_stats.total_ms + excluded.total_ms, \
+         max_ms = CASE WHEN excluded.max_ms > saga_stats.max_ms THEN excluded.max_ms ELSE saga_stats.max_ms END"
+    )
+    .bind(metric)
+    .bind(ms)
+    .execute(conn)
+    .await
+    .map(|_| ())
+    })?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    order_id: String,
+    created_position: i64,
+    user_id: String,
+    store_id: String,
+    status: String,
+    items: String,
+    total_amount: String,
+    cancel_reason: Option<String>,
+    created_at_ms: i64,
+    stock_replied_at_ms: Option<i64>,
+    confirmed_at_ms: Option<i64>,
+    payment_wait_at_ms: Option<i64>,
+    cancelled_at_ms: Option<i64>,
+    version: i64,
+}
+
+impl OrderRow {
+    fn into_record(self) -> Result<OrderRecord, StoreError> {
+        let bad =
+            |what: &str| StoreError::CorruptRow(format!("order view {}: {what}", self.order_id));
+        let status = match self.status.as_str() {
+            "ORDER_CREATED" => OrderStatus::OrderCreated,
+            "ORDER_CONFIRMED" => OrderStatus::OrderConfirmed,
+            "PAYMENT_WAIT" => OrderStatus::PaymentWait,
+            "ORDER_CANCELLED" => OrderStatus::OrderCancelled,
+            _ => return Err(bad("unknown status")),
+        };
+        Ok(OrderRecord {
+            status,
+            items: serde_json::from_str(&self.items).map_err(|e| bad(&e.to_string()))?,
+            total_amount: self.total_amount.parse().map_err(|_| bad("total"))?,
+            cancel_reason: self
+                .cancel_reason
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|_| bad("cancel reason"))?,
+            created_position: self.created_position,
+            user_id: self.user_id,
+            store_id: self.store_id,
+            created_at_ms: self.created_at_ms,
+            stock_replied_at_ms: self.stock_replied_at_ms,
+            confirmed_at_ms: self.confirmed_at_ms,
+            payment_wait_at_ms: self.payment_wait_at_ms,
+            cancelled_at_ms: self.cancelled_at_ms,
+            version: self.version,
+            order_id: self.order_id,
+        })
+    }
+}

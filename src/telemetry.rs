@@ -1,0 +1,50 @@
+//! Metrics export: the Prometheus recorder behind the `metrics` facade the
+//! rest of the code records into, and the gauges computed at scrape time
+//! (log head, consumer and projection lag, pending timers, dead letters).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::projections;
+use crate::saga::Service;
+use crate::store::{Store, StoreError};
+
+/// Histogram buckets in seconds, for the per-stage durations.
+const BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// The process-wide recorder (installed once; `None` if another recorder
+/// was installed first).
+pub fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&BUCKETS)
+                .ok()?
+                .install_recorder()
+                .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+                .ok()
+        })
+        .clone()
+}
+
+/// Sets the scrape-time gauges from the store, then renders everything.
+pub async fn render(store: &Store, handle: &PrometheusHandle) -> Result<String, StoreError> {
+    let head = store.head_position().await?;
+    metrics::gauge!("order_saga_log_head_position").set(head as f64);
+    for service in Service::ALL {
+        let checkpoint = store
+            .load_checkpoint(&format!("consumer.{}", service.group()))
+            .await?;
+        metrics::gauge!("order_saga_consumer_lag_events", "consumer" => service.group())
+            .set((head - checkpoint).max(0) as f64);
+    }
+    let projected = store.load_checkpoint(projections::CHECKPOINT).await?;
+    metrics::gauge!("order_saga_projection_lag_events").set((head - projected).max(0) as f64);
+    metrics::gauge!("order_saga_pending_timers").set(store.pending_timers().await? as f64);
+    metrics::gauge!("order_saga_dead_letters").set(store.dead_letters().await?.len() as f64);
+    Ok(handle.render())
+}
