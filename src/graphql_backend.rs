@@ -85,8 +85,17 @@ fn is_final(status: OrderStatus) -> bool {
 
 #[async_trait]
 impl Backend for ApiBackend {
+    /// Read-your-writes for one order, whatever wrote last: the read model
+    /// is brought (bounded) to the order's version in the event store.
     async fn order(&self, order_id: &str) -> Result<Option<OrderRecord>, BackendError> {
-        Ok(self.projections.order(order_id).await?)
+        let Some(view) = self.app.order(order_id).await? else {
+            return Ok(None);
+        };
+        let record = self
+            .projections
+            .wait_for_order(order_id, view.version, READ_YOUR_WRITES)
+            .await?;
+        Ok(record)
     }
 
     async fn orders(

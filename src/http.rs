@@ -250,5 +250,14 @@ async fn graphql(State(state): State<HttpState>, body: Bytes) -> Response {
                 .into_response()
         }
     };
-    Json(state.schema.execute(request).await).into_response()
+    let mut response = state.schema.execute(request).await;
+    // Errors the schema raises itself (parse, validation, depth) are the
+    // client's: give them the same code as refused input.
+    for error in &mut response.errors {
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", "BAD_USER_INPUT");
+        }
+    }
+    Json(response).into_response()
 }

@@ -10,6 +10,7 @@ mod binary;
 mod e2e;
 mod helpers;
 mod orders;
+mod read_side;
 mod saga;
 mod stock;
 mod store;
