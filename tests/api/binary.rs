@@ -111,7 +111,20 @@ async fn the_binary_serves_orders_priced_by_product_set_across_a_restart(backend
     assert_eq!(order["orderId"], order_id.as_str());
     assert_eq!(order["items"][0]["unitPrice"], "12900.00");
     assert_eq!(order["totalAmount"], "25800.00");
-    server.kill().await.expect("kill the service");
+
+    // SIGTERM: the service finishes what it is doing and exits cleanly.
+    let pid = server.id().expect("running").to_string();
+    let term = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill -TERM");
+    assert!(term.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), server.wait())
+        .await
+        .expect("stopped within 30 s")
+        .expect("exit status");
+    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
 
     // A wrong setting fails at start, naming it.
     let output = order_saga(&t)
