@@ -17,6 +17,7 @@
 //! a no-op, so the record of what was handled is the effect's own event,
 //! written in the same append. A message handled twice changes nothing.
 
+pub mod avro;
 pub mod clock;
 pub mod integration;
 pub mod notify;

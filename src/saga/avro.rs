@@ -1,0 +1,497 @@
+//! The Avro contract (SPEC §4): the `.avsc` files in `schemas/avro/` (built
+//! into the binary from those files), and the mapping between integration
+//! events and Avro values. Messages use Avro single-object encoding
+//! (`C3 01` + the schema's CRC-64-AVRO fingerprint + the datum), so a
+//! consumer holding the schema files can decode them without a registry.
+
+use std::collections::HashMap;
+
+use apache_avro::schema::Schema;
+use apache_avro::types::Value;
+use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter};
+use chrono::{TimeZone, Utc};
+use order_saga_domain::{CancelReason, Money, OrderLine, ReservedLine, Shortage, StockItem};
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+use super::integration::{Body, IntegrationEvent, Topic};
+
+/// Each topic's schema file, as committed.
+pub const SCHEMA_FILES: [(Topic, &str); 7] = [
+    (
+        Topic::OrderCreated,
+        include_str!("../../schemas/avro/order.created.avsc"),
+    ),
+    (
+        Topic::OrderConfirmed,
+        include_str!("../../schemas/avro/order.confirmed.avsc"),
+    ),
+    (
+        Topic::OrderCancelled,
+        include_str!("../../schemas/avro/order.cancelled.avsc"),
+    ),
+    (
+        Topic::PaymentWaiting,
+        include_str!("../../schemas/avro/order.payment.waiting.avsc"),
+    ),
+    (
+        Topic::StockReserved,
+        include_str!("../../schemas/avro/stock.reserved.avsc"),
+    ),
+    (
+        Topic::StockReservationFailed,
+        include_str!("../../schemas/avro/stock.reservation.failed.avsc"),
+    ),
+    (
+        Topic::StockReleased,
+        include_str!("../../schemas/avro/stock.released.avsc"),
+    ),
+];
+
+/// The contract's cancellation enum, onto which our reasons map.
+const CANCELLATION_REASONS: [&str; 4] = [
+    "PAYMENT_TIMEOUT",
+    "USER_REQUESTED",
+    "STOCK_UNAVAILABLE",
+    "SYSTEM_ERROR",
+];
+
+pub struct Contract {
+    schemas: HashMap<Topic, Schema>,
+}
+
+fn contract_reason(reason: CancelReason) -> (u32, &'static str) {
+    match reason {
+        CancelReason::StockShortage => (2, "STOCK_UNAVAILABLE"),
+        CancelReason::CustomerRequest => (1, "USER_REQUESTED"),
+        _ => (3, "SYSTEM_ERROR"),
+    }
+}
+
+/// Bytes a `decimal(10,2)` is written with: enough for 10 digits. (Any
+/// length is valid Avro; apache-avro's schema resolution refuses fewer bytes
+/// than the precision needs, so we never write fewer.)
+const DECIMAL_BYTES: usize = 5;
+
+/// Money as the contract's `decimal(10,2)`: the unscaled amount, big-endian
+/// two's complement.
+fn decimal(money: Money) -> Value {
+    let unscaled = money.as_decimal().mantissa();
+    let bytes = unscaled.to_be_bytes();
+    Value::Decimal(apache_avro::Decimal::from(
+        bytes[bytes.len() - DECIMAL_BYTES..].to_vec(),
+    ))
+}
+
+fn money(value: &Value) -> Result<Money, String> {
+    let Value::Decimal(d) = value else {
+        return Err(format!("expected a decimal, got {value:?}"));
+    };
+    let bytes: Vec<u8> = d.try_into().map_err(|e| format!("decimal: {e}"))?;
+    if bytes.is_empty() || bytes.len() > 16 {
+        return Err("decimal: bad length".into());
+    }
+    let fill = if bytes[0] & 0x80 != 0 { 0xff } else { 0 };
+    let mut full = [fill; 16];
+    full[16 - bytes.len()..].copy_from_slice(&bytes);
+    let unscaled = i128::from_be_bytes(full);
+    let value =
+        Decimal::try_from_i128_with_scale(unscaled, 2).map_err(|e| format!("decimal: {e}"))?;
+    Money::new(value).map_err(|e| format!("decimal: {e}"))
+}
+
+fn string(s: impl Into<String>) -> Value {
+    Value::String(s.into())
+}
+
+fn optional(s: Option<&str>) -> Value {
+    match s {
+        Some(s) => Value::Union(1, Box::new(string(s))),
+        None => Value::Union(0, Box::new(Value::Null)),
+    }
+}
+
+fn int(n: u32) -> Value {
+    Value::Int(i32::try_from(n).unwrap_or(i32::MAX))
+}
+
+fn record(fields: Vec<(&str, Value)>) -> Value {
+    Value::Record(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
+/// A decoded record's fields by name.
+struct Fields(HashMap<String, Value>);
+
+impl Fields {
+    fn of(value: Value) -> Result<Self, String> {
+        match value {
+            Value::Record(fields) => Ok(Fields(fields.into_iter().collect())),
+            other => Err(format!("expected a record, got {other:?}")),
+        }
+    }
+
+    fn get(&self, name: &str) -> Result<&Value, String> {
+        self.0
+            .get(name)
+            .ok_or_else(|| format!("missing field {name}"))
+    }
+
+    fn string(&self, name: &str) -> Result<String, String> {
+        match self.get(name)? {
+            Value::String(s) => Ok(s.clone()),
+            other => Err(format!("{name}: expected a string, got {other:?}")),
+        }
+    }
+
+    fn optional(&self, name: &str) -> Result<Option<String>, String> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Union(_, inner)) => match inner.as_ref() {
+                Value::Null => Ok(None),
+                Value::String(s) => Ok(Some(s.clone())),
+                other => Err(format!("{name}: expected a string, got {other:?}")),
+            },
+            Some(other) => Err(format!("{name}: expected null or a string, got {other:?}")),
+        }
+    }
+
+    fn count(&self, name: &str) -> Result<u32, String> {
+        match self.get(name)? {
+            Value::Int(n) => u32::try_from(*n).map_err(|_| format!("{name}: negative")),
+            other => Err(format!("{name}: expected an int, got {other:?}")),
+        }
+    }
+
+    fn millis(&self, name: &str) -> Result<i64, String> {
+        match self.get(name)? {
+            Value::TimestampMillis(ms) | Value::Long(ms) => Ok(*ms),
+            other => Err(format!("{name}: expected timestamp-millis, got {other:?}")),
+        }
+    }
+
+    fn money(&self, name: &str) -> Result<Money, String> {
+        money(self.get(name)?).map_err(|e| format!("{name}: {e}"))
+    }
+
+    fn array(&self, name: &str) -> Result<Vec<Fields>, String> {
+        match self.get(name)? {
+            Value::Array(items) => items.iter().cloned().map(Fields::of).collect(),
+            other => Err(format!("{name}: expected an array, got {other:?}")),
+        }
+    }
+}
+
+impl Contract {
+    /// Parses the schema files.
+    pub fn load() -> Result<Self, String> {
+        let mut schemas = HashMap::new();
+        for (topic, text) in SCHEMA_FILES {
+            let schema = Schema::parse_str(text).map_err(|e| format!("schema of {topic}: {e}"))?;
+            schemas.insert(topic, schema);
+        }
+        Ok(Contract { schemas })
+    }
+
+    pub fn schema(&self, topic: Topic) -> Result<&Schema, String> {
+        self.schemas
+            .get(&topic)
+            .ok_or_else(|| format!("no schema for {topic}"))
+    }
+
+    /// The record's full name (e.g. `com.groom.ecommerce.order.event.avro.OrderCreated`).
+    pub fn record_name(&self, topic: Topic) -> String {
+        match self.schemas.get(&topic) {
+            Some(Schema::Record(r)) => r.name.fullname(None),
+            _ => topic.as_str().to_string(),
+        }
+    }
+
+    /// The schema's CRC-64-AVRO (Rabin) fingerprint, as hex.
+    pub fn fingerprint(&self, topic: Topic) -> String {
+        self.schemas
+            .get(&topic)
+            .map(|s| s.fingerprint::<apache_avro::rabin::Rabin>().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The event as an Avro value of its topic's schema.
+    pub fn to_value(event: &IntegrationEvent) -> Value {
+        let ms = event.occurred_at.timestamp_millis();
+        let mut fields = vec![
+            ("eventId", string(event.event_id.to_string())),
+            ("eventTimestamp", Value::TimestampMillis(ms)),
+            ("orderId", string(&event.order_id)),
+        ];
+        match &event.body {
+            Body::OrderCreated {
+                user_id,
+                store_id,
+                items,
+                total_amount,
+            } => {
+                let items = items
+                    .iter()
+                    .map(|l| {
+                        record(vec![
+                            ("productId", string(&l.product_id)),
+                            ("quantity", int(l.quantity)),
+                            ("unitPrice", decimal(l.unit_price)),
+                        ])
+                    })
+                    .collect();
+                fields.extend([
+                    ("userId", string(user_id)),
+                    ("storeId", string(store_id)),
+                    ("items", Value::Array(items)),
+                    ("totalAmount", decimal(*total_amount)),
+                    ("createdAt", Value::TimestampMillis(ms)),
+                ]);
+            }
+            Body::OrderConfirmed {
+                user_id,
+                total_amount,
+            } => fields.extend([
+                ("userId", string(user_id)),
+                ("totalAmount", decimal(*total_amount)),
+                ("confirmedAt", Value::TimestampMillis(ms)),
+            ]),
+            Body::OrderCancelled {
+                user_id,
+                items,
+                reason,
+            } => {
+                let items = items
+                    .iter()
+                    .map(|i| {
+                        record(vec![
+                            ("productId", string(&i.product_id)),
+                            ("quantity", int(i.quantity)),
+                        ])
+                    })
+                    .collect();
+                let (index, symbol) = contract_reason(*reason);
+                fields.extend([
+                    ("userId", string(user_id)),
+                    ("items", Value::Array(items)),
+                    ("cancellationReason", Value::Enum(index, symbol.to_string())),
+                    ("cancelledAt", Value::TimestampMillis(ms)),
+                ]);
+            }
+            Body::PaymentWaitStarted {
+                user_id,
+                total_amount,
+            } => fields.extend([
+                ("userId", string(user_id)),
+                ("totalAmount", decimal(*total_amount)),
+                ("startedAt", Value::TimestampMillis(ms)),
+            ]),
+            Body::StockReserved { reserved_items } => {
+                let items = reserved_items
+                    .iter()
+                    .map(|l| {
+                        record(vec![
+                            ("productId", string(&l.product_id)),
+                            ("quantity", int(l.quantity)),
+                            ("reservedStock", int(l.available_after)),
+                        ])
+                    })
+                    .collect();
+                fields.extend([
+                    ("reservedItems", Value::Array(items)),
+                    ("reservedAt", Value::TimestampMillis(ms)),
+                ]);
+            }
+            Body::StockReservationFailed {
+                failed_items,
+                failure_reason,
+            } => {
+                let items = failed_items
+                    .iter()
+                    .map(|s| {
+                        record(vec![
+                            ("productId", string(&s.product_id)),
+                            ("requestedQuantity", int(s.requested)),
+                            ("availableStock", int(s.available)),
+                        ])
+                    })
+                    .collect();
+                fields.extend([
+                    ("failedItems", Value::Array(items)),
+                    ("failureReason", string(failure_reason)),
+                    ("failedAt", Value::TimestampMillis(ms)),
+                ]);
+            }
+            Body::StockReleased { released_items } => {
+                let items = released_items
+                    .iter()
+                    .map(|i| {
+                        record(vec![
+                            ("productId", string(&i.product_id)),
+                            ("quantity", int(i.quantity)),
+                        ])
+                    })
+                    .collect();
+                fields.extend([
+                    ("releasedItems", Value::Array(items)),
+                    ("releasedAt", Value::TimestampMillis(ms)),
+                ]);
+            }
+        }
+        fields.push(("correlationId", optional(event.correlation_id.as_deref())));
+        fields.push(("causationId", optional(event.causation_id.as_deref())));
+        if let Body::OrderCancelled { reason, .. } = &event.body {
+            fields.push(("detailedReason", optional(Some(reason.as_str()))));
+        }
+        record(fields)
+    }
+
+    /// Single-object encoding of the event with its topic's schema.
+    pub fn encode(&self, event: &IntegrationEvent) -> Result<Vec<u8>, String> {
+        let schema = self.schema(event.topic())?;
+        let mut writer = GenericSingleObjectWriter::new_with_capacity(schema, 512)
+            .map_err(|e| format!("{}: {e}", event.topic()))?;
+        let mut bytes = Vec::with_capacity(512);
+        writer
+            .write_value(Self::to_value(event), &mut bytes)
+            .map_err(|e| format!("{}: {e}", event.topic()))?;
+        Ok(bytes)
+    }
+
+    /// Decodes a single-object message of `topic` (checking its header and
+    /// fingerprint) back into an integration event.
+    pub fn decode(&self, topic: Topic, mut bytes: &[u8]) -> Result<IntegrationEvent, String> {
+        let reader = GenericSingleObjectReader::builder()
+            .schema(self.schema(topic)?.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let value = reader
+            .read_value(&mut bytes)
+            .map_err(|e| format!("{topic}: {e}"))?;
+        Self::from_value(topic, value)
+    }
+
+    pub fn from_value(topic: Topic, value: Value) -> Result<IntegrationEvent, String> {
+        let f = Fields::of(value)?;
+        let lines = |name: &str| -> Result<Vec<StockItem>, String> {
+            f.array(name)?
+                .iter()
+                .map(|i| {
+                    Ok(StockItem {
+                        product_id: i.string("productId")?,
+                        quantity: i.count("quantity")?,
+                    })
+                })
+                .collect()
+        };
+        let body = match topic {
+            Topic::OrderCreated => Body::OrderCreated {
+                user_id: f.string("userId")?,
+                store_id: f.string("storeId")?,
+                items: f
+                    .array("items")?
+                    .iter()
+                    .map(|i| {
+                        Ok(OrderLine {
+                            product_id: i.string("productId")?,
+                            quantity: i.count("quantity")?,
+                            unit_price: i.money("unitPrice")?,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
+                total_amount: f.money("totalAmount")?,
+            },
+            Topic::OrderConfirmed => Body::OrderConfirmed {
+                user_id: f.string("userId")?,
+                total_amount: f.money("totalAmount")?,
+            },
+            Topic::PaymentWaiting => Body::PaymentWaitStarted {
+                user_id: f.string("userId")?,
+                total_amount: f.money("totalAmount")?,
+            },
+            Topic::OrderCancelled => {
+                let reason = match f.optional("detailedReason")? {
+                    Some(detailed) => detailed
+                        .parse()
+                        .map_err(|e: order_saga_domain::FieldError| e.to_string())?,
+                    None => match f.get("cancellationReason")? {
+                        Value::Enum(_, s) if s == "STOCK_UNAVAILABLE" => {
+                            CancelReason::StockShortage
+                        }
+                        Value::Enum(_, s) if s == "USER_REQUESTED" => CancelReason::CustomerRequest,
+                        Value::Enum(_, s) if s == "PAYMENT_TIMEOUT" => {
+                            CancelReason::PaymentWaitFailed
+                        }
+                        Value::Enum(_, s) if CANCELLATION_REASONS.contains(&s.as_str()) => {
+                            CancelReason::SagaTimeout
+                        }
+                        other => return Err(format!("cancellationReason: {other:?}")),
+                    },
+                };
+                Body::OrderCancelled {
+                    user_id: f.string("userId")?,
+                    items: lines("items")?,
+                    reason,
+                }
+            }
+            Topic::StockReserved => Body::StockReserved {
+                reserved_items: f
+                    .array("reservedItems")?
+                    .iter()
+                    .map(|i| {
+                        Ok(ReservedLine {
+                            product_id: i.string("productId")?,
+                            quantity: i.count("quantity")?,
+                            available_after: i.count("reservedStock")?,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
+            },
+            Topic::StockReservationFailed => Body::StockReservationFailed {
+                failed_items: f
+                    .array("failedItems")?
+                    .iter()
+                    .map(|i| {
+                        Ok(Shortage {
+                            product_id: i.string("productId")?,
+                            requested: i.count("requestedQuantity")?,
+                            available: i.count("availableStock")?,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
+                failure_reason: f.string("failureReason")?,
+            },
+            Topic::StockReleased => Body::StockReleased {
+                released_items: lines("releasedItems")?,
+            },
+        };
+        let ms = f.millis("eventTimestamp")?;
+        Ok(IntegrationEvent {
+            event_id: Uuid::parse_str(&f.string("eventId")?)
+                .map_err(|e| format!("eventId: {e}"))?,
+            order_id: f.string("orderId")?,
+            occurred_at: Utc
+                .timestamp_millis_opt(ms)
+                .single()
+                .ok_or("eventTimestamp out of range")?,
+            correlation_id: f.optional("correlationId")?,
+            causation_id: f.optional("causationId")?,
+            body,
+        })
+    }
+}
+
+/// Whether `current` can read data written with `previous` (and the other
+/// way round): the rule every change to a schema file must keep.
+pub fn compatible(previous: &Schema, current: &Schema) -> Result<(), String> {
+    use apache_avro::schema_compatibility::SchemaCompatibility;
+    SchemaCompatibility::can_read(previous, current)
+        .map_err(|e| format!("new schema cannot read old data: {e}"))?;
+    SchemaCompatibility::can_read(current, previous)
+        .map_err(|e| format!("old readers cannot read new data: {e}"))?;
+    Ok(())
+}
