@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use order_saga_domain::Money;
 
+use crate::saga::kafka::{parse_properties, KafkaConfig};
 use crate::saga::SagaConfig;
 use crate::store::StoreConfig;
 
@@ -96,6 +97,52 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub saga: SagaArgs,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+/// Kafka, the production bus. When KAFKA_BROKERS is unset, integration
+/// events travel in-process over the store's log.
+#[derive(Debug, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (host:port[,host:port...]).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Partitions of each topic when the service creates it.
+    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 6,
+          value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub kafka_partitions: i32,
+    /// Put before every topic and consumer-group name (e.g. "staging.").
+    #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = "")]
+    pub kafka_topic_prefix: String,
+    /// Extra librdkafka producer properties, key=value[,key=value...].
+    #[arg(long, env = "KAFKA_PRODUCER_CONFIG", default_value = "")]
+    pub kafka_producer_config: String,
+    /// Extra librdkafka consumer properties, key=value[,key=value...].
+    #[arg(long, env = "KAFKA_CONSUMER_CONFIG", default_value = "")]
+    pub kafka_consumer_config: String,
+}
+
+impl KafkaArgs {
+    /// The Kafka settings, or `None` for the in-process transport.
+    pub fn config(&self) -> Result<Option<KafkaConfig>, String> {
+        let Some(brokers) = self
+            .kafka_brokers
+            .as_deref()
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+        else {
+            return Ok(None);
+        };
+        Ok(Some(KafkaConfig {
+            brokers: brokers.to_string(),
+            partitions: self.kafka_partitions,
+            prefix: self.kafka_topic_prefix.clone(),
+            producer: parse_properties("KAFKA_PRODUCER_CONFIG", &self.kafka_producer_config)?,
+            consumer: parse_properties("KAFKA_CONSUMER_CONFIG", &self.kafka_consumer_config)?,
+        }))
+    }
 }
 
 /// The saga's deadlines and retries (SPEC §3). Durations like 90s, 3m, 1h.

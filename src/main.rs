@@ -11,8 +11,10 @@ use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
 use order_saga::health::{pause, Readiness, Shutdown};
 use order_saga::http::HttpState;
 use order_saga::projections::Projections;
+use order_saga::saga::avro::Contract;
+use order_saga::saga::kafka::{KafkaTransport, Relay};
 use order_saga::saga::notify::{LogNotifier, Notifier, WebhookNotifier};
-use order_saga::saga::transport::LogTransport;
+use order_saga::saga::transport::{LogTransport, Transport};
 use order_saga::saga::{Saga, SagaOptions};
 use order_saga::service::{App, ProductView};
 use order_saga::store::Store;
@@ -96,8 +98,24 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
         ..SagaOptions::default()
     };
     let store = app.store().clone();
-    let transport = LogTransport::new(store.clone());
-    let saga = Saga::new(store.clone(), &transport, options)
+    let kafka = args.kafka.config().map_err(anyhow::Error::msg)?;
+    let contract = Arc::new(Contract::load().map_err(anyhow::Error::msg)?);
+    let (transport, relay): (Box<dyn Transport>, Option<Arc<Relay>>) = match &kafka {
+        Some(config) => {
+            let transport = KafkaTransport::connect(config.clone(), contract.clone())
+                .await
+                .with_context(|| {
+                    format!(
+                        "KAFKA_BROKERS ({}): cannot reach the broker",
+                        config.brokers
+                    )
+                })?;
+            let relay = Relay::new(store.clone(), config.clone(), contract.clone())?;
+            (Box::new(transport), Some(relay))
+        }
+        None => (Box::new(LogTransport::new(store.clone())), None),
+    };
+    let saga = Saga::new(store.clone(), transport.as_ref(), options)
         .await
         .context("starting the saga")?;
     let projections = Projections::new(store.clone());
@@ -109,16 +127,25 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let mut tasks = saga.spawn(shutdown.clone());
     tasks.extend(projections.spawn(Duration::from_millis(10), shutdown.clone()));
-    tasks.push(tokio::spawn(sequence_log(store.clone(), shutdown)));
-    let readiness = Readiness {
+    let mut readiness = Readiness {
         components: vec![
             ("saga", saga.heartbeat()),
             ("projections", projections.heartbeat()),
         ],
     };
+    if let Some(relay) = &relay {
+        tasks.extend(relay.spawn(Duration::from_millis(5), shutdown.clone()));
+        readiness.components.push(("broker", relay.heartbeat()));
+    }
+    tasks.push(tokio::spawn(sequence_log(store.clone(), shutdown)));
     let state = HttpState::new(app, projections, readiness);
 
-    tracing::info!(store = store.backend(), %local, "order-saga serving");
+    let bus = if kafka.is_some() {
+        "kafka"
+    } else {
+        "in-process"
+    };
+    tracing::info!(store = store.backend(), bus, %local, "order-saga serving");
     println!("listening on http://{local}");
     axum::serve(listener, order_saga::http::router(state))
         .with_graceful_shutdown(shutdown_signal())

@@ -20,6 +20,7 @@
 pub mod avro;
 pub mod clock;
 pub mod integration;
+pub mod kafka;
 pub mod notify;
 pub mod timers;
 pub mod transport;
@@ -43,7 +44,7 @@ use self::clock::{Clock, SystemClock};
 use self::integration::{Body, IntegrationEvent, Topic, CAUSATION_ID, CORRELATION_ID};
 use self::notify::{LogNotifier, Notification, Notifier};
 use self::timers::{Timer, TimerKind};
-use self::transport::{Delivery, Subscription, Transport, TransportError};
+use self::transport::{DeadLetterSink, Delivery, Subscription, Transport, TransportError};
 use crate::health::{pause, Heartbeat, Shutdown, Tasks};
 use crate::service::{StoreCatalog, StoreLedger};
 use crate::store::{Store, StoreError};
@@ -209,6 +210,7 @@ pub struct Saga {
     stock_services: StockServices,
     consumers: Vec<Consumer>,
     heartbeat: Heartbeat,
+    dead_letter_sink: Option<Arc<dyn DeadLetterSink>>,
 }
 
 impl Saga {
@@ -239,6 +241,7 @@ impl Saga {
             faults: options.faults,
             consumers,
             heartbeat: Heartbeat::default(),
+            dead_letter_sink: transport.dead_letters(),
         }))
     }
 
@@ -442,6 +445,11 @@ impl Saga {
         tracing::error!(group = service.group(), topic = %delivery.topic, error, "dead-lettered");
         metrics::counter!("order_saga_dead_letters_total", "consumer" => service.group())
             .increment(1);
+        if let Some(sink) = &self.dead_letter_sink {
+            if let Err(e) = sink.send(delivery, error).await {
+                tracing::warn!(error = %e, "could not publish the dead letter; it is in the store");
+            }
+        }
         self.store
             .record_dead_letter(service.group(), &delivery.topic, event_id, error, payload)
             .await

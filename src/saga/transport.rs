@@ -46,6 +46,8 @@ pub struct Delivery {
     pub key: String,
     pub offset: Offset,
     pub event: Result<IntegrationEvent, Undecodable>,
+    /// The message as it arrived (for dead-lettering).
+    pub raw: Vec<u8>,
 }
 
 #[async_trait]
@@ -55,6 +57,18 @@ pub trait Transport: Send + Sync {
         group: &str,
         topics: &[Topic],
     ) -> Result<Box<dyn Subscription>, TransportError>;
+
+    /// Where this transport puts messages that cannot be handled, besides
+    /// the store's `dead_letters` table (none in-process).
+    fn dead_letters(&self) -> Option<std::sync::Arc<dyn DeadLetterSink>> {
+        None
+    }
+}
+
+/// A transport's own dead-letter place (Kafka: `<topic>.dlq`).
+#[async_trait]
+pub trait DeadLetterSink: Send + Sync {
+    async fn send(&self, delivery: &Delivery, error: &str) -> Result<(), TransportError>;
 }
 
 #[async_trait]
@@ -130,6 +144,7 @@ impl Subscription for LogSubscription {
                         key: event.order_id.clone(),
                         offset,
                         event: Ok(event),
+                        raw: Vec::new(),
                     })
                 }
                 Ok(_) => skipped_to = Some(entry.position),
@@ -142,6 +157,7 @@ impl Subscription for LogSubscription {
                         payload: entry.payload.to_string(),
                         event_id: Some(entry.event_id.to_string()),
                     }),
+                    raw: entry.payload.to_string().into_bytes(),
                 }),
             }
         }
