@@ -74,7 +74,7 @@ impl StoreArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP service (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the database migrations and exit.
     Migrate,
     /// Set or show products: price and stock, as operators manage them.

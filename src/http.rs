@@ -39,6 +39,8 @@ pub struct HttpState {
     pub schema: OrderSagaSchema,
     pub readiness: Readiness,
     pub metrics: Option<PrometheusHandle>,
+    /// Whether a Kafka relay runs (its lag is then reported).
+    pub relay: bool,
 }
 
 impl HttpState {
@@ -49,6 +51,10 @@ impl HttpState {
         HttpState {
             app,
             schema: order_saga_graphql::schema(Some(backend)),
+            relay: readiness
+                .components
+                .iter()
+                .any(|(name, _)| *name == "broker"),
             readiness,
             metrics: crate::telemetry::prometheus(),
         }
@@ -210,7 +216,7 @@ async fn ready(State(state): State<HttpState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response();
     }
     for (name, heartbeat) in &state.readiness.components {
-        if !heartbeat.alive(Duration::from_secs(10)) {
+        if !heartbeat.alive(Duration::from_secs(5)) {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{name}: not running"),
@@ -225,7 +231,7 @@ async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {
     let Some(handle) = &state.metrics else {
         return Err(AppError::Unavailable("metrics recorder not installed".into()).into());
     };
-    let text = crate::telemetry::render(state.app.store(), handle)
+    let text = crate::telemetry::render(state.app.store(), handle, state.relay)
         .await
         .map_err(AppError::from)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

@@ -43,9 +43,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let app = App::new(store.clone());
     let result = match cli
         .command
-        .unwrap_or_else(|| Command::Serve(ServeArgs::from_env()))
+        .unwrap_or_else(|| Command::Serve(Box::new(ServeArgs::from_env())))
     {
-        Command::Serve(args) => serve(app, args).await,
+        Command::Serve(args) => serve(app, *args).await,
         Command::Migrate => {
             println!("migrations applied ({})", store.backend());
             Ok(())

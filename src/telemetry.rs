@@ -1,6 +1,8 @@
 //! Metrics export: the Prometheus recorder behind the `metrics` facade the
 //! rest of the code records into, and the gauges computed at scrape time
-//! (log head, consumer and projection lag, pending timers, dead letters).
+//! (log head, relay, consumer and projection lag, pending timers, dead
+//! letters). Consumer lag is the in-process transport's (log head minus the
+//! group's checkpoint); on Kafka, the broker reports its groups' lag.
 
 use std::sync::OnceLock;
 
@@ -32,9 +34,17 @@ pub fn prometheus() -> Option<PrometheusHandle> {
 }
 
 /// Sets the scrape-time gauges from the store, then renders everything.
-pub async fn render(store: &Store, handle: &PrometheusHandle) -> Result<String, StoreError> {
+pub async fn render(
+    store: &Store,
+    handle: &PrometheusHandle,
+    relay: bool,
+) -> Result<String, StoreError> {
     let head = store.head_position().await?;
     metrics::gauge!("order_saga_log_head_position").set(head as f64);
+    if relay {
+        metrics::gauge!("order_saga_relay_lag_events")
+            .set(crate::saga::kafka::Relay::lag(store).await? as f64);
+    }
     for service in Service::ALL {
         let checkpoint = store
             .load_checkpoint(&format!("consumer.{}", service.group()))

@@ -58,6 +58,58 @@ const CANCELLATION_REASONS: [&str; 4] = [
 
 pub struct Contract {
     schemas: HashMap<Topic, Schema>,
+    /// Each schema's single-object header: `C3 01` + fingerprint.
+    headers: HashMap<Topic, Vec<u8>>,
+}
+
+/// The Avro spec's Parsing Canonical Form of a schema. apache-avro 0.22
+/// strips `logicalType` but then keeps the rest of the logical type's
+/// object: `{"type":"long"}` for a timestamp, and `precision` and `scale`
+/// for a decimal — where the spec's [STRIP] and [PRIMITIVE] rules leave
+/// `"long"` and `"bytes"`. Its fingerprints of our schemas therefore differ
+/// from what Java, Python (fastavro) and registries compute; we finish the
+/// two rules on its output.
+pub fn canonical_form(schema: &Schema) -> String {
+    const PRIMITIVES: [&str; 8] = [
+        "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+    ];
+    let mut form = schema.canonical_form();
+    for primitive in PRIMITIVES {
+        form = form.replace(
+            &format!(r#"{{"type":"{primitive}"}}"#),
+            &format!(r#""{primitive}""#),
+        );
+        // What is left of a logical type on this primitive: drop its
+        // remaining attributes (precision, scale).
+        let open = format!(r#"{{"type":"{primitive}","#);
+        while let Some(start) = form.find(&open) {
+            let Some(len) = form[start..].find('}') else {
+                break;
+            };
+            form.replace_range(start..start + len + 1, &format!(r#""{primitive}""#));
+        }
+    }
+    form
+}
+
+/// CRC-64-AVRO (Rabin) fingerprint of the spec's canonical form, in the
+/// little-endian byte order the single-object header uses.
+pub fn fingerprint(schema: &Schema) -> [u8; 8] {
+    use apache_avro::rabin::Rabin;
+    use digest::Digest;
+    let digest = Rabin::digest(canonical_form(schema).as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    bytes
+}
+
+/// Writes the spec's single-object header.
+struct SpecHeader(Vec<u8>);
+
+impl apache_avro::headers::HeaderBuilder for SpecHeader {
+    fn build_header(&self) -> Vec<u8> {
+        self.0.clone()
+    }
 }
 
 fn contract_reason(reason: CancelReason) -> (u32, &'static str) {
@@ -190,11 +242,21 @@ impl Contract {
     /// Parses the schema files.
     pub fn load() -> Result<Self, String> {
         let mut schemas = HashMap::new();
+        let mut headers = HashMap::new();
         for (topic, text) in SCHEMA_FILES {
             let schema = Schema::parse_str(text).map_err(|e| format!("schema of {topic}: {e}"))?;
+            let mut header = vec![0xC3, 0x01];
+            header.extend_from_slice(&fingerprint(&schema));
+            headers.insert(topic, header);
             schemas.insert(topic, schema);
         }
-        Ok(Contract { schemas })
+        Ok(Contract { schemas, headers })
+    }
+
+    fn header(&self, topic: Topic) -> Result<&Vec<u8>, String> {
+        self.headers
+            .get(&topic)
+            .ok_or_else(|| format!("no schema for {topic}"))
     }
 
     pub fn schema(&self, topic: Topic) -> Result<&Schema, String> {
@@ -211,11 +273,12 @@ impl Contract {
         }
     }
 
-    /// The schema's CRC-64-AVRO (Rabin) fingerprint, as hex.
+    /// The schema's CRC-64-AVRO fingerprint as hex, bytes in header
+    /// (little-endian) order, as fastavro prints it.
     pub fn fingerprint(&self, topic: Topic) -> String {
         self.schemas
             .get(&topic)
-            .map(|s| s.fingerprint::<apache_avro::rabin::Rabin>().to_string())
+            .map(|s| fingerprint(s).iter().map(|b| format!("{b:02x}")).collect())
             .unwrap_or_default()
     }
 
@@ -353,8 +416,10 @@ impl Contract {
     /// Single-object encoding of the event with its topic's schema.
     pub fn encode(&self, event: &IntegrationEvent) -> Result<Vec<u8>, String> {
         let schema = self.schema(event.topic())?;
-        let mut writer = GenericSingleObjectWriter::new_with_capacity(schema, 512)
-            .map_err(|e| format!("{}: {e}", event.topic()))?;
+        let header = SpecHeader(self.header(event.topic())?.clone());
+        let mut writer =
+            GenericSingleObjectWriter::new_with_capacity_and_header_builder(schema, 512, &header)
+                .map_err(|e| format!("{}: {e}", event.topic()))?;
         let mut bytes = Vec::with_capacity(512);
         writer
             .write_value(Self::to_value(event), &mut bytes)
@@ -367,6 +432,7 @@ impl Contract {
     pub fn decode(&self, topic: Topic, mut bytes: &[u8]) -> Result<IntegrationEvent, String> {
         let reader = GenericSingleObjectReader::builder()
             .schema(self.schema(topic)?.clone())
+            .header(self.header(topic)?.clone())
             .build()
             .map_err(|e| e.to_string())?;
         let value = reader

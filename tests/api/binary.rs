@@ -29,8 +29,14 @@ fn order_saga(t: &TestStore) -> Command {
 /// Starts `order-saga` with no subcommand (serve is the default) on a free
 /// port; returns the process and its base URL, read from its first line.
 pub async fn serve(t: &TestStore) -> (Child, String) {
+    serve_with(t, &[]).await
+}
+
+/// [`serve`] with more environment.
+pub async fn serve_with(t: &TestStore, env: &[(String, String)]) -> (Child, String) {
     let mut child = order_saga(t)
         .env("HTTP_ADDR", "127.0.0.1:0")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::piped())
         .spawn()
         .expect("start order-saga");

@@ -102,13 +102,10 @@ fn contract_schema(topic: Topic) -> Option<Schema> {
 /// schema's fingerprint.
 fn datum<'a>(contract: &Contract, topic: Topic, bytes: &'a [u8]) -> &'a [u8] {
     assert_eq!(&bytes[..2], &[0xC3, 0x01], "single-object marker");
-    let fingerprint = contract
-        .schema(topic)
-        .expect("schema")
-        .fingerprint::<apache_avro::rabin::Rabin>();
+    let fingerprint = order_saga::saga::avro::fingerprint(contract.schema(topic).expect("schema"));
     assert_eq!(
         &bytes[2..10],
-        fingerprint.bytes.as_slice(),
+        fingerprint.as_slice(),
         "CRC-64-AVRO fingerprint, little-endian"
     );
     &bytes[10..]
@@ -292,4 +289,23 @@ fn a_breaking_change_is_rejected() {
     json["fields"][3]["type"] = serde_json::json!("int");
     let retyped = Schema::parse_str(&json.to_string()).expect("parses");
     assert!(compatible(current, &retyped).is_err());
+}
+
+/// Fingerprints as a standard tool computes them from the same files
+/// (fastavro 1.13.1: `fingerprint(to_parsing_canonical_form(schema),
+/// "CRC-64-AVRO")`), so a consumer can find the schema by the header.
+#[test]
+fn fingerprints_are_the_ones_standard_tools_compute() {
+    let contract = Contract::load().expect("schemas");
+    for (topic, expected) in [
+        (Topic::OrderCreated, "c35b67820be43131"),
+        (Topic::OrderConfirmed, "278967db86cb3769"),
+        (Topic::OrderCancelled, "4955e9d85c7c9360"),
+        (Topic::PaymentWaiting, "7bc5fb38332bab93"),
+        (Topic::StockReserved, "df9802a5df7325fd"),
+        (Topic::StockReservationFailed, "eb22bf5fd38c8525"),
+        (Topic::StockReleased, "09193b44ece4093d"),
+    ] {
+        assert_eq!(contract.fingerprint(topic), expected, "{topic}");
+    }
 }

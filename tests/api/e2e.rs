@@ -31,12 +31,12 @@ on_both_backends!(
     the_saga_completes_every_order_after_the_service_is_killed_mid_run,
 );
 
-const ORDERS: usize = 1_000;
+pub(crate) const ORDERS: usize = 1_000;
 const PRODUCTS: usize = 20;
 const IN_FLIGHT: usize = 32;
 
 /// A deterministic mix of orders: 1–3 distinct products, 1–3 units each.
-fn order_lines() -> Vec<Vec<(String, u32)>> {
+pub(crate) fn order_lines() -> Vec<Vec<(String, u32)>> {
     let mut seed: u64 = 0x5eed;
     let mut next = move |n: u64| {
         seed = seed
@@ -59,7 +59,7 @@ fn order_lines() -> Vec<Vec<(String, u32)>> {
 }
 
 /// Stock for about half of each product's demand.
-async fn stock_half_the_demand(
+pub(crate) async fn stock_half_the_demand(
     store: &Store,
     orders: &[Vec<(String, u32)>],
 ) -> BTreeMap<String, u32> {
@@ -92,7 +92,7 @@ fn body(lines: &[(String, u32)]) -> Value {
 /// POSTs the orders whose slot is empty, `IN_FLIGHT` at a time, each with
 /// its own Idempotency-Key; fills in the order id and the send time of those
 /// that got their 201. Stops sending once `stop_after` have succeeded.
-async fn post_orders(
+pub(crate) async fn post_orders(
     url: &str,
     orders: &[Vec<(String, u32)>],
     ids: &mut [Option<(String, DateTime<Utc>)>],
@@ -145,7 +145,7 @@ async fn post_orders(
 }
 
 /// Waits (polling the store) until every order has ended.
-async fn wait_until_all_end(store: &Store, ids: &[String]) {
+pub(crate) async fn wait_until_all_end(store: &Store, ids: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut open: Vec<&String> = ids.iter().collect();
     while !open.is_empty() {
@@ -176,7 +176,7 @@ async fn wait_until_all_end(store: &Store, ids: &[String]) {
 }
 
 /// Every outcome the spec demands, read back from the event store.
-async fn assert_outcome(
+pub(crate) async fn assert_outcome(
     store: &Store,
     orders: &[Vec<(String, u32)>],
     ids: &[String],
@@ -271,7 +271,7 @@ async fn assert_outcome(
 }
 
 /// Prints orders/s and POST → PAYMENT_WAIT percentiles.
-async fn report(
+pub(crate) async fn report(
     label: &str,
     store: &Store,
     sent: &HashMap<String, DateTime<Utc>>,

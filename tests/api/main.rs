@@ -10,6 +10,7 @@ mod binary;
 mod contract;
 mod e2e;
 mod helpers;
+mod kafka;
 mod orders;
 mod read_side;
 mod saga;

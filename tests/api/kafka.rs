@@ -1,0 +1,237 @@
+//! The saga over PostgreSQL and a real Kafka-protocol broker (tansu, started
+//! by `scripts/kafka-up`; the test command sets `TEST_KAFKA_BROKERS`): the
+//! 1,000-order run ends as in-process, an independent client (Python
+//! confluent-kafka + fastavro) reads every topic and checks keys, schemas,
+//! saga order and duplicates, and a broker stalled for 10 s (SIGSTOP) loses
+//! no order, applies no effect twice, and never stops order acceptance.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use order_saga::saga::integration::IntegrationEvent;
+use order_saga::store::Store;
+use serde_json::Value;
+use tokio::process::Command;
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::binary::serve_with;
+use crate::e2e::{
+    assert_outcome, order_lines, post_orders, report, stock_half_the_demand, wait_until_all_end,
+    ORDERS,
+};
+use crate::helpers::{Backend, TestStore};
+
+/// One Kafka test at a time: the broker is shared, and one of them stops it.
+async fn broker_lock() -> MutexGuard<'static, ()> {
+    static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| Mutex::new(())).lock().await
+}
+
+fn brokers() -> String {
+    std::env::var("TEST_KAFKA_BROKERS")
+        .expect("TEST_KAFKA_BROKERS is not set: run the tests with scripts/test (it starts the broker with scripts/kafka-up)")
+}
+
+/// The service's Kafka settings for a test: its own topic prefix, and the
+/// test broker's workaround (one record per batch: tansu 0.6.0 skips the rest
+/// of a batch when a fetch starts in its middle).
+fn kafka_env(prefix: &str) -> Vec<(String, String)> {
+    vec![
+        ("KAFKA_BROKERS".into(), brokers()),
+        ("KAFKA_TOPIC_PREFIX".into(), prefix.into()),
+        ("KAFKA_PARTITIONS".into(), "6".into()),
+        (
+            "KAFKA_PRODUCER_CONFIG".into(),
+            "batch.num.messages=1".into(),
+        ),
+    ]
+}
+
+/// How many integration events the log holds (what the topics must hold).
+async fn published_events(store: &Store) -> usize {
+    let mut after = 0;
+    let mut count = 0;
+    loop {
+        let batch = store.read_log(after, 10_000).await.expect("log");
+        let Some(last) = batch.last() else {
+            return count;
+        };
+        after = last.position;
+        count += batch
+            .iter()
+            .filter(|e| IntegrationEvent::from_log(e).ok().flatten().is_some())
+            .count();
+    }
+}
+
+/// Runs the independent client over the test's topics.
+async fn independent_reader(prefix: &str, expected: usize) -> Value {
+    let python = std::env::var("TEST_KAFKA_PYTHON").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/order-saga/venv/bin/python",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let root = env!("CARGO_MANIFEST_DIR");
+    let output = Command::new(python)
+        .arg(format!("{root}/tests/kafka_reader.py"))
+        .args([
+            brokers(),
+            prefix.to_string(),
+            format!("{root}/schemas/avro"),
+            expected.to_string(),
+        ])
+        .output()
+        .await
+        .expect("run the independent reader");
+    assert!(
+        output.status.success(),
+        "reader failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("reader's JSON report")
+}
+
+fn assert_clean(report: &Value, expected: usize) {
+    assert_eq!(
+        report["messages"], expected,
+        "every published event read: {report}"
+    );
+    for empty in ["undecodable", "duplicates", "order_violations"] {
+        assert_eq!(
+            report[empty].as_array().map(Vec::len),
+            Some(0),
+            "{empty}: {report}"
+        );
+    }
+    for zero in ["bad_keys", "bad_headers", "bad_totals"] {
+        assert_eq!(report[zero], 0, "{zero}: {report}");
+    }
+}
+
+async fn wait_for_relay(store: &Store, url: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("text");
+        if text.lines().any(|l| l == "order_saga_relay_lag_events 0")
+            && store.head_position().await.expect("head") > 0
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "relay never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_postgres_and_kafka_every_order_ends_correctly_and_an_independent_client_reads_every_topic(
+) {
+    let _broker = broker_lock().await;
+    let t = TestStore::new(Backend::Postgres).await;
+    let prefix = format!("{}.", t.schema);
+    let orders = order_lines();
+    let stock = stock_half_the_demand(&t.store, &orders).await;
+
+    let started = Instant::now();
+    let (mut server, url) = serve_with(&t, &kafka_env(&prefix)).await;
+    let mut slots = vec![None; ORDERS];
+    post_orders(&url, &orders, &mut slots, None).await;
+    let ids: Vec<String> = slots
+        .iter()
+        .map(|s| s.clone().expect("accepted").0)
+        .collect();
+    wait_until_all_end(&t.store, &ids).await;
+    let elapsed = started.elapsed();
+    wait_for_relay(&t.store, &url).await;
+    server.start_kill().expect("stop");
+    let _ = server.wait().await;
+
+    let waiting = assert_outcome(&t.store, &orders, &ids, &stock).await;
+    let sent: HashMap<String, _> = slots.into_iter().flatten().collect();
+    report("Postgres + Kafka", &t.store, &sent, elapsed, waiting).await;
+    let expected = published_events(&t.store).await;
+    assert_clean(&independent_reader(&prefix, expected).await, expected);
+    t.cleanup().await;
+}
+
+async fn signal(signal: &str) {
+    let pid = std::env::var("TEST_KAFKA_PID")
+        .expect("TEST_KAFKA_PID: the broker's process id (scripts/test sets it)");
+    let status = Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_stalled_for_10_seconds_loses_no_order_and_applies_no_effect_twice() {
+    let _broker = broker_lock().await;
+    let t = TestStore::new(Backend::Postgres).await;
+    let prefix = format!("{}.", t.schema);
+    let orders = order_lines();
+    let stock = stock_half_the_demand(&t.store, &orders).await;
+    let (mut server, url) = serve_with(&t, &kafka_env(&prefix)).await;
+    let client = reqwest::Client::new();
+    let ready = |url: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .expect("GET")
+                .status()
+                .as_u16()
+        }
+    };
+    let mut slots = vec![None; ORDERS];
+    post_orders(&url, &orders, &mut slots, Some(ORDERS / 3)).await;
+
+    signal("-STOP").await;
+    let stalled = Instant::now();
+    // The broker is gone: orders are still accepted, and readiness says so.
+    post_orders(&url, &orders, &mut slots, None).await;
+    assert!(
+        slots.iter().all(Option::is_some),
+        "every order accepted while the broker was stalled"
+    );
+    let mut saw_not_ready = false;
+    while stalled.elapsed() < Duration::from_secs(10) {
+        saw_not_ready |= ready(url.clone()).await == 503;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    signal("-CONT").await;
+    assert!(saw_not_ready, "readiness reported the broker down");
+
+    let ids: Vec<String> = slots
+        .iter()
+        .map(|s| s.clone().expect("accepted").0)
+        .collect();
+    wait_until_all_end(&t.store, &ids).await;
+    wait_for_relay(&t.store, &url).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(url.clone()).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "ready again after the broker came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.start_kill().expect("stop");
+    let _ = server.wait().await;
+    assert_outcome(&t.store, &orders, &ids, &stock).await;
+    let expected = published_events(&t.store).await;
+    assert_clean(&independent_reader(&prefix, expected).await, expected);
+    t.cleanup().await;
+}
