@@ -235,3 +235,82 @@ async fn a_broker_stalled_for_10_seconds_loses_no_order_and_applies_no_effect_tw
     assert_clean(&independent_reader(&prefix, expected).await, expected);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_message_goes_to_the_dead_letter_topic_with_its_error() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let _broker = broker_lock().await;
+    let t = TestStore::new(Backend::Postgres).await;
+    let prefix = format!("{}.", t.schema);
+    let (mut server, url) = serve_with(&t, &kafka_env(&prefix)).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    let topic = format!("{prefix}order.created");
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("o-poison")
+                .payload("not avro at all"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce the poison");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while t
+        .store
+        .dead_letters()
+        .await
+        .expect("dead letters")
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{prefix}dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer
+        .subscribe(&[&format!("{topic}.dlq")])
+        .expect("subscribe");
+    let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .expect("a dead letter arrives")
+        .expect("message");
+    assert_eq!(message.key(), Some(&b"o-poison"[..]));
+    assert_eq!(message.payload(), Some(&b"not avro at all"[..]));
+    let error = message
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == "error").and_then(|h| h.value))
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .expect("error header");
+    assert!(error.contains("order.created"), "{error}");
+    // The saga went on: the service still takes and finishes orders.
+    order_saga::service::App::new(t.store.clone())
+        .set_product("p-1", Some("1.00".parse().expect("price")), Some(5))
+        .await
+        .expect("stock");
+    let created: Value = reqwest::Client::new()
+        .post(format!("{url}/api/v1/orders"))
+        .json(&crate::helpers::order_body(&[("p-1", 1)]))
+        .send()
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("json");
+    let id = created["orderId"].as_str().expect("id").to_string();
+    wait_until_all_end(&t.store, std::slice::from_ref(&id)).await;
+    server.start_kill().expect("stop");
+    let _ = server.wait().await;
+    t.cleanup().await;
+}
