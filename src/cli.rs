@@ -9,6 +9,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use order_saga_domain::Money;
 
+use chrono::{DateTime, Utc};
+
+use crate::analytics::{AsOf, ReplayFormat};
 use crate::saga::kafka::{parse_properties, KafkaConfig};
 use crate::saga::SagaConfig;
 use crate::store::StoreConfig;
@@ -80,6 +83,68 @@ pub enum Command {
     /// Set or show products: price and stock, as operators manage them.
     #[command(subcommand)]
     Product(ProductCommand),
+    /// An order's full history: its events and its stock reservation's.
+    ///
+    /// Example: order-saga events 3f2c…  (a table on a terminal, JSON lines
+    /// when piped or with --format jsonl)
+    Events {
+        /// The order's id.
+        order_id: String,
+        /// table or jsonl (default: table on a terminal, jsonl otherwise).
+        #[arg(long, value_enum)]
+        format: Option<OutputFormat>,
+    },
+    /// An order's state at a moment of the log, rebuilt from its events.
+    ///
+    /// Example: order-saga order 3f2c… --as-of 2026-11-24T10:00:00Z
+    Order {
+        /// The order's id.
+        order_id: String,
+        /// A log position (e.g. 1234) or an RFC 3339 time.
+        #[arg(long)]
+        as_of: AsOf,
+    },
+    /// Streams the global log in position order, in constant memory.
+    ///
+    /// Example: order-saga replay --from 0 --format avro --out log.avro
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns, for people.
+    Table,
+    /// One JSON object a line, for programs.
+    Jsonl,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Start after this log position (0: from the beginning).
+    #[arg(long, default_value_t = 0)]
+    pub from: i64,
+    /// Stop after this log position.
+    #[arg(long)]
+    pub to: Option<i64>,
+    /// Only events recorded at or after this RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<DateTime<Utc>>,
+    /// Only events recorded at or before this RFC 3339 time.
+    #[arg(long)]
+    pub until: Option<DateTime<Utc>>,
+    /// Only these domain event types (repeatable), e.g. --type OrderCreated.
+    #[arg(long = "type")]
+    pub types: Vec<String>,
+    /// jsonl: domain events with metadata; avro: an Avro object container
+    /// file of the integration events (schemas/avro, as a union).
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: ReplayFormat,
+    /// Write here instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Keep streaming new events as they are committed.
+    #[arg(long)]
+    pub follow: bool,
 }
 
 #[derive(Debug, Parser)]
@@ -221,6 +286,18 @@ pub enum ProductCommand {
     Show {
         /// The product's id; omit to list all products.
         product_id: Option<String>,
+        /// table or jsonl (default: table on a terminal, jsonl otherwise).
+        #[arg(long, value_enum)]
+        format: Option<OutputFormat>,
+    },
+    /// A product's stock movements — levels set, stock held and returned —
+    /// with the orders that caused them.
+    History {
+        /// The product's id.
+        product_id: String,
+        /// table or jsonl (default: table on a terminal, jsonl otherwise).
+        #[arg(long, value_enum)]
+        format: Option<OutputFormat>,
     },
 }
 

@@ -12,11 +12,13 @@
 //!   fed from the global log through a transport seam;
 //! - [`projections`]: the read models, kept up to date from the global log;
 //! - [`http`]: the REST API (axum);
+//! - [`analytics`]: the analysts' history, time-travel and replay tools;
 //! - [`cli`]: the command line and its settings (clap).
 
 #[macro_use]
 pub mod store;
 
+pub mod analytics;
 pub mod cli;
 pub mod graphql_backend;
 pub mod health;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use order_saga::analytics::{self, LogLine, ReplayFilter};
 use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
+use order_saga::cli::{OutputFormat, ReplayArgs};
 use order_saga::health::{pause, Readiness, Shutdown};
 use order_saga::http::HttpState;
 use order_saga::projections::Projections;
@@ -16,8 +18,10 @@ use order_saga::saga::kafka::{KafkaTransport, Relay};
 use order_saga::saga::notify::{LogNotifier, Notifier, WebhookNotifier};
 use order_saga::saga::transport::{LogTransport, Transport};
 use order_saga::saga::{Saga, SagaOptions};
-use order_saga::service::{App, ProductView};
+use order_saga::service::{App, OrderView, ProductView};
+use order_saga::store::LogEntry;
 use order_saga::store::Store;
+use std::io::{IsTerminal, Write};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -59,20 +63,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_products(&[view]);
             Ok(())
         }
-        Command::Product(ProductCommand::Show { product_id: None }) => {
-            print_products(&app.products().await?);
+        Command::Product(ProductCommand::Show { product_id, format }) => {
+            let products = match product_id {
+                None => app.products().await?,
+                Some(id) => vec![app
+                    .product(&id)
+                    .await?
+                    .with_context(|| format!("productId: unknown product '{id}'"))?],
+            };
+            match output_format(format) {
+                OutputFormat::Table => print_products(&products),
+                OutputFormat::Jsonl => print_jsonl(&products)?,
+            }
             Ok(())
         }
-        Command::Product(ProductCommand::Show {
-            product_id: Some(id),
-        }) => {
-            let view = app
-                .product(&id)
+        Command::Product(ProductCommand::History { product_id, format }) => {
+            let entries = analytics::product_history(&store, &product_id).await?;
+            if entries.is_empty() {
+                anyhow::bail!("productId: unknown product '{product_id}'");
+            }
+            print_entries(&entries, output_format(format))
+        }
+        Command::Events { order_id, format } => {
+            let entries = analytics::order_history(&store, &order_id).await?;
+            if entries.is_empty() {
+                anyhow::bail!("orderId: unknown order '{order_id}'");
+            }
+            print_entries(&entries, output_format(format))
+        }
+        Command::Order { order_id, as_of } => {
+            let (order, version) = analytics::order_as_of(&store, &order_id, as_of)
                 .await?
-                .with_context(|| format!("productId: unknown product '{id}'"))?;
-            print_products(&[view]);
+                .with_context(|| {
+                    format!("orderId: order '{order_id}' did not exist at {as_of:?}")
+                })?;
+            let view = OrderView::from_aggregate(&order_id, order, version).with_context(|| {
+                format!("orderId: order '{order_id}' did not exist at {as_of:?}")
+            })?;
+            println!("{}", serde_json::to_string_pretty(&view)?);
             Ok(())
         }
+        Command::Replay(args) => replay(&store, args).await,
     };
     store.close().await;
     result
@@ -190,6 +221,65 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Table on a terminal, JSON lines otherwise, unless the user chose.
+fn output_format(chosen: Option<OutputFormat>) -> OutputFormat {
+    chosen.unwrap_or(if std::io::stdout().is_terminal() {
+        OutputFormat::Table
+    } else {
+        OutputFormat::Jsonl
+    })
+}
+
+fn print_jsonl<T: serde::Serialize>(items: &[T]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for item in items {
+        serde_json::to_writer(&mut out, item)?;
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn print_entries(entries: &[LogEntry], format: OutputFormat) -> anyhow::Result<()> {
+    let lines: Vec<LogLine> = entries.iter().map(LogLine::from).collect();
+    if format == OutputFormat::Jsonl {
+        return print_jsonl(&lines);
+    }
+    println!(
+        "{:>9}  {:<27}  {:<16}  {:>3}  {:<22}  PAYLOAD",
+        "POSITION", "RECORDED_AT", "AGGREGATE", "SEQ", "EVENT"
+    );
+    for l in lines {
+        println!(
+            "{:>9}  {:<27}  {:<16}  {:>3}  {:<22}  {}",
+            l.position, l.recorded_at, l.aggregate_type, l.sequence, l.event_type, l.payload
+        );
+    }
+    Ok(())
+}
+
+async fn replay(store: &Store, args: ReplayArgs) -> anyhow::Result<()> {
+    let filter = ReplayFilter {
+        from: args.from,
+        to: args.to,
+        since: args.since,
+        until: args.until,
+        types: args.types,
+    };
+    let written = match &args.out {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("--out: cannot create {}", path.display()))?;
+            analytics::replay(store, &filter, args.format, file, args.follow, |_| {}).await?
+        }
+        None => {
+            let stdout = std::io::stdout().lock();
+            analytics::replay(store, &filter, args.format, stdout, args.follow, |_| {}).await?
+        }
+    };
+    tracing::info!(events = written, "replay done");
+    Ok(())
 }
 
 fn print_products(products: &[ProductView]) {

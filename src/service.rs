@@ -120,6 +120,11 @@ pub struct OrderView {
 }
 
 impl OrderView {
+    /// The view of an order's state after `version` events.
+    pub fn from_aggregate(order_id: &str, order: Order, version: i64) -> Option<Self> {
+        Self::of(order_id, order, usize::try_from(version).ok()?)
+    }
+
     fn of(order_id: &str, order: Order, version: usize) -> Option<Self> {
         Some(OrderView {
             version: i64::try_from(version).unwrap_or(i64::MAX),

@@ -277,6 +277,28 @@ impl Store {
         }
     }
 
+    /// The log entries of the given aggregates with this id (e.g. an order
+    /// and its stock reservation), in position order.
+    pub async fn aggregate_log(
+        &self,
+        aggregate_types: &[&str],
+        aggregate_id: &str,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let mut entries = Vec::new();
+        for aggregate_type in aggregate_types {
+            entries.extend(match self {
+                Store::Postgres(pool) => {
+                    postgres::read_aggregate(pool, aggregate_type, aggregate_id).await?
+                }
+                Store::Sqlite(pool) => {
+                    sqlite::read_aggregate(pool, aggregate_type, aggregate_id).await?
+                }
+            });
+        }
+        entries.sort_by_key(|e| e.position);
+        Ok(entries)
+    }
+
     /// The highest global position assigned so far.
     pub async fn head_position(&self) -> Result<i64, StoreError> {
         let head: Option<i64> = on_pool!(self, |pool| {

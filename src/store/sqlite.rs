@@ -56,6 +56,20 @@ pub(super) async fn read_log(
     rows.iter().map(entry).collect()
 }
 
+/// One aggregate's stored events, with their log metadata, oldest first.
+pub(super) async fn read_aggregate(
+    pool: &SqlitePool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Vec<LogEntry>, StoreError> {
+    let rows = sqlx::query(include_str!("sql/read_aggregate.sql"))
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(entry).collect()
+}
+
 fn entry(row: &SqliteRow) -> Result<LogEntry, StoreError> {
     let position: i64 = row.try_get("position")?;
     let event_id: String = row.try_get("event_id")?;
