@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::stream::{BoxStream, StreamExt};
 use order_saga_domain::{Money, OrderStatus};
-use order_saga_graphql::{Backend, BackendError, ErrorCode, NewOrder};
+use order_saga_graphql::{Backend, BackendError, ErrorCode, LogRecord, NewOrder};
 use order_saga_projections::{
     HistoryRecord, OrderFilter, OrderRecord, ProductRecord, StatRecord, StatusChange,
 };
@@ -117,6 +117,45 @@ impl Backend for ApiBackend {
 
     async fn stats(&self) -> Result<Vec<StatRecord>, BackendError> {
         Ok(self.projections.stats().await?)
+    }
+
+    async fn events(
+        &self,
+        after: i64,
+        first: i64,
+        types: &[String],
+    ) -> Result<Vec<LogRecord>, BackendError> {
+        // Scan pages of the log until enough events of the asked types are
+        // found, at most this far past `after` per query.
+        const SCAN_LIMIT: i64 = 100_000;
+        let store = self.app.store();
+        let mut found = Vec::new();
+        let mut position = after;
+        while found.len() < first as usize && position - after < SCAN_LIMIT {
+            let page = store.read_log(position, 1_000).await?;
+            let Some(last) = page.last() else { break };
+            position = last.position;
+            for e in page {
+                if found.len() < first as usize
+                    && (types.is_empty() || types.contains(&e.event_type))
+                {
+                    found.push(LogRecord {
+                        position: e.position,
+                        event_id: e.event_id.to_string(),
+                        recorded_at: e
+                            .recorded_at
+                            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                        aggregate_type: e.aggregate_type,
+                        aggregate_id: e.aggregate_id,
+                        sequence: e.sequence,
+                        event_type: e.event_type,
+                        payload: e.payload,
+                        metadata: e.metadata,
+                    });
+                }
+            }
+        }
+        Ok(found)
     }
 
     async fn create_order(&self, order: NewOrder) -> Result<OrderRecord, BackendError> {

@@ -94,6 +94,23 @@ pub struct NewOrder {
     pub items: Vec<domain::ItemRequest>,
 }
 
+/// One entry of the global log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRecord {
+    pub position: i64,
+    pub event_id: String,
+    pub recorded_at: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub payload: serde_json::Value,
+    pub metadata: serde_json::Value,
+}
+
+/// Most log events one `events` query returns.
+pub const MAX_EVENTS: i32 = 1_000;
+
 /// What the schema reads and does; implemented by the service.
 #[async_trait]
 pub trait Backend: Send + Sync {
@@ -107,6 +124,14 @@ pub trait Backend: Send + Sync {
     async fn history(&self, order_id: &str) -> Result<Vec<HistoryRecord>, BackendError>;
     async fn product(&self, product_id: &str) -> Result<Option<ProductRecord>, BackendError>;
     async fn stats(&self) -> Result<Vec<StatRecord>, BackendError>;
+    /// Up to `first` log entries after `after`, of the given event types
+    /// (all when empty), in position order.
+    async fn events(
+        &self,
+        after: i64,
+        first: i64,
+        types: &[String],
+    ) -> Result<Vec<LogRecord>, BackendError>;
     /// Creates the order and returns it once the read model has it.
     async fn create_order(&self, order: NewOrder) -> Result<OrderRecord, BackendError>;
     /// Cancels (CUSTOMER_REQUEST) and returns it once the read model has it.
@@ -292,6 +317,41 @@ impl HistoryEvent {
     }
     async fn payload(&self) -> Json<serde_json::Value> {
         Json(self.0.payload.clone())
+    }
+}
+
+/// An entry of the global log, for analysts.
+pub struct LogEvent(LogRecord);
+
+#[Object]
+impl LogEvent {
+    /// Position in the global log (pass the last one as `after`).
+    async fn position(&self) -> i64 {
+        self.0.position
+    }
+    async fn event_id(&self) -> &str {
+        &self.0.event_id
+    }
+    async fn recorded_at(&self) -> &str {
+        &self.0.recorded_at
+    }
+    async fn aggregate_type(&self) -> &str {
+        &self.0.aggregate_type
+    }
+    async fn aggregate_id(&self) -> &str {
+        &self.0.aggregate_id
+    }
+    async fn sequence(&self) -> i64 {
+        self.0.sequence
+    }
+    async fn event_type(&self) -> &str {
+        &self.0.event_type
+    }
+    async fn payload(&self) -> Json<serde_json::Value> {
+        Json(self.0.payload.clone())
+    }
+    async fn metadata(&self) -> Json<serde_json::Value> {
+        Json(self.0.metadata.clone())
     }
 }
 
@@ -484,6 +544,28 @@ impl QueryRoot {
 
     async fn product(&self, ctx: &Context<'_>, product_id: ID) -> Result<Option<Product>, Error> {
         Ok(backend(ctx)?.product(&product_id).await?.map(Product))
+    }
+
+    /// The global log after a position, for analysts' notebooks: at most
+    /// `first` (≤ 1000) events, optionally only of the given event types.
+    async fn events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 0)] after: i64,
+        #[graphql(default = 100)] first: i32,
+        #[graphql(name = "type")] types: Option<Vec<String>>,
+    ) -> Result<Vec<LogEvent>, Error> {
+        if !(1..=MAX_EVENTS).contains(&first) {
+            return Err(BackendError::bad_input(
+                "first",
+                format!("first: must be between 1 and {MAX_EVENTS}"),
+            )
+            .into());
+        }
+        let events = backend(ctx)?
+            .events(after, i64::from(first), &types.unwrap_or_default())
+            .await?;
+        Ok(events.into_iter().map(LogEvent).collect())
     }
 
     /// Counts per outcome and cancel reason, and per-stage durations.
