@@ -108,6 +108,23 @@ pub enum Command {
     ///
     /// Example: order-saga replay --from 0 --format avro --out log.avro
     Replay(ReplayArgs),
+    /// Maintain the read models.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Rebuild the read models from position 0 beside the live ones, then
+    /// switch; a running service keeps answering from the old ones
+    /// meanwhile.
+    ///
+    /// Example: order-saga projections rebuild
+    Rebuild {
+        /// Which projection (there is one: read_models).
+        #[arg(long, default_value = "read_models")]
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 use order_saga::analytics::{self, LogLine, ReplayFilter};
 use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
-use order_saga::cli::{OutputFormat, ReplayArgs};
+use order_saga::cli::{OutputFormat, ProjectionsCommand, ReplayArgs};
 use order_saga::health::{pause, Readiness, Shutdown};
 use order_saga::http::HttpState;
 use order_saga::projections::Projections;
@@ -104,6 +105,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay(args) => replay(&store, args).await,
+        Command::Projections(ProjectionsCommand::Rebuild { name }) => {
+            rebuild_projections(&store, &name).await
+        }
     };
     store.close().await;
     result
@@ -256,6 +260,44 @@ fn print_entries(entries: &[LogEntry], format: OutputFormat) -> anyhow::Result<(
             l.position, l.recorded_at, l.aggregate_type, l.sequence, l.event_type, l.payload
         );
     }
+    Ok(())
+}
+
+/// Rebuilds the read models with a progress bar on a terminal, plain
+/// progress lines otherwise.
+async fn rebuild_projections(store: &Store, name: &str) -> anyhow::Result<()> {
+    if name != "read_models" {
+        anyhow::bail!("--name: unknown projection '{name}' (there is: read_models)");
+    }
+    let projections = Projections::new(store.clone());
+    let terminal = std::io::stderr().is_terminal();
+    let bar = ProgressBar::new(0);
+    if terminal {
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} rebuilding {wide_bar} {pos}/{len} events ({per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut reported = 0;
+    projections
+        .rebuild(|position, head| {
+            bar.set_length(head.max(0) as u64);
+            bar.set_position(position.max(0) as u64);
+            if !terminal && (position - reported >= 10_000 || position == head) {
+                reported = position;
+                eprintln!("rebuilt read models up to position {position} of {head}");
+            }
+        })
+        .await?;
+    bar.finish_and_clear();
+    println!(
+        "read models rebuilt and switched at position {}",
+        projections.position().await?
+    );
     Ok(())
 }
 

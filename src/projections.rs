@@ -25,7 +25,44 @@ use crate::store::{LogEntry, Store, StoreError};
 
 /// The checkpoint of the read models.
 pub const CHECKPOINT: &str = "projection.read_models";
+/// The checkpoint of the read models being rebuilt beside the live ones.
+const NEXT_CHECKPOINT: &str = "projection.read_models.next";
 const BATCH: i64 = 500;
+/// The read-model tables; a rebuild fills `<table>_next` and swaps.
+const TABLES: [&str; 4] = [
+    "order_views",
+    "order_history",
+    "product_views",
+    "saga_stats",
+];
+
+/// Which set of read-model tables a batch is applied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The tables readers read.
+    Live,
+    /// The shadow tables of a rebuild.
+    Next,
+}
+
+impl Target {
+    /// `sql` with the table names of this target.
+    fn sql(self, sql: &str) -> String {
+        match self {
+            Target::Live => sql.to_string(),
+            Target::Next => TABLES.iter().fold(sql.to_string(), |sql, table| {
+                sql.replace(table, &format!("{table}_next"))
+            }),
+        }
+    }
+
+    fn checkpoint(self) -> &'static str {
+        match self {
+            Target::Live => CHECKPOINT,
+            Target::Next => NEXT_CHECKPOINT,
+        }
+    }
+}
 
 enum Tx {
     Pg(Transaction<'static, Postgres>),
@@ -124,39 +161,47 @@ impl Projections {
 
     /// Applies the next batch of the log; returns how many entries.
     pub async fn run_once(&self) -> Result<usize, StoreError> {
-        let from = self.position().await?;
-        let entries = self.store.read_log(from, BATCH).await?;
-        let Some(last) = entries.last().map(|e| e.position) else {
-            return Ok(0);
-        };
-        let mut tx = Tx::begin(&self.store).await?;
-        if !claim(&mut tx, from, last).await? {
-            // Another instance applied this stretch first.
-            return Ok(0);
-        }
-        let mut changes = Vec::new();
-        for entry in &entries {
-            match project(&stored(entry)) {
-                Ok(ops) => {
-                    for op in ops {
-                        apply(&mut tx, &op).await?;
-                        changes.extend(op.status_change());
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "projection skipped an unreadable event"),
-            }
-        }
-        tx.commit().await?;
+        let (applied, changes) = self.apply_batch(Target::Live).await?;
         for change in changes {
             let _ = self.changes.send(change);
         }
-        self.progress.send_replace(last);
-        Ok(entries.len())
+        if let Some(last) = applied {
+            self.progress.send_replace(last);
+        }
+        Ok(usize::from(applied.is_some()))
     }
 
-    /// Runs until the projection has caught up with the log.
+    /// Applies the next batch to `target`, with its checkpoint; returns the
+    /// position reached (none if there was nothing, or another instance
+    /// applied it first) and the status changes.
+    async fn apply_batch(
+        &self,
+        target: Target,
+    ) -> Result<(Option<i64>, Vec<StatusChange>), StoreError> {
+        let from = self.store.load_checkpoint(target.checkpoint()).await?;
+        let entries = self.store.read_log(from, BATCH).await?;
+        let Some(last) = entries.last().map(|e| e.position) else {
+            return Ok((None, Vec::new()));
+        };
+        let mut tx = Tx::begin(&self.store).await?;
+        if !claim(&mut tx, target.checkpoint(), from, last).await? {
+            return Ok((None, Vec::new()));
+        }
+        let changes = apply_entries(&mut tx, &entries, target).await?;
+        tx.commit().await?;
+        Ok((Some(last), changes))
+    }
+
+    /// Runs until the projection has caught up with the log as it is now
+    /// (whichever instance applies the batches).
     pub async fn catch_up(&self) -> Result<(), StoreError> {
-        while self.run_once().await? > 0 {}
+        self.store.sequence_pending().await?;
+        let head = self.store.head_position().await?;
+        while self.position().await? < head {
+            if self.run_once().await? == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         Ok(())
     }
 
@@ -188,30 +233,82 @@ impl Projections {
         self.heartbeat.clone()
     }
 
-    /// Drops the read models and builds them again from position 0.
-    pub async fn rebuild(&self) -> Result<(), StoreError> {
+    /// Builds the read models again from position 0 beside the live ones
+    /// (`<table>_next`), while readers keep reading the live tables; then,
+    /// in one transaction that holds the live projection still, finishes
+    /// the last stretch and swaps the tables. `progress` hears (position
+    /// reached, log head) after each batch.
+    pub async fn rebuild(&self, mut progress: impl FnMut(i64, i64)) -> Result<(), StoreError> {
+        let ddl = Target::Next.sql(self.read_model_ddl());
         let mut tx = Tx::begin(&self.store).await?;
-        for table in [
-            "order_views",
-            "order_history",
-            "product_views",
-            "saga_stats",
-        ] {
-            on_tx!(&mut tx, |conn| sqlx::query(&format!("DELETE FROM {table}"))
-                .execute(conn)
-                .await
-                .map(|_| ()))?;
+        for table in TABLES {
+            exec(&mut tx, &format!("DROP TABLE IF EXISTS {table}_next")).await?;
         }
-        on_tx!(&mut tx, |conn| sqlx::query(include_str!(
-            "store/sql/save_checkpoint.sql"
-        ))
-        .bind(CHECKPOINT)
-        .bind(0_i64)
-        .execute(conn)
-        .await
-        .map(|_| ()))?;
+        for statement in statements(&ddl) {
+            exec(&mut tx, statement).await?;
+        }
+        set_checkpoint(&mut tx, NEXT_CHECKPOINT, 0).await?;
         tx.commit().await?;
-        self.catch_up().await
+
+        let head = self.store.head_position().await?;
+        while let (Some(position), _) = self.apply_batch(Target::Next).await? {
+            progress(position, head.max(position));
+        }
+
+        let mut tx = Tx::begin(&self.store).await?;
+        // Hold the live projection: its checkpoint row stays ours until the
+        // swap commits.
+        let live = lock_checkpoint(&mut tx, CHECKPOINT).await?;
+        let mut position = lock_checkpoint(&mut tx, NEXT_CHECKPOINT).await?;
+        loop {
+            let entries = self.store.read_log(position, BATCH).await?;
+            let Some(last) = entries.last().map(|e| e.position) else {
+                break;
+            };
+            apply_entries(&mut tx, &entries, Target::Next).await?;
+            position = last;
+        }
+        for table in TABLES {
+            exec(&mut tx, &format!("DROP TABLE {table}")).await?;
+            exec(
+                &mut tx,
+                &format!("ALTER TABLE {table}_next RENAME TO {table}"),
+            )
+            .await?;
+        }
+        // Indexes keep the names they were created with: give them back the
+        // live ones.
+        for statement in statements(self.read_model_ddl()).filter(|s| s.contains("CREATE INDEX")) {
+            if let Some(name) = statement
+                .split_whitespace()
+                .skip_while(|w| *w != "INDEX")
+                .nth(1)
+            {
+                exec(
+                    &mut tx,
+                    &format!("DROP INDEX IF EXISTS {}", Target::Next.sql(name)),
+                )
+                .await?;
+                exec(&mut tx, statement).await?;
+            }
+        }
+        set_checkpoint(&mut tx, CHECKPOINT, position.max(live)).await?;
+        exec(
+            &mut tx,
+            &format!("DELETE FROM checkpoints WHERE name = '{NEXT_CHECKPOINT}'"),
+        )
+        .await?;
+        tx.commit().await?;
+        progress(position, position);
+        self.progress.send_replace(position);
+        Ok(())
+    }
+
+    fn read_model_ddl(&self) -> &'static str {
+        match self.store {
+            Store::Postgres(_) => include_str!("../migrations/postgres/0003_read_models.sql"),
+            Store::Sqlite(_) => include_str!("../migrations/sqlite/0003_read_models.sql"),
+        }
     }
 
     /// Waits (at most `timeout`) until the order's read model has reached
@@ -369,19 +466,91 @@ impl Projections {
     }
 }
 
-/// Moves the checkpoint from `from` to `to` if it is still at `from`.
-async fn claim(tx: &mut Tx, from: i64, to: i64) -> Result<bool, StoreError> {
+/// The SQL statements of a migration file.
+fn statements(ddl: &str) -> impl Iterator<Item = &str> {
+    ddl.split(';').filter(|s| {
+        s.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+    })
+}
+
+async fn exec(tx: &mut Tx, sql: &str) -> Result<(), StoreError> {
+    on_tx!(tx, |conn| sqlx::query(sql).execute(conn).await.map(|_| ()))?;
+    Ok(())
+}
+
+async fn set_checkpoint(tx: &mut Tx, name: &str, position: i64) -> Result<(), StoreError> {
+    on_tx!(tx, |conn| sqlx::query(include_str!(
+        "store/sql/save_checkpoint.sql"
+    ))
+    .bind(name)
+    .bind(position)
+    .execute(conn)
+    .await
+    .map(|_| ()))?;
+    Ok(())
+}
+
+/// Locks the named checkpoint's row for the rest of the transaction and
+/// returns its position.
+async fn lock_checkpoint(tx: &mut Tx, name: &str) -> Result<i64, StoreError> {
     on_tx!(tx, |conn| sqlx::query(
         "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING"
     )
-    .bind(CHECKPOINT)
+    .bind(name)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ()))?;
+    on_tx!(tx, |conn| sqlx::query(
+        "UPDATE checkpoints SET position = position WHERE name = $1"
+    )
+    .bind(name)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ()))?;
+    let position = on_tx!(tx, |conn| sqlx::query_scalar(
+        "SELECT position FROM checkpoints WHERE name = $1"
+    )
+    .bind(name)
+    .fetch_one(conn)
+    .await)?;
+    Ok(position)
+}
+
+/// Applies log entries to `target`'s tables; returns the status changes.
+async fn apply_entries(
+    tx: &mut Tx,
+    entries: &[LogEntry],
+    target: Target,
+) -> Result<Vec<StatusChange>, StoreError> {
+    let mut changes = Vec::new();
+    for entry in entries {
+        match project(&stored(entry)) {
+            Ok(ops) => {
+                for op in ops {
+                    apply(tx, &op, target).await?;
+                    changes.extend(op.status_change());
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "projection skipped an unreadable event"),
+        }
+    }
+    Ok(changes)
+}
+
+/// Moves the named checkpoint from `from` to `to` if it is still at `from`.
+async fn claim(tx: &mut Tx, name: &str, from: i64, to: i64) -> Result<bool, StoreError> {
+    on_tx!(tx, |conn| sqlx::query(
+        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING"
+    )
+    .bind(name)
     .execute(&mut *conn)
     .await
     .map(|_| ()))?;
     let moved = on_tx!(tx, |conn| sqlx::query(
         "UPDATE checkpoints SET position = $3 WHERE name = $1 AND position = $2"
     )
-    .bind(CHECKPOINT)
+    .bind(name)
     .bind(from)
     .bind(to)
     .execute(conn)
@@ -390,7 +559,7 @@ async fn claim(tx: &mut Tx, from: i64, to: i64) -> Result<bool, StoreError> {
     Ok(moved == 1)
 }
 
-async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
+async fn apply(tx: &mut Tx, op: &ReadOp, target: Target) -> Result<(), StoreError> {
     match op {
         ReadOp::InsertOrder {
             order_id,
@@ -405,11 +574,9 @@ async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
             let items =
                 serde_json::to_string(items).map_err(|e| StoreError::CorruptRow(e.to_string()))?;
             on_tx!(tx, |conn| {
-                sqlx::query(
-                "INSERT INTO order_views (order_id, created_position, user_id, store_id, status, items, \
+                sqlx::query(&target.sql("INSERT INTO order_views (order_id, created_position, user_id, store_id, status, items, \
                  total_amount, created_at_ms, version) VALUES ($1, $2, $3, $4, 'ORDER_CREATED', $5, $6, $7, $8) \
-                 ON CONFLICT (order_id) DO NOTHING"
-            )
+                 ON CONFLICT (order_id) DO NOTHING"))
             .bind(order_id)
             .bind(position)
             .bind(user_id)
@@ -435,7 +602,7 @@ async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
                 "UPDATE order_views SET status = $2, cancel_reason = $3, version = $4, {} = $5 WHERE order_id = $1",
                 time_column(*time)
             );
-            on_tx!(tx, |conn| sqlx::query(&sql)
+            on_tx!(tx, |conn| sqlx::query(&target.sql(&sql))
                 .bind(order_id)
                 .bind(status.as_str())
                 .bind(cancel_reason.map(CancelReason::as_str))
@@ -446,9 +613,9 @@ async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
                 .map(|_| ()))?;
         }
         ReadOp::StockReplied { order_id, at_ms } => {
-            on_tx!(tx, |conn| sqlx::query(
+            on_tx!(tx, |conn| sqlx::query(&target.sql(
                 "UPDATE order_views SET stock_replied_at_ms = $2 WHERE order_id = $1"
-            )
+            ))
             .bind(order_id)
             .bind(at_ms)
             .execute(conn)
@@ -465,10 +632,8 @@ async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
             payload,
         } => {
             on_tx!(tx, |conn| {
-                sqlx::query(
-                "INSERT INTO order_history (order_id, position, aggregate_type, sequence, event_type, \
-                 recorded_at_ms, payload) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
-            )
+                sqlx::query(&target.sql("INSERT INTO order_history (order_id, position, aggregate_type, sequence, event_type, \
+                 recorded_at_ms, payload) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"))
             .bind(order_id)
             .bind(position)
             .bind(aggregate_type)
@@ -483,10 +648,8 @@ async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
         }
         ReadOp::ProductPrice { product_id, price } => {
             on_tx!(tx, |conn| {
-                sqlx::query(
-                "INSERT INTO product_views (product_id, price, available, reserved) VALUES ($1, $2, 0, 0) \
-                 ON CONFLICT (product_id) DO UPDATE SET price = excluded.price"
-            )
+                sqlx::query(&target.sql("INSERT INTO product_views (product_id, price, available, reserved) VALUES ($1, $2, 0, 0) \
+                 ON CONFLICT (product_id) DO UPDATE SET price = excluded.price"))
             .bind(product_id)
             .bind(price.to_string())
             .execute(conn)
@@ -500,11 +663,9 @@ async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
             reserved_delta,
         } => {
             on_tx!(tx, |conn| {
-                sqlx::query(
-                "INSERT INTO product_views (product_id, price, available, reserved) VALUES ($1, NULL, $2, $3) \
+                sqlx::query(&target.sql("INSERT INTO product_views (product_id, price, available, reserved) VALUES ($1, NULL, $2, $3) \
                  ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, \
-                 reserved = product_views.reserved + excluded.reserved"
-            )
+                 reserved = product_views.reserved + excluded.reserved"))
             .bind(product_id)
             .bind(i64::from(*available))
             .bind(reserved_delta)
@@ -513,7 +674,7 @@ async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
             .map(|_| ())
             })?;
         }
-        ReadOp::Count { metric } => count(tx, metric, None).await?,
+        ReadOp::Count { metric } => count(tx, target, metric, None).await?,
         ReadOp::StageDone {
             order_id,
             stage,
@@ -524,28 +685,32 @@ async fn apply(tx: &mut Tx, op: &ReadOp) -> Result<(), StoreError> {
                 "SELECT {} FROM order_views WHERE order_id = $1",
                 start_column(*from)
             );
-            let started: Option<Option<i64>> = on_tx!(tx, |conn| sqlx::query_scalar(&sql)
-                .bind(order_id)
-                .fetch_optional(conn)
-                .await)?;
+            let started: Option<Option<i64>> =
+                on_tx!(tx, |conn| sqlx::query_scalar(&target.sql(&sql))
+                    .bind(order_id)
+                    .fetch_optional(conn)
+                    .await)?;
             if let Some(Some(started)) = started {
                 let metric = order_saga_projections::stage_metric(*stage);
-                count(tx, &metric, Some((at_ms - started).max(0))).await?;
+                count(tx, target, &metric, Some((at_ms - started).max(0))).await?;
             }
         }
     }
     Ok(())
 }
 
-async fn count(tx: &mut Tx, metric: &str, duration_ms: Option<i64>) -> Result<(), StoreError> {
+async fn count(
+    tx: &mut Tx,
+    target: Target,
+    metric: &str,
+    duration_ms: Option<i64>,
+) -> Result<(), StoreError> {
     let ms = duration_ms.unwrap_or(0);
     on_tx!(tx, |conn| {
-        sqlx::query(
-        "INSERT INTO saga_stats (metric, count, total_ms, max_ms) VALUES ($1, 1, $2, $2) \
+        sqlx::query(&target.sql("INSERT INTO saga_stats (metric, count, total_ms, max_ms) VALUES ($1, 1, $2, $2) \
          ON CONFLICT (metric) DO UPDATE SET count = saga_stats.count + 1, \
          total_ms = saga_stats.total_ms + excluded.total_ms, \
-         max_ms = CASE WHEN excluded.max_ms > saga_stats.max_ms THEN excluded.max_ms ELSE saga_stats.max_ms END"
-    )
+         max_ms = CASE WHEN excluded.max_ms > saga_stats.max_ms THEN excluded.max_ms ELSE saga_stats.max_ms END"))
     .bind(metric)
     .bind(ms)
     .execute(conn)

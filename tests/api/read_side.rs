@@ -510,7 +510,7 @@ async fn a_rebuild_from_position_0_gives_the_same_read_models(backend: Backend) 
     }
     app.settle(&orders).await;
     let before = dump(&app, &orders).await;
-    app.projections.rebuild().await.expect("rebuild");
+    app.projections.rebuild(|_, _| {}).await.expect("rebuild");
     let after = dump(&app, &orders).await;
     assert_eq!(before, after);
     assert!(before["stats"].as_array().is_some_and(|s| !s.is_empty()));
