@@ -140,7 +140,7 @@ impl ReplayFilter {
     fn keeps(&self, e: &LogEntry) -> bool {
         self.since.is_none_or(|t| e.recorded_at >= t)
             && self.until.is_none_or(|t| e.recorded_at <= t)
-            && (self.types.is_empty() || self.types.iter().any(|t| *t == e.event_type))
+            && (self.types.is_empty() || self.types.contains(&e.event_type))
     }
 }
 

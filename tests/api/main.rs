@@ -6,6 +6,7 @@
 //! PostgreSQL is found at `TEST_DATABASE_URL`, by default
 //! `postgres://postgres@127.0.0.1:5432/test`.
 
+mod analytics;
 mod binary;
 mod contract;
 mod e2e;
