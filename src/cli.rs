@@ -111,6 +111,45 @@ pub enum Command {
     /// Maintain the read models.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// Open-loop load generator against a running instance (HTTP):
+    /// acceptance and saga latency percentiles, throughput.
+    ///
+    /// Example: order-saga bench --url http://127.0.0.1:8080 --setup --rate 200 --duration 60s
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Base URL of the instance under load.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Orders per second, sent on schedule whatever the latency.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// How long to send (e.g. 30s, 10m).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Products the orders draw from (bench-p-0 …).
+    #[arg(long, default_value_t = 20)]
+    pub products: usize,
+    /// Stock each product gets with --setup.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub stock: u32,
+    /// Items per order: 1 to this many distinct products.
+    #[arg(long, default_value_t = 3)]
+    pub items: usize,
+    /// Share of orders (0 to 1) that include the hot product bench-p-0.
+    #[arg(long, default_value_t = 0.0)]
+    pub hot: f64,
+    /// How long to wait for the sagas to finish after sending.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// Create (or restock) the products first, through GraphQL.
+    #[arg(long)]
+    pub setup: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,6 +7,7 @@
 //! `postgres://postgres@127.0.0.1:5432/test`.
 
 mod analytics;
+mod bench;
 mod binary;
 mod contract;
 mod e2e;

@@ -1,0 +1,303 @@
+//! `order-saga bench`: an open-loop load generator against a running
+//! instance over HTTP.
+//!
+//! Orders are sent at a fixed arrival rate whatever the latency — each one
+//! at its scheduled instant, its acceptance latency counted from that
+//! instant — so slow answers cannot hide behind fewer requests (no
+//! coordinated omission). Saga latency is read afterwards from the read
+//! model's recorded-at timestamps (created → PAYMENT_WAIT or cancelled).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::DateTime;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub url: String,
+    /// Orders per second offered.
+    pub rate: f64,
+    pub duration: Duration,
+    pub products: usize,
+    /// Stock each product gets with `setup`.
+    pub stock: u32,
+    /// Items per order: 1 to this many distinct products.
+    pub max_items: usize,
+    /// Share of orders (0..=1) whose first item is the hot product.
+    pub hot: f64,
+    /// How long to wait for the sagas to finish after the last order.
+    pub settle: Duration,
+    /// Create the products first (through GraphQL `setProduct`).
+    pub setup: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Percentiles {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p90_ms: ms(h.value_at_quantile(0.90)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchReport {
+    pub offered_rate: f64,
+    /// Accepted orders per second of the sending window.
+    pub achieved_rate: f64,
+    pub sent: u64,
+    pub accepted: u64,
+    pub failed: u64,
+    /// POST → 201, from each order's scheduled instant.
+    pub acceptance: Percentiles,
+    /// OrderCreated → PaymentWaitStarted / OrderCancelled (recorded-at).
+    pub saga: Percentiles,
+    pub payment_wait: u64,
+    pub cancelled: u64,
+    /// Orders not finished when the settle time ran out.
+    pub unfinished: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("--rate, --duration, --products and --items must be positive")]
+    Settings,
+    #[error("{0}")]
+    Http(String),
+}
+
+/// A small deterministic generator, so runs are comparable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+async fn graphql(
+    client: &reqwest::Client,
+    url: &str,
+    query: &str,
+    variables: Value,
+) -> Result<Value, BenchError> {
+    let response: Value = client
+        .post(format!("{url}/graphql"))
+        .json(&json!({"query": query, "variables": variables}))
+        .send()
+        .await
+        .map_err(|e| BenchError::Http(e.to_string()))?
+        .json()
+        .await
+        .map_err(|e| BenchError::Http(e.to_string()))?;
+    if !response["errors"].is_null() {
+        return Err(BenchError::Http(format!("GraphQL: {}", response["errors"])));
+    }
+    Ok(response["data"].clone())
+}
+
+pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
+    if !config.rate.is_finite()
+        || config.rate <= 0.0
+        || config.duration.is_zero()
+        || config.products == 0
+        || config.max_items == 0
+    {
+        return Err(BenchError::Settings);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build()
+        .map_err(|e| BenchError::Http(e.to_string()))?;
+    let product = |i: usize| format!("bench-p-{i}");
+    if config.setup {
+        for i in 0..config.products {
+            graphql(
+                &client,
+                &config.url,
+                "mutation($id: ID!, $stock: Int!) { setProduct(productId: $id, price: \"10.00\", stock: $stock) { productId } }",
+                json!({"id": product(i), "stock": config.stock}),
+            )
+            .await?;
+        }
+    }
+    // This run's orders are told apart by their user.
+    let user = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let total = (config.rate * config.duration.as_secs_f64())
+        .round()
+        .max(1.0) as u64;
+    let interval = Duration::from_secs_f64(1.0 / config.rate);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let start = Instant::now();
+    let results = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(total as usize)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let mut items: Vec<Value> = Vec::new();
+        let count = 1 + rng.below(config.max_items.min(config.products));
+        if rng.unit() < config.hot {
+            items.push(json!({"productId": product(0), "quantity": 1}));
+        }
+        while items.len() < count {
+            let p = product(rng.below(config.products));
+            if items.iter().all(|item| item["productId"] != p.as_str()) {
+                items.push(json!({"productId": p, "quantity": 1 + rng.below(2)}));
+            }
+        }
+        let body = json!({"userId": user, "storeId": "bench", "items": items});
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
+        let (client, url, results) = (client.clone(), config.url.clone(), results.clone());
+        tasks.spawn(async move {
+            let outcome = client
+                .post(format!("{url}/api/v1/orders"))
+                .json(&body)
+                .send()
+                .await;
+            let latency = due.elapsed();
+            let accepted = matches!(&outcome, Ok(r) if r.status() == 201);
+            results.lock().await.push((accepted, latency));
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let window = start.elapsed().as_secs_f64();
+    let results = results.lock().await.clone();
+
+    let mut acceptance = Histogram::<u64>::new(3).map_err(|e| BenchError::Http(e.to_string()))?;
+    let mut accepted = 0;
+    for (ok, latency) in &results {
+        if *ok {
+            accepted += 1;
+            let _ = acceptance.record(latency.as_micros() as u64);
+        }
+    }
+    let (saga, payment_wait, cancelled, unfinished) =
+        settle(&client, config, &user, accepted).await?;
+    Ok(BenchReport {
+        offered_rate: config.rate,
+        achieved_rate: accepted as f64 / window,
+        sent: total,
+        accepted,
+        failed: total - accepted,
+        acceptance: Percentiles::of(&acceptance),
+        saga: Percentiles::of(&saga),
+        payment_wait,
+        cancelled,
+        unfinished,
+    })
+}
+
+/// Waits for this run's sagas to finish and collects their durations.
+async fn settle(
+    client: &reqwest::Client,
+    config: &BenchConfig,
+    user: &str,
+    accepted: u64,
+) -> Result<(Histogram<u64>, u64, u64, u64), BenchError> {
+    let deadline = Instant::now() + config.settle;
+    loop {
+        let mut saga = Histogram::<u64>::new(3).map_err(|e| BenchError::Http(e.to_string()))?;
+        let (mut waiting, mut cancelled, mut seen) = (0, 0, 0);
+        let mut after: Option<String> = None;
+        loop {
+            let data = graphql(
+                client,
+                &config.url,
+                "query($user: String, $after: String) { orders(first: 100, after: $after, filter: {userId: $user}) { edges { node { status createdAt paymentWaitAt cancelledAt } } pageInfo { hasNextPage endCursor } } }",
+                json!({"user": user, "after": after}),
+            )
+            .await?;
+            let orders = &data["orders"];
+            for edge in orders["edges"].as_array().into_iter().flatten() {
+                seen += 1;
+                let node = &edge["node"];
+                let end = match node["status"].as_str() {
+                    Some("PAYMENT_WAIT") => {
+                        waiting += 1;
+                        &node["paymentWaitAt"]
+                    }
+                    Some("ORDER_CANCELLED") => {
+                        cancelled += 1;
+                        &node["cancelledAt"]
+                    }
+                    _ => continue,
+                };
+                let parse = |v: &Value| {
+                    v.as_str()
+                        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                };
+                if let (Some(created), Some(end)) = (parse(&node["createdAt"]), parse(end)) {
+                    let us = (end - created).num_microseconds().unwrap_or(0).max(0) as u64;
+                    let _ = saga.record(us);
+                }
+            }
+            if orders["pageInfo"]["hasNextPage"] != true {
+                break;
+            }
+            after = orders["pageInfo"]["endCursor"].as_str().map(str::to_string);
+        }
+        let done = waiting + cancelled;
+        if (seen >= accepted && done >= accepted) || Instant::now() >= deadline {
+            return Ok((saga, waiting, cancelled, accepted.saturating_sub(done)));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "offered {:.0}/s, achieved {:.1}/s: {} sent, {} accepted, {} failed",
+            self.offered_rate, self.achieved_rate, self.sent, self.accepted, self.failed
+        )?;
+        writeln!(
+            f,
+            "sagas: {} PAYMENT_WAIT, {} ORDER_CANCELLED, {} unfinished",
+            self.payment_wait, self.cancelled, self.unfinished
+        )?;
+        writeln!(
+            f,
+            "{:<12} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "latency ms", "count", "p50", "p90", "p99", "p99.9", "max"
+        )?;
+        for (name, p) in [("acceptance", &self.acceptance), ("saga", &self.saga)] {
+            writeln!(
+                f,
+                "{:<12} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                name, p.count, p.p50_ms, p.p90_ms, p.p99_ms, p.p999_ms, p.max_ms
+            )?;
+        }
+        Ok(())
+    }
+}
