@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore};
-use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventEnvelope, EventStore};
+use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
@@ -89,8 +89,29 @@ pub enum Store {
 
 /// Runs `$body` with `$es` bound to a cqrs-es event store for aggregate `$A`
 /// on whichever backend `$store` is.
+/// `snapshots`: loads start from the latest snapshot (taken every
+/// [`SNAPSHOT_EVERY`] events), so a busy aggregate — a hot product — stays
+/// cheap to load as its history grows; `events`: the plain event store.
 macro_rules! with_event_store {
-    ($store:expr, $A:ty, |$es:ident| $body:expr) => {
+    ($store:expr, $A:ty, snapshots, |$es:ident| $body:expr) => {
+        match $store {
+            Store::Postgres(pool) => {
+                let $es = PersistedEventStore::<_, $A>::new_snapshot_store(
+                    PostgresEventRepository::new(pool.clone()),
+                    SNAPSHOT_EVERY,
+                );
+                $body
+            }
+            Store::Sqlite(pool) => {
+                let $es = PersistedEventStore::<_, $A>::new_snapshot_store(
+                    SqliteEventRepository::new(pool.clone()),
+                    SNAPSHOT_EVERY,
+                );
+                $body
+            }
+        }
+    };
+    ($store:expr, $A:ty, events, |$es:ident| $body:expr) => {
         match $store {
             Store::Postgres(pool) => {
                 let $es = PersistedEventStore::<_, $A>::new_event_store(
@@ -107,6 +128,9 @@ macro_rules! with_event_store {
         }
     };
 }
+
+/// Events between two snapshots of an aggregate.
+pub const SNAPSHOT_EVERY: usize = 100;
 
 /// Runs `$body` with `$pool` bound to whichever pool `$store` holds: for
 /// SQL written once for both dialects (SQLite accepts `$1`-style
@@ -189,7 +213,7 @@ impl Store {
         services: &A::Services,
         metadata: HashMap<String, String>,
     ) -> Result<Executed<A>, AggregateError<A::Error>> {
-        with_event_store!(self, A, |es| {
+        with_event_store!(self, A, snapshots, |es| {
             execute_on(&es, aggregate_id, command, services, metadata).await
         })
     }
@@ -235,7 +259,9 @@ impl Store {
             current_sequence: expected_sequence,
             current_snapshot: None,
         };
-        with_event_store!(self, A, |es| es.commit(events, context, metadata).await)
+        with_event_store!(self, A, events, |es| es
+            .commit(events, context, metadata)
+            .await)
     }
 
     /// The aggregate's current state and sequence; `None` if it has no
@@ -244,7 +270,9 @@ impl Store {
         &self,
         aggregate_id: &str,
     ) -> Result<Option<(A, usize)>, AggregateError<A::Error>> {
-        let context = with_event_store!(self, A, |es| es.load_aggregate(aggregate_id).await)?;
+        let context = with_event_store!(self, A, snapshots, |es| es
+            .load_aggregate(aggregate_id)
+            .await)?;
         Ok((context.current_sequence > 0).then_some((context.aggregate, context.current_sequence)))
     }
 
@@ -253,7 +281,7 @@ impl Store {
         &self,
         aggregate_id: &str,
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
-        with_event_store!(self, A, |es| es.load_events(aggregate_id).await)
+        with_event_store!(self, A, events, |es| es.load_events(aggregate_id).await)
     }
 
     /// Gives every committed event a global position now, instead of at the
@@ -401,15 +429,17 @@ where
     A: Aggregate + Clone,
     ES: EventStore<A, AC = EventStoreAggregateContext<A>>,
 {
-    let mut context = store.load_aggregate(aggregate_id).await?;
+    let context = store.load_aggregate(aggregate_id).await?;
+    // The command runs on a copy: the sink applies its events there, and
+    // the store gets the context as loaded, so a snapshot taken in this
+    // commit applies each event exactly once.
+    let mut aggregate = context.aggregate.clone();
     let sink = EventSink::default();
-    context
-        .aggregate()
+    aggregate
         .handle(command, services, &sink)
         .await
         .map_err(AggregateError::UserError)?;
     let events = sink.collect().await;
-    let aggregate = context.aggregate.clone();
     let events = if events.is_empty() {
         Vec::new()
     } else {

@@ -583,8 +583,8 @@ async fn metrics_count_what_the_orders_did(backend: Backend) {
     let (mut server, url) = serve(&t).await;
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
-    // 6 orders of 2 fit in 10 units once 5 are held; 3 more are short (7 units each).
-    for q in [2, 2, 2, 2, 2, 7, 7, 7] {
+    // Five orders of 2 fill the 10 units exactly; three of 11 are always short.
+    for q in [2, 2, 2, 2, 2, 11, 11, 11] {
         let created: Value = client
             .post(format!("{url}/api/v1/orders"))
             .json(&order_body(&[("p-1", q)]))

@@ -15,6 +15,7 @@ on_both_backends!(
     appended_events_load_back_with_their_log_metadata,
     two_writers_on_one_aggregate_one_wins_the_other_conflicts,
     the_global_log_is_read_exactly_once_under_concurrent_writers,
+    a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give,
 );
 
 fn set_product(price_minor: i64, stock: u32) -> ProductCommand {
@@ -326,5 +327,58 @@ async fn the_global_log_is_read_exactly_once_under_concurrent_writers(backend: B
         .expect("exists");
     assert_eq!(product.available, COMMITS_PER_WRITER as u32);
     second_reader.close().await;
+    t.cleanup().await;
+}
+
+async fn a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give(backend: Backend) {
+    let t = TestStore::new(backend).await;
+    t.store
+        .execute::<Product>("p-hot", set_product(1_000, 1_000), &(), HashMap::new())
+        .await
+        .expect("stock");
+    for i in 0..150 {
+        let command = ProductCommand::ReserveStock {
+            order_id: format!("o-{i}"),
+            quantity: 1,
+        };
+        t.store
+            .execute::<Product>("p-hot", command, &(), HashMap::new())
+            .await
+            .expect("hold");
+    }
+    let (loaded, sequence) = t
+        .store
+        .load::<Product>("p-hot")
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!(sequence, 152);
+    assert_eq!((loaded.available, loaded.reserved()), (850, 150));
+    // The same state as folding every event from the start.
+    let mut folded = Product::default();
+    for envelope in t
+        .store
+        .load_events::<Product>("p-hot")
+        .await
+        .expect("events")
+    {
+        cqrs_es::Aggregate::apply(&mut folded, envelope.payload);
+    }
+    assert_eq!(loaded, folded);
+    let snapshots: i64 = match &t.store {
+        Store::Postgres(pool) => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE aggregate_id = 'p-hot'")
+                .fetch_one(pool)
+                .await
+                .expect("count")
+        }
+        Store::Sqlite(pool) => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE aggregate_id = 'p-hot'")
+                .fetch_one(pool)
+                .await
+                .expect("count")
+        }
+    };
+    assert_eq!(snapshots, 1, "a snapshot was taken at 100 events");
     t.cleanup().await;
 }
