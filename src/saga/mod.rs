@@ -670,38 +670,7 @@ impl Saga {
         cause: &Cause,
         attempt: u32,
     ) -> Result<(), HandlerError> {
-        let failure = match self.fault(Step::Confirm, order_id) {
-            Err(injected) => injected,
-            Ok(()) => {
-                let command = OrderCommand::ConfirmOrder {
-                    causation_id: Some(cause.causation),
-                };
-                match self.order_command(order_id, command, cause).await {
-                    Ok(Ok(())) => return Ok(()),
-                    // Cancelled meanwhile (its stock is released by the stock
-                    // side on order.cancelled), or already past this step.
-                    Ok(Err(OrderError::InvalidTransition { .. })) => return Ok(()),
-                    Ok(Err(e)) => return Err(HandlerError::Permanent(e.to_string())),
-                    Err(e) => e.to_string(),
-                }
-            }
-        };
-        tracing::warn!(order_id, attempt, error = %failure, "confirmation failed");
-        if attempt < self.config.confirm_retries {
-            self.schedule(
-                TimerKind::ConfirmRetry,
-                order_id,
-                attempt + 1,
-                self.config.confirm_retry_interval,
-                cause.causation,
-                cause.correlation_id.clone(),
-            )
-            .await?;
-            Ok(())
-        } else {
-            self.cancel_order(order_id, CancelReason::ConfirmationFailed, cause)
-                .await
-        }
+        self.try_step(Step::Confirm, order_id, cause, attempt).await
     }
 
     /// Opens the payment wait, or schedules the next try, or — out of tries
@@ -712,42 +681,71 @@ impl Saga {
         cause: &Cause,
         attempt: u32,
     ) -> Result<(), HandlerError> {
-        let failure = match self.fault(Step::PaymentWait, order_id) {
+        self.try_step(Step::PaymentWait, order_id, cause, attempt)
+            .await
+    }
+
+    /// One try of a retried saga step (SPEC §3's retry table): the order
+    /// command, or on failure the next try on a timer, or — out of tries —
+    /// the cancellation. An order that has moved on (cancelled meanwhile —
+    /// its stock is then released by the stock side — or already past this
+    /// step) needs nothing more.
+    async fn try_step(
+        &self,
+        step: Step,
+        order_id: &str,
+        cause: &Cause,
+        attempt: u32,
+    ) -> Result<(), HandlerError> {
+        let causation_id = Some(cause.causation);
+        let (command, retries, interval, retry, exhausted) = match step {
+            Step::Confirm => (
+                OrderCommand::ConfirmOrder { causation_id },
+                self.config.confirm_retries,
+                self.config.confirm_retry_interval,
+                TimerKind::ConfirmRetry,
+                CancelReason::ConfirmationFailed,
+            ),
+            Step::PaymentWait => (
+                OrderCommand::StartPaymentWait { causation_id },
+                self.config.payment_wait_retries,
+                self.config.payment_wait_retry_interval,
+                TimerKind::PaymentWaitRetry,
+                CancelReason::PaymentWaitFailed,
+            ),
+        };
+        let failure = match self.fault(step, order_id) {
             Err(injected) => injected,
-            Ok(()) => {
-                let command = OrderCommand::StartPaymentWait {
-                    causation_id: Some(cause.causation),
-                };
-                match self.order_command(order_id, command, cause).await {
-                    Ok(Ok(())) => {
+            Ok(()) => match self.order_command(order_id, command, cause).await {
+                Ok(Ok(())) => {
+                    if step == Step::PaymentWait {
                         metrics::counter!("order_saga_sagas_completed_total", "outcome" => "PAYMENT_WAIT")
                             .increment(1);
                         self.store
                             .cancel_timers(TimerKind::SagaTimeout, order_id)
                             .await?;
-                        return Ok(());
                     }
-                    Ok(Err(OrderError::InvalidTransition { .. })) => return Ok(()),
-                    Ok(Err(e)) => return Err(HandlerError::Permanent(e.to_string())),
-                    Err(e) => e.to_string(),
+                    return Ok(());
                 }
-            }
+                Ok(Err(OrderError::InvalidTransition { .. })) => return Ok(()),
+                Ok(Err(e)) => return Err(HandlerError::Permanent(e.to_string())),
+                Err(e) => e.to_string(),
+            },
         };
-        tracing::warn!(order_id, attempt, error = %failure, "opening the payment wait failed");
-        if attempt < self.config.payment_wait_retries {
+        tracing::warn!(order_id, ?step, attempt, error = %failure, "saga step failed");
+        if attempt < retries {
             self.schedule(
-                TimerKind::PaymentWaitRetry,
+                retry,
                 order_id,
                 attempt + 1,
-                self.config.payment_wait_retry_interval,
+                interval,
                 cause.causation,
                 cause.correlation_id.clone(),
             )
             .await?;
             Ok(())
         } else {
-            self.cancel_order(order_id, CancelReason::PaymentWaitFailed, cause)
-                .await
+            self.cancel_order(order_id, exhausted, cause).await
         }
     }
 
