@@ -15,7 +15,7 @@ use order_saga_domain::order::MAX_ITEMS;
 use order_saga_domain::{
     validate_id, CancelReason, Catalog, CatalogError, FieldError, ItemRequest, LedgerError, Money,
     Order, OrderCommand, OrderError, OrderLine, OrderServices, OrderStatus, Product,
-    ProductCommand, ProductError, ReservedLine, Shortage, StockItem, StockLedger,
+    ProductCommand, ProductError, ProductLedger, ProductStock,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -385,18 +385,21 @@ impl Catalog for StoreCatalog {
     }
 }
 
-/// The stock ledger over the Product aggregates: holds each item on its
-/// product (retrying when concurrent orders hit the same product), and on
-/// any shortage returns what it held, so the order ends with all or nothing.
-pub struct StoreLedger {
+/// Product stock in the event store, for the domain's [`ProductLedger`]:
+/// each command runs on its Product aggregate, retried when concurrent
+/// orders for the same product get there first.
+pub struct StoreProducts {
     store: Store,
 }
 
-impl StoreLedger {
+impl StoreProducts {
     pub fn new(store: Store) -> Self {
         Self { store }
     }
+}
 
+#[async_trait]
+impl ProductStock for StoreProducts {
     async fn product_command(
         &self,
         product_id: &str,
@@ -420,65 +423,10 @@ impl StoreLedger {
     }
 }
 
-#[async_trait]
-impl StockLedger for StoreLedger {
-    async fn reserve_all(
-        &self,
-        order_id: &str,
-        items: &[StockItem],
-    ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, LedgerError> {
-        let mut lines = Vec::with_capacity(items.len());
-        let mut shortages = Vec::new();
-        for item in items {
-            let command = ProductCommand::ReserveStock {
-                order_id: order_id.to_string(),
-                quantity: item.quantity,
-            };
-            match self.product_command(&item.product_id, command).await? {
-                Ok(product) => lines.push(ReservedLine {
-                    product_id: item.product_id.clone(),
-                    quantity: item.quantity,
-                    available_after: product.available,
-                }),
-                Err(ProductError::InsufficientStock {
-                    requested,
-                    available,
-                }) => shortages.push(Shortage {
-                    product_id: item.product_id.clone(),
-                    requested,
-                    available,
-                }),
-                Err(ProductError::UnknownProduct) => shortages.push(Shortage {
-                    product_id: item.product_id.clone(),
-                    requested: item.quantity,
-                    available: 0,
-                }),
-                Err(e @ ProductError::Invalid(_)) => return Err(LedgerError(e.to_string())),
-            }
-        }
-        if shortages.is_empty() {
-            return Ok(Ok(lines));
-        }
-        let held: Vec<StockItem> = lines
-            .into_iter()
-            .map(|l| StockItem {
-                product_id: l.product_id,
-                quantity: l.quantity,
-            })
-            .collect();
-        self.release_all(order_id, &held).await?;
-        Ok(Err(shortages))
-    }
+/// The stock ledger the saga's stock side uses.
+pub type StoreLedger = ProductLedger<StoreProducts>;
 
-    async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError> {
-        for item in items {
-            let command = ProductCommand::ReleaseStock {
-                order_id: order_id.to_string(),
-            };
-            if let Err(e) = self.product_command(&item.product_id, command).await? {
-                return Err(LedgerError(e.to_string()));
-            }
-        }
-        Ok(())
-    }
+/// The stock ledger over `store`'s products.
+pub fn store_ledger(store: Store) -> StoreLedger {
+    ProductLedger::new(StoreProducts::new(store))
 }

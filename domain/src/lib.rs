@@ -22,7 +22,8 @@ pub use order::{
 };
 pub use product::{Product, ProductCommand, ProductError, ProductEvent};
 pub use stock::{
-    LedgerError, ReservedLine, Shortage, StockLedger, StockReservation, StockReservationCommand,
-    StockReservationError, StockReservationEvent, StockServices,
+    LedgerError, ProductLedger, ProductStock, ReservedLine, Shortage, StockLedger,
+    StockReservation, StockReservationCommand, StockReservationError, StockReservationEvent,
+    StockServices,
 };
 pub use values::{validate_id, FieldError, StockItem};

@@ -20,6 +20,7 @@ use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::product::{Product, ProductCommand, ProductError};
 use crate::values::{FieldError, StockItem};
 
 /// One product held for the order, with the stock left available after it.
@@ -58,6 +59,114 @@ pub trait StockLedger: Send + Sync {
 
     /// Returns whatever `order_id` holds on these products (none is fine).
     async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError>;
+}
+
+/// One product's stock, as the ledger reaches it: runs a command on the
+/// product (retrying a concurrent writer's conflict itself) and returns the
+/// product as it then is, or the product's refusal. Implemented over the
+/// event store by the service, and in memory by the tests.
+#[async_trait]
+pub trait ProductStock: Send + Sync {
+    async fn product_command(
+        &self,
+        product_id: &str,
+        command: ProductCommand,
+    ) -> Result<Result<Product, ProductError>, LedgerError>;
+}
+
+#[async_trait]
+impl<P: ProductStock + ?Sized> ProductStock for Arc<P> {
+    async fn product_command(
+        &self,
+        product_id: &str,
+        command: ProductCommand,
+    ) -> Result<Result<Product, ProductError>, LedgerError> {
+        (**self).product_command(product_id, command).await
+    }
+}
+
+/// The stock ledger over per-product stock: holds each item on its product
+/// (so orders for different products never contend), and on any shortage
+/// returns what it held, so an order ends with all of its items or none.
+pub struct ProductLedger<P> {
+    products: P,
+}
+
+impl<P: ProductStock> ProductLedger<P> {
+    pub fn new(products: P) -> Self {
+        Self { products }
+    }
+}
+
+#[async_trait]
+impl<P: ProductStock> StockLedger for ProductLedger<P> {
+    async fn reserve_all(
+        &self,
+        order_id: &str,
+        items: &[StockItem],
+    ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, LedgerError> {
+        let mut lines = Vec::with_capacity(items.len());
+        let mut shortages = Vec::new();
+        for item in items {
+            let command = ProductCommand::ReserveStock {
+                order_id: order_id.to_string(),
+                quantity: item.quantity,
+            };
+            match self
+                .products
+                .product_command(&item.product_id, command)
+                .await?
+            {
+                Ok(product) => lines.push(ReservedLine {
+                    product_id: item.product_id.clone(),
+                    quantity: item.quantity,
+                    available_after: product.available,
+                }),
+                Err(ProductError::InsufficientStock {
+                    requested,
+                    available,
+                }) => shortages.push(Shortage {
+                    product_id: item.product_id.clone(),
+                    requested,
+                    available,
+                }),
+                Err(ProductError::UnknownProduct) => shortages.push(Shortage {
+                    product_id: item.product_id.clone(),
+                    requested: item.quantity,
+                    available: 0,
+                }),
+                Err(e @ ProductError::Invalid(_)) => return Err(LedgerError(e.to_string())),
+            }
+        }
+        if shortages.is_empty() {
+            return Ok(Ok(lines));
+        }
+        let held: Vec<StockItem> = lines
+            .into_iter()
+            .map(|l| StockItem {
+                product_id: l.product_id,
+                quantity: l.quantity,
+            })
+            .collect();
+        self.release_all(order_id, &held).await?;
+        Ok(Err(shortages))
+    }
+
+    async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError> {
+        for item in items {
+            let command = ProductCommand::ReleaseStock {
+                order_id: order_id.to_string(),
+            };
+            if let Err(e) = self
+                .products
+                .product_command(&item.product_id, command)
+                .await?
+            {
+                return Err(LedgerError(e.to_string()));
+            }
+        }
+        Ok(())
+    }
 }
 
 pub struct StockServices {

@@ -42,72 +42,23 @@ fn product_id(i: usize) -> String {
     format!("p-{i}")
 }
 
-/// The stock ledger over in-memory Product aggregates.
+/// Product stock in memory: the primitive the domain's `ProductLedger`
+/// (the same ledger the service runs) is built on.
 #[derive(Default)]
 struct MemLedger {
     products: Mutex<BTreeMap<String, Product>>,
 }
 
 #[async_trait]
-impl StockLedger for MemLedger {
-    async fn reserve_all(
+impl ProductStock for MemLedger {
+    async fn product_command(
         &self,
-        order_id: &str,
-        items: &[StockItem],
-    ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, LedgerError> {
+        product_id: &str,
+        command: ProductCommand,
+    ) -> Result<Result<Product, ProductError>, LedgerError> {
         let mut products = self.products.lock().await;
-        let mut lines = Vec::new();
-        let mut shortages = Vec::new();
-        for item in items {
-            let product = products.entry(item.product_id.clone()).or_default();
-            let command = ProductCommand::ReserveStock {
-                order_id: order_id.into(),
-                quantity: item.quantity,
-            };
-            match exec(product, command, &()).await {
-                Ok(_) => lines.push(ReservedLine {
-                    product_id: item.product_id.clone(),
-                    quantity: item.quantity,
-                    available_after: product.available,
-                }),
-                Err(ProductError::InsufficientStock {
-                    requested,
-                    available,
-                }) => shortages.push(Shortage {
-                    product_id: item.product_id.clone(),
-                    requested,
-                    available,
-                }),
-                Err(e) => return Err(LedgerError(e.to_string())),
-            }
-        }
-        if shortages.is_empty() {
-            return Ok(Ok(lines));
-        }
-        for line in lines {
-            let product = products.entry(line.product_id).or_default();
-            let command = ProductCommand::ReleaseStock {
-                order_id: order_id.into(),
-            };
-            exec(product, command, &())
-                .await
-                .map_err(|e| LedgerError(e.to_string()))?;
-        }
-        Ok(Err(shortages))
-    }
-
-    async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError> {
-        let mut products = self.products.lock().await;
-        for item in items {
-            let product = products.entry(item.product_id.clone()).or_default();
-            let command = ProductCommand::ReleaseStock {
-                order_id: order_id.into(),
-            };
-            exec(product, command, &())
-                .await
-                .map_err(|e| LedgerError(e.to_string()))?;
-        }
-        Ok(())
+        let product = products.entry(product_id.to_string()).or_default();
+        Ok(exec(product, command, &()).await.map(|_| product.clone()))
     }
 }
 
@@ -210,7 +161,7 @@ impl World {
         }
         World {
             order_services: OrderServices::new(ledger.clone()),
-            stock_services: StockServices::new(ledger.clone()),
+            stock_services: StockServices::new(Arc::new(ProductLedger::new(ledger.clone()))),
             ledger,
             orders: vec![Order::default(); ORDERS],
             order_events: vec![Vec::new(); ORDERS],

@@ -46,7 +46,7 @@ use self::notify::{LogNotifier, Notification, Notifier};
 use self::timers::{Timer, TimerKind};
 use self::transport::{DeadLetterSink, Delivery, Subscription, Transport, TransportError};
 use crate::health::{pause, Heartbeat, Shutdown, Tasks};
-use crate::service::{StoreCatalog, StoreLedger};
+use crate::service::{store_ledger, StoreCatalog};
 use crate::store::{Store, StoreError};
 
 /// Every duration and count of SPEC §3, configurable.
@@ -233,7 +233,7 @@ impl Saga {
         }
         Ok(Arc::new(Saga {
             order_services: OrderServices::new(Arc::new(StoreCatalog::new(store.clone()))),
-            stock_services: StockServices::new(Arc::new(StoreLedger::new(store.clone()))),
+            stock_services: StockServices::new(Arc::new(store_ledger(store.clone()))),
             store,
             clock: options.clock,
             config: options.config,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use order_saga::service::{App, StoreLedger};
+use order_saga::service::{store_ledger, App};
 use order_saga_domain::{
     Product, StockItem, StockReservation, StockReservationCommand, StockServices,
 };
@@ -24,9 +24,7 @@ async fn concurrent_reservations_hold_all_or_nothing_and_never_oversell(backend:
     app.set_product("warm", Some("2.00".parse().expect("price")), Some(25))
         .await
         .expect("set warm");
-    let services = Arc::new(StockServices::new(Arc::new(StoreLedger::new(
-        t.store.clone(),
-    ))));
+    let services = Arc::new(StockServices::new(Arc::new(store_ledger(t.store.clone()))));
 
     let orders: Vec<String> = (0..16).map(|i| format!("o-{i}")).collect();
     let tasks: Vec<_> = orders
