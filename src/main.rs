@@ -270,6 +270,19 @@ fn print_entries(entries: &[LogEntry], format: OutputFormat) -> anyhow::Result<(
 }
 
 async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.suite.enabled {
+        let command = std::env::args()
+            .map(|a| shell_word(&a))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let config = args.suite.config(command).map_err(anyhow::Error::msg)?;
+        let results = order_saga::bench::suite::run(config).await?;
+        let report = order_saga::bench::report::markdown(&results);
+        if let Some(at) = report.find("## Targets") {
+            print!("{}", &report[at..]);
+        }
+        return Ok(());
+    }
     let config = BenchConfig {
         url: args.url.trim_end_matches('/').to_string(),
         rate: args.rate,
@@ -288,6 +301,19 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("--json: cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `word` as a shell would need it quoted.
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 /// Rebuilds the read models with a progress bar on a terminal, plain

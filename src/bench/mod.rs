@@ -6,11 +6,21 @@
 //! instant — so slow answers cannot hide behind fewer requests (no
 //! coordinated omission). Saga latency is read afterwards from the read
 //! model's recorded-at timestamps (created → PAYMENT_WAIT or cancelled).
+//!
+//! `order-saga bench --suite` ([`suite`]) runs whole scenarios with this
+//! generator against instances it starts itself, measures the platform's
+//! [`ceilings`] and writes BENCHMARKS.md ([`report`]).
+
+pub mod admin;
+pub mod ceilings;
+pub mod child;
+pub mod report;
+pub mod suite;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::DateTime;
+use chrono::{DateTime, FixedOffset, Utc};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -64,6 +74,12 @@ pub struct BenchReport {
     pub offered_rate: f64,
     /// Accepted orders per second of the sending window.
     pub achieved_rate: f64,
+    /// The sending window: first scheduled order to last answer, seconds.
+    pub window_s: f64,
+    /// Finished sagas per second, from the first order's scheduled instant
+    /// to the last saga's end (recorded-at): the rate the service really
+    /// processed, backlog included.
+    pub saga_rate: f64,
     pub sent: u64,
     pub accepted: u64,
     pub failed: u64,
@@ -160,6 +176,7 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
     let interval = Duration::from_secs_f64(1.0 / config.rate);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let start = Instant::now();
+    let started_at = Utc::now();
     let results = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(total as usize)));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..total {
@@ -177,6 +194,8 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
         let body = json!({"userId": user, "storeId": "bench", "items": items});
         let due = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due).await;
+        // Finished requests leave the set as we go (long runs send millions).
+        while tasks.try_join_next().is_some() {}
         let (client, url, results) = (client.clone(), config.url.clone(), results.clone());
         tasks.spawn(async move {
             let outcome = client
@@ -201,20 +220,44 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
             let _ = acceptance.record(latency.as_micros() as u64);
         }
     }
-    let (saga, payment_wait, cancelled, unfinished) =
-        settle(&client, config, &user, accepted).await?;
+    let settled = settle(&client, config, &user, accepted).await?;
+    let done = settled.payment_wait + settled.cancelled;
+    let saga_rate = match settled.last_end {
+        Some(end) => {
+            let span = (end.with_timezone(&Utc) - started_at).num_microseconds();
+            let seconds = span.unwrap_or(0) as f64 / 1e6;
+            if seconds > 0.0 {
+                done as f64 / seconds
+            } else {
+                0.0
+            }
+        }
+        None => 0.0,
+    };
     Ok(BenchReport {
         offered_rate: config.rate,
         achieved_rate: accepted as f64 / window,
+        window_s: window,
+        saga_rate,
         sent: total,
         accepted,
         failed: total - accepted,
         acceptance: Percentiles::of(&acceptance),
-        saga: Percentiles::of(&saga),
-        payment_wait,
-        cancelled,
-        unfinished,
+        saga: Percentiles::of(&settled.saga),
+        payment_wait: settled.payment_wait,
+        cancelled: settled.cancelled,
+        unfinished: settled.unfinished,
     })
+}
+
+/// What [`settle`] saw of a run's sagas.
+struct Settled {
+    saga: Histogram<u64>,
+    payment_wait: u64,
+    cancelled: u64,
+    unfinished: u64,
+    /// When the last finished saga ended.
+    last_end: Option<DateTime<FixedOffset>>,
 }
 
 /// Waits for this run's sagas to finish and collects their durations.
@@ -223,11 +266,12 @@ async fn settle(
     config: &BenchConfig,
     user: &str,
     accepted: u64,
-) -> Result<(Histogram<u64>, u64, u64, u64), BenchError> {
+) -> Result<Settled, BenchError> {
     let deadline = Instant::now() + config.settle;
     loop {
         let mut saga = Histogram::<u64>::new(3).map_err(|e| BenchError::Http(e.to_string()))?;
         let (mut waiting, mut cancelled, mut seen) = (0, 0, 0);
+        let mut last_end: Option<DateTime<FixedOffset>> = None;
         let mut after: Option<String> = None;
         loop {
             let data = graphql(
@@ -257,6 +301,7 @@ async fn settle(
                         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
                 };
                 if let (Some(created), Some(end)) = (parse(&node["createdAt"]), parse(end)) {
+                    last_end = Some(last_end.map_or(end, |last| last.max(end)));
                     let us = (end - created).num_microseconds().unwrap_or(0).max(0) as u64;
                     let _ = saga.record(us);
                 }
@@ -268,7 +313,13 @@ async fn settle(
         }
         let done = waiting + cancelled;
         if (seen >= accepted && done >= accepted) || Instant::now() >= deadline {
-            return Ok((saga, waiting, cancelled, accepted.saturating_sub(done)));
+            return Ok(Settled {
+                saga,
+                payment_wait: waiting,
+                cancelled,
+                unfinished: accepted.saturating_sub(done),
+                last_end,
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -281,6 +332,7 @@ impl std::fmt::Display for BenchReport {
             "offered {:.0}/s, achieved {:.1}/s: {} sent, {} accepted, {} failed",
             self.offered_rate, self.achieved_rate, self.sent, self.accepted, self.failed
         )?;
+        writeln!(f, "sagas finished at {:.1}/s", self.saga_rate)?;
         writeln!(
             f,
             "sagas: {} PAYMENT_WAIT, {} ORDER_CANCELLED, {} unfinished",

@@ -1,0 +1,827 @@
+//! BENCHMARKS.md and its JSON twin, written from the suite's results: the
+//! machine, the command, the ceilings, the scenarios and the targets table
+//! (figure | target | measured | met?).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::admin::Admin;
+use super::ceilings::{Rate, APPEND_POOL_SIZE, APPEND_WRITERS};
+use super::suite::{self, Backend, BackendResult, Step, SuiteResults, KEEP_UP, SAGA_P99_LIMIT_MS};
+use super::BenchReport;
+
+/// The machine the figures were measured on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub memory: String,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub postgres: String,
+    pub rustc: String,
+    pub broker: String,
+}
+
+/// Reads /proc, asks PostgreSQL and rustc.
+pub async fn machine(admin: Option<&Admin>) -> Machine {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let meminfo = read("/proc/meminfo");
+    let memory = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .map_or("unknown".to_string(), |kib| {
+            format!("{:.1} GiB", kib / 1024.0 / 1024.0)
+        });
+    let cpu_model = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(_, model)| model.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".to_string());
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
+    let postgres = match admin {
+        Some(admin) => admin
+            .version()
+            .await
+            .unwrap_or_else(|e| format!("unknown ({e})")),
+        None => "unreachable".to_string(),
+    };
+    let rustc = match tokio::process::Command::new("rustc")
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        _ => "not available".to_string(),
+    };
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory,
+        cpu_model,
+        kernel: if kernel.is_empty() {
+            "unknown".to_string()
+        } else {
+            kernel
+        },
+        postgres,
+        rustc,
+        broker: "tansu 0.6.0 (memory storage, scripts/kafka-up)".to_string(),
+    }
+}
+
+/// One row of the targets table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub figure: String,
+    pub target: String,
+    pub measured: String,
+    /// `None`: not measured.
+    pub met: Option<bool>,
+}
+
+fn target(
+    figure: &str,
+    target: String,
+    measured: Option<(f64, String)>,
+    ok: impl Fn(f64) -> bool,
+) -> Target {
+    match measured {
+        Some((value, text)) => Target {
+            figure: figure.to_string(),
+            target,
+            measured: text,
+            met: Some(ok(value)),
+        },
+        None => Target {
+            figure: figure.to_string(),
+            target,
+            measured: "not measured".to_string(),
+            met: None,
+        },
+    }
+}
+
+/// The targets, computed from the measured numbers.
+pub fn targets(r: &SuiteResults) -> Vec<Target> {
+    let at_200 = |backend: Backend| -> Option<&BenchReport> {
+        r.backend(backend)?.ramp_at(200.0)?.report.as_ref()
+    };
+    // A ramp that saturated below 200/s never got there: that misses the
+    // target too.
+    let below_200 = |backend: Backend| -> Option<f64> {
+        r.backend(backend)?
+            .ramp
+            .iter()
+            .find(|s| !s.kept_up() && s.rate < 200.0)
+            .map(|s| s.rate)
+    };
+    let at_200_ms = |backend: Backend, pick: fn(&BenchReport) -> f64| -> Option<(f64, String)> {
+        match (at_200(backend), below_200(backend)) {
+            (Some(report), _) => Some((pick(report), format!("{} ms", ms(pick(report))))),
+            (None, Some(rate)) => {
+                Some((f64::INFINITY, format!("saturated at {rate:.0}/s already")))
+            }
+            (None, None) => None,
+        }
+    };
+    let saga_p99 = |backend: Backend| at_200_ms(backend, |b| b.saga.p99_ms);
+    let max = |backend: Backend| {
+        r.backend(backend)
+            .and_then(|b| b.max_sustainable)
+            .map(|m| (m, format!("{m:.0}/s")))
+    };
+    let mut rows = vec![
+        target(
+            "acceptance p99 at 200/s, PostgreSQL",
+            "≤ 5 ms".into(),
+            at_200(Backend::Postgres).map(|b| {
+                (
+                    b.acceptance.p99_ms,
+                    format!("{} ms", ms(b.acceptance.p99_ms)),
+                )
+            }),
+            |v| v <= 5.0,
+        ),
+        target(
+            "saga p99 at 200/s, embedded (in-process)",
+            "≤ 50 ms".into(),
+            saga_p99(Backend::Embedded),
+            |v| v <= 50.0,
+        ),
+        target(
+            "saga p99 at 200/s, PostgreSQL",
+            "≤ 50 ms".into(),
+            saga_p99(Backend::Postgres),
+            |v| v <= 50.0,
+        ),
+        target(
+            "saga p99 at 200/s, PostgreSQL + Kafka",
+            "≤ 150 ms".into(),
+            saga_p99(Backend::PostgresKafka),
+            |v| v <= 150.0,
+        ),
+        target(
+            "max sustainable rate, embedded",
+            "≥ 1500/s".into(),
+            max(Backend::Embedded),
+            |v| v >= 1500.0,
+        ),
+    ];
+    let commit_8 = r.ceilings.commit_8.as_ref().and_then(|c| c.per_second);
+    let pg_target = match (commit_8, r.tx_per_order()) {
+        (Some(c), Some((tx, _))) if tx > 0.0 => Some(0.5 * c / tx),
+        _ => None,
+    };
+    let pg_target_text = match (commit_8, r.tx_per_order(), pg_target) {
+        (Some(c), Some((tx, _)), Some(t)) => {
+            format!("≥ 50 % × ({c:.0} commits/s ÷ {tx:.1} tx/order) = {t:.0}/s")
+        }
+        _ => "≥ 50 % × (commit ceiling at 8 connections ÷ transactions per order)".to_string(),
+    };
+    rows.push(match pg_target {
+        Some(t) => target(
+            "max sustainable rate, PostgreSQL",
+            pg_target_text,
+            max(Backend::Postgres),
+            |v| v >= t,
+        ),
+        None => Target {
+            figure: "max sustainable rate, PostgreSQL".into(),
+            target: pg_target_text,
+            measured: max(Backend::Postgres).map_or("not measured".into(), |m| m.1),
+            met: None,
+        },
+    });
+    rows.push(target(
+        "max sustainable rate, PostgreSQL + Kafka",
+        "≥ 400/s".into(),
+        max(Backend::PostgresKafka),
+        |v| v >= 400.0,
+    ));
+    rows.push(target(
+        "our append rate ÷ plain postgres-es",
+        "≥ 0.9".into(),
+        r.ceilings.append_ratio().map(|v| (v, format!("{v:.2}"))),
+        |v| v >= 0.9,
+    ));
+    let long = r.long_run.as_ref();
+    rows.push(target(
+        "rate after the long run's orders ÷ rate at start (10 products)",
+        "≥ 0.9".into(),
+        long.and_then(|l| {
+            let v = l.rate_ratio()?;
+            Some((
+                v,
+                format!("{v:.2} (after {} orders)", l.orders_before_end_probe),
+            ))
+        }),
+        |v| v >= 0.9,
+    ));
+    rows.push(target(
+        "resident memory at the end of the soak ÷ at a tenth of it",
+        "≤ 1.1".into(),
+        long.and_then(|l| l.rss_ratio().map(|v| (v, format!("{v:.2}")))),
+        |v| v <= 1.1,
+    ));
+    rows
+}
+
+/// Writes the Markdown report to `out` and the JSON beside it.
+pub fn write(results: &SuiteResults, out: &Path) -> anyhow::Result<()> {
+    std::fs::write(out, markdown(results))
+        .with_context(|| format!("--out: cannot write {}", out.display()))?;
+    let json = suite::json_path(out);
+    std::fs::write(&json, serde_json::to_string_pretty(results)?)
+        .with_context(|| format!("--out: cannot write {}", json.display()))?;
+    Ok(())
+}
+
+/// Milliseconds, with the precision that matters at their size.
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn per_s(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// Text safe inside a table cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
+fn rate_cell(rate: Option<&Rate>, unit: &str) -> String {
+    match rate {
+        None => "not run".to_string(),
+        Some(rate) => match (rate.per_second, &rate.error) {
+            (Some(v), None) => format!("{v:.0} {unit}/s"),
+            (Some(v), Some(e)) => format!("{v:.0} {unit}/s ({})", cell(e)),
+            (None, Some(e)) => format!("failed: {}", cell(e)),
+            (None, None) => "nothing measured".to_string(),
+        },
+    }
+}
+
+fn steps_table(md: &mut String, steps: &[Step], with_tx: bool) {
+    let _ = writeln!(
+        md,
+        "| offered/s | achieved/s | accept p50 | p90 | p99 | p99.9 | max | saga p50 | p90 | p99 | p99.9 | max | sagas/s | cancelled | unfinished | failed |{} verdict |",
+        if with_tx { " tx/order |" } else { "" }
+    );
+    let _ = writeln!(
+        md,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}---|",
+        if with_tx { "---:|" } else { "" }
+    );
+    for s in steps {
+        let mut verdict = if s.kept_up() {
+            "kept up".to_string()
+        } else {
+            format!("saturated: {}", s.saturated_by.join(", "))
+        };
+        if let Some(e) = &s.error {
+            verdict.push_str(&format!(" — {}", cell(e)));
+        }
+        if let Some(n) = &s.note {
+            verdict.push_str(&format!(" ({})", cell(n)));
+        }
+        let tx = if with_tx {
+            format!(
+                " {} |",
+                s.tx_per_order
+                    .map_or("—".to_string(), |t| format!("{t:.1}"))
+            )
+        } else {
+            String::new()
+        };
+        match &s.report {
+            Some(r) => {
+                let _ = writeln!(
+                    md,
+                    "| {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{tx} {verdict} |",
+                    s.rate,
+                    per_s(r.achieved_rate),
+                    ms(r.acceptance.p50_ms),
+                    ms(r.acceptance.p90_ms),
+                    ms(r.acceptance.p99_ms),
+                    ms(r.acceptance.p999_ms),
+                    ms(r.acceptance.max_ms),
+                    ms(r.saga.p50_ms),
+                    ms(r.saga.p90_ms),
+                    ms(r.saga.p99_ms),
+                    ms(r.saga.p999_ms),
+                    ms(r.saga.max_ms),
+                    per_s(r.saga_rate),
+                    r.cancelled,
+                    r.unfinished,
+                    r.failed,
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    md,
+                    "| {:.0} | — | — | — | — | — | — | — | — | — | — | — | — | — | — | — |{tx} {verdict} |",
+                    s.rate
+                );
+            }
+        }
+    }
+}
+
+fn backend_section(md: &mut String, b: &BackendResult) {
+    let _ = writeln!(md, "### {}\n", b.title);
+    if let Some(why) = &b.skipped {
+        let _ = writeln!(md, "Not run: {}.\n", cell(why));
+        return;
+    }
+    let with_tx = b.backend != Backend::Embedded;
+    let _ = writeln!(md, "Ramp (each step on a fresh instance):\n");
+    steps_table(md, &b.ramp, with_tx);
+    if !b.bisect.is_empty() {
+        let _ = writeln!(md, "\nBisection for the maximum sustainable rate:\n");
+        steps_table(md, &b.bisect, false);
+    }
+    let _ = writeln!(
+        md,
+        "\n**Maximum sustainable rate: {}** — {}.\n",
+        b.max_sustainable
+            .map_or("none".to_string(), |r| format!("{r:.0} orders/s")),
+        b.max_sustainable_how
+    );
+}
+
+fn kib(v: Option<u64>) -> String {
+    v.map_or("—".to_string(), |k| {
+        format!("{:.1} MiB", k as f64 / 1024.0)
+    })
+}
+
+/// The whole of BENCHMARKS.md.
+pub fn markdown(r: &SuiteResults) -> String {
+    let mut md = String::new();
+    let s = &r.settings;
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Generated by `scripts/bench` (`order-saga bench --suite`): do not edit by hand, rerun it. \
+         The raw numbers are in `{}`.\n",
+        suite::json_path(Path::new("BENCHMARKS.md")).display()
+    );
+    let _ = writeln!(
+        md,
+        "Date: {} — the suite took {:.1} min{}{}.\n",
+        r.generated_at.format("%Y-%m-%d %H:%M UTC"),
+        r.elapsed_s / 60.0,
+        if s.quick {
+            " (--quick: shortened runs, rougher figures)"
+        } else {
+            ""
+        },
+        if r.finished {
+            ""
+        } else {
+            " — **still running or interrupted: partial results**"
+        }
+    );
+
+    let m = &r.machine;
+    let _ = writeln!(md, "## Machine\n");
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(md, "| CPUs (nproc) | {} |", m.cpus);
+    let _ = writeln!(md, "| CPU model | {} |", cell(&m.cpu_model));
+    let _ = writeln!(md, "| memory | {} |", m.memory);
+    let _ = writeln!(md, "| kernel | {} |", cell(&m.kernel));
+    let _ = writeln!(md, "| PostgreSQL | {} |", cell(&m.postgres));
+    let _ = writeln!(md, "| rustc | {} |", cell(&m.rustc));
+    let _ = writeln!(md, "| broker | {} |", cell(&m.broker));
+    let _ = writeln!(
+        md,
+        "\nThe load generator, the service, PostgreSQL and the broker share these cores.\n"
+    );
+
+    let _ = writeln!(md, "## Command\n");
+    if let Some(invoked) = &r.invoked_as {
+        let _ = writeln!(md, "```sh\n{invoked}\n```\n\nwhich ran\n");
+    }
+    let _ = writeln!(md, "```sh\n{}\n```\n", r.command);
+
+    let _ = writeln!(md, "## Method\n");
+    let _ = writeln!(
+        md,
+        "- Every run starts the service afresh (`order-saga serve`, a child process of the suite, \
+         `RUST_LOG=warn`) on a fresh store: a new temporary directory (embedded), a new database \
+         (PostgreSQL, dropped afterwards), plus a new topic prefix (Kafka). With Kafka the service \
+         gets `--kafka-producer-config batch.num.messages=1`, because the test broker loses \
+         messages when a fetch starts inside a record batch. Before it is measured, each instance \
+         gets 20 warm-up orders (sent in one second, their sagas waited for), so start-up \
+         transients — connection pools, Kafka consumer groups joining — stay out of the figures.\n\
+         - Load is open-loop (`order-saga bench`): orders are sent on schedule whatever the latency, \
+         acceptance latency counted from each order's scheduled instant. Orders have 1–{} items \
+         over {} products with ample stock. Saga latency is OrderCreated → PAYMENT_WAIT or \
+         ORDER_CANCELLED from the read model's recorded-at times; sagas/s is finished sagas ÷ \
+         (first scheduled send → last saga end).\n\
+         - Ramp: {:.0}, {:.0}, {:.0} … orders/s, {:.0} s each, then up to {:.0} s for the sagas to \
+         finish; a step is **saturated** when achieved < {:.0} % of offered, saga p99 > {:.0} ms, or \
+         any order is unfinished or failed. The ramp stops at the first saturated step.\n\
+         - Maximum sustainable rate: {} bisection steps between the highest ramp rate that kept up \
+         and the lowest that did not, {:.0} s each with {:.0} s to finish, same criterion (no \
+         growing backlog: nothing unfinished after the short settle).\n\
+         - Transactions per order: the run database's `xact_commit` (pg_stat_database) after the \
+         service stopped minus before the load, ÷ orders accepted; it includes the service's polling \
+         and idle transactions.",
+        s.max_items,
+        s.products,
+        s.start_rate,
+        s.start_rate * 2.0,
+        s.start_rate * 4.0,
+        s.step_duration_s,
+        s.ramp_settle_s,
+        KEEP_UP * 100.0,
+        SAGA_P99_LIMIT_MS,
+        s.bisect_steps,
+        s.sustain_duration_s,
+        s.sustain_settle_s,
+    );
+    let _ = writeln!(md);
+
+    let c = &r.ceilings;
+    let _ = writeln!(md, "## Ceilings\n");
+    if let Some(why) = &r.ceilings_skipped {
+        let _ = writeln!(md, "Not run: {why}.\n");
+    } else {
+        let _ = writeln!(md, "| ceiling | measured | how |\n|---|---:|---|");
+        let _ = writeln!(
+            md,
+            "| PostgreSQL commits, 1 connection | {} | single-row autocommit INSERT through sqlx, {:.0} s, fresh database |",
+            rate_cell(c.commit_1.as_ref(), "commits"),
+            s.ceiling_duration_s
+        );
+        let _ = writeln!(
+            md,
+            "| PostgreSQL commits, 8 connections | {} | the same, 8 concurrent connections |",
+            rate_cell(c.commit_8.as_ref(), "commits")
+        );
+        let _ = writeln!(
+            md,
+            "| plain postgres-es append | {} | a one-event-per-command counter aggregate through cqrs-es + PostgresEventRepository on postgres-es's own schema (snapshots every 100 events), {APPEND_WRITERS} writers on distinct aggregates, pool of {APPEND_POOL_SIZE} |",
+            rate_cell(c.plain_append.as_ref(), "appends")
+        );
+        let _ = writeln!(
+            md,
+            "| our append (`Store::execute`) | {} | the same aggregate and writers through our store on our migrated schema (event id, recorded-at, transaction id, global position), our sequencer numbering the log every 100 ms meanwhile |",
+            rate_cell(c.our_append.as_ref(), "appends")
+        );
+        let _ = writeln!(
+            md,
+            "| our ÷ plain append | {} | |",
+            c.append_ratio()
+                .map_or("—".to_string(), |v| format!("{v:.2}"))
+        );
+        match &c.broker {
+            Some(b) => {
+                let _ = writeln!(
+                    md,
+                    "| broker produce → consume | {} | {} received of {} messages of {} bytes, random keys, a fresh {}-partition topic, one consumer; first send → last receipt; producer as the service's (idempotent, acks=all) with batch.num.messages=1 |",
+                    rate_cell(Some(&b.rate), "messages"),
+                    b.received,
+                    b.messages,
+                    b.message_bytes,
+                    b.partitions
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    md,
+                    "| broker produce → consume | not run (no --kafka-brokers) | |"
+                );
+            }
+        }
+        match r.tx_per_order() {
+            Some((tx, rate)) => {
+                let _ = writeln!(
+                    md,
+                    "| PostgreSQL transactions per order | {tx:.1} | from the PostgreSQL ramp step at {rate:.0}/s (includes polling and idle transactions) |"
+                );
+            }
+            None => {
+                let _ = writeln!(md, "| PostgreSQL transactions per order | not measured | |");
+            }
+        }
+        let _ = writeln!(md);
+    }
+
+    let _ = writeln!(md, "## Ramp and maximum sustainable rate\n");
+    if r.backends.is_empty() {
+        let _ = writeln!(md, "Not run yet.\n");
+    }
+    for b in &r.backends {
+        backend_section(&mut md, b);
+    }
+    let _ = writeln!(md, "Maximum sustainable rate per backend:\n");
+    let _ = writeln!(md, "| backend | orders/s | how |\n|---|---:|---|");
+    for b in &r.backends {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} |",
+            b.backend.name(),
+            b.max_sustainable
+                .map_or("—".to_string(), |v| format!("{v:.0}")),
+            b.skipped
+                .as_ref()
+                .map_or(b.max_sustainable_how.clone(), |w| format!(
+                    "not run: {}",
+                    cell(w)
+                ))
+        );
+    }
+    let _ = writeln!(md);
+
+    let _ = writeln!(md, "## One hot product\n");
+    let _ = writeln!(
+        md,
+        "Every order is one item of the same product (stock never runs out), {:.0} orders/s for {:.0} s, fresh instance.\n",
+        s.hot_rate, s.step_duration_s
+    );
+    if r.hot.is_empty() {
+        let _ = writeln!(md, "Not run.\n");
+    }
+    for h in &r.hot {
+        let _ = writeln!(md, "{}:\n", h.backend.title());
+        steps_table(&mut md, std::slice::from_ref(&h.step), false);
+        let _ = writeln!(md);
+    }
+
+    let _ = writeln!(md, "## Long run\n");
+    match (&r.long_run, &r.long_run_skipped) {
+        (Some(l), _) => {
+            let _ = writeln!(
+                md,
+                "One embedded instance, {} products: a throughput probe ({:.0} orders/s offered — 1.5 × the \
+                 embedded maximum sustainable rate — for {:.0} s; the rate is finished sagas ÷ first send → \
+                 last saga end), then {:.0} s at {:.0} orders/s sampling the service's resident memory \
+                 (VmRSS) at {:.0} s and {:.0} s, then orders up to the total, then the same probe again.\n",
+                l.products, l.probe_rate, l.probe_s, l.soak_s, l.soak_rate, l.rss_early_at_s, l.rss_late_at_s
+            );
+            let probe = |p: &Option<BenchReport>| {
+                p.as_ref().map_or("—".to_string(), |p| {
+                    format!(
+                        "{} sagas/s (saga p99 {} ms, {} unfinished)",
+                        per_s(p.saga_rate),
+                        ms(p.saga.p99_ms),
+                        p.unfinished
+                    )
+                })
+            };
+            let _ = writeln!(md, "| figure | measured |\n|---|---|");
+            let _ = writeln!(md, "| rate at the start | {} |", probe(&l.start_probe));
+            if let Some(soak) = &l.soak {
+                let _ = writeln!(
+                    md,
+                    "| soak at {:.0}/s | {} accepted, acceptance p99 {} ms, saga p99 {} ms, {} unfinished, {} failed |",
+                    l.soak_rate,
+                    soak.accepted,
+                    ms(soak.acceptance.p99_ms),
+                    ms(soak.saga.p99_ms),
+                    soak.unfinished,
+                    soak.failed
+                );
+            }
+            let _ = writeln!(
+                md,
+                "| RSS at {:.0} s | {} |",
+                l.rss_early_at_s,
+                kib(l.rss_early_kib)
+            );
+            let _ = writeln!(
+                md,
+                "| RSS at {:.0} s | {} |",
+                l.rss_late_at_s,
+                kib(l.rss_late_kib)
+            );
+            let _ = writeln!(
+                md,
+                "| RSS ratio | {} |",
+                l.rss_ratio().map_or("—".to_string(), |v| format!("{v:.2}"))
+            );
+            if let Some(feed) = &l.feed {
+                let _ = writeln!(
+                    md,
+                    "| more orders at {:.0}/s | {} accepted |",
+                    feed.offered_rate, feed.accepted
+                );
+            }
+            let _ = writeln!(
+                md,
+                "| orders before the second probe | {} |",
+                l.orders_before_end_probe
+            );
+            let _ = writeln!(md, "| rate after them | {} |", probe(&l.end_probe));
+            let _ = writeln!(
+                md,
+                "| rate after ÷ rate at start | {} |",
+                l.rate_ratio()
+                    .map_or("—".to_string(), |v| format!("{v:.2}"))
+            );
+            for e in &l.errors {
+                let _ = writeln!(md, "| problem | {} |", cell(e));
+            }
+            let _ = writeln!(md);
+        }
+        (None, Some(why)) => {
+            let _ = writeln!(md, "Not run: {why}.\n");
+        }
+        (None, None) => {
+            let _ = writeln!(md, "Not run yet.\n");
+        }
+    }
+
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(
+        md,
+        "| figure | target | measured | met? |\n|---|---|---|---|"
+    );
+    for t in &r.targets {
+        let met = match t.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {met} |",
+            cell(&t.figure),
+            cell(&t.target),
+            cell(&t.measured)
+        );
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::suite::{BackendResult, Settings};
+    use crate::bench::Percentiles;
+
+    fn report(rate: f64, saga_p99_ms: f64) -> BenchReport {
+        let p = |ms: f64| Percentiles {
+            count: 10,
+            p50_ms: ms / 2.0,
+            p90_ms: ms,
+            p99_ms: ms,
+            p999_ms: ms,
+            max_ms: ms,
+        };
+        BenchReport {
+            offered_rate: rate,
+            achieved_rate: rate,
+            window_s: 1.0,
+            saga_rate: rate,
+            sent: 10,
+            accepted: 10,
+            failed: 0,
+            acceptance: p(2.0),
+            saga: p(saga_p99_ms),
+            payment_wait: 10,
+            cancelled: 0,
+            unfinished: 0,
+        }
+    }
+
+    fn step(rate: f64, saga_p99_ms: f64) -> Step {
+        let kept_up = saga_p99_ms <= SAGA_P99_LIMIT_MS;
+        Step {
+            rate,
+            duration_s: 1.0,
+            settle_s: 1.0,
+            report: Some(report(rate, saga_p99_ms)),
+            error: None,
+            note: None,
+            tx_per_order: Some(20.0),
+            saturated_by: if kept_up {
+                vec![]
+            } else {
+                vec!["saga p99 > 1 s".into()]
+            },
+        }
+    }
+
+    fn results() -> SuiteResults {
+        let backend = |backend: Backend, ramp: Vec<Step>, max: f64| BackendResult {
+            backend,
+            title: backend.title().into(),
+            skipped: None,
+            ramp,
+            bisect: vec![],
+            max_sustainable: Some(max),
+            max_sustainable_how: "test".into(),
+        };
+        SuiteResults {
+            generated_at: chrono::Utc::now(),
+            finished: true,
+            elapsed_s: 60.0,
+            machine: Machine {
+                cpus: 2,
+                memory: "1 GiB".into(),
+                cpu_model: "cpu".into(),
+                kernel: "k".into(),
+                postgres: "pg".into(),
+                rustc: "rustc".into(),
+                broker: "tansu".into(),
+            },
+            command: "order-saga bench --suite".into(),
+            invoked_as: Some("scripts/bench".into()),
+            settings: Settings {
+                quick: true,
+                step_duration_s: 5.0,
+                ramp_settle_s: 30.0,
+                start_rate: 100.0,
+                max_rate: 12800.0,
+                sustain_duration_s: 10.0,
+                sustain_settle_s: 10.0,
+                bisect_steps: 3,
+                hot_rate: 200.0,
+                ceiling_duration_s: 5.0,
+                broker_messages: 10,
+                products: 20,
+                max_items: 3,
+                long_duration_s: None,
+                long_orders: None,
+                long_probe_s: None,
+            },
+            ceilings: Default::default(),
+            ceilings_skipped: None,
+            backends: vec![
+                backend(
+                    Backend::Embedded,
+                    vec![step(100.0, 10.0), step(200.0, 40.0), step(400.0, 2000.0)],
+                    300.0,
+                ),
+                backend(Backend::PostgresKafka, vec![step(100.0, 5000.0)], 50.0),
+            ],
+            hot: vec![],
+            long_run: None,
+            long_run_skipped: Some("--skip-long".into()),
+            targets: vec![],
+        }
+    }
+
+    #[test]
+    fn targets_follow_the_measured_numbers() {
+        let r = results();
+        let targets = targets(&r);
+        let find = |figure: &str| {
+            targets
+                .iter()
+                .find(|t| t.figure == figure)
+                .unwrap_or_else(|| panic!("{figure} missing"))
+        };
+        let embedded = find("saga p99 at 200/s, embedded (in-process)");
+        assert_eq!(
+            (embedded.met, embedded.measured.as_str()),
+            (Some(true), "40.0 ms")
+        );
+        let kafka = find("saga p99 at 200/s, PostgreSQL + Kafka");
+        assert_eq!(kafka.met, Some(false), "saturated below 200/s misses it");
+        assert_eq!(find("saga p99 at 200/s, PostgreSQL").met, None);
+        assert_eq!(find("max sustainable rate, embedded").met, Some(false));
+    }
+
+    #[test]
+    fn the_report_has_every_section() {
+        let mut r = results();
+        r.targets = targets(&r);
+        let md = markdown(&r);
+        for section in [
+            "# Benchmarks",
+            "## Machine",
+            "## Command",
+            "scripts/bench",
+            "## Ceilings",
+            "### Embedded (SQLite, in-process bus)",
+            "## One hot product",
+            "## Long run",
+            "## Targets",
+            "| saga p99 at 200/s, embedded (in-process) | ≤ 50 ms | 40.0 ms | yes |",
+        ] {
+            assert!(md.contains(section), "{section} missing:\n{md}");
+        }
+    }
+}
