@@ -44,6 +44,24 @@ pub async fn pause(poll: Duration, shutdown: &mut Shutdown) -> bool {
     }
 }
 
+/// [`pause`], cut short when `wake` changes (the store appended: a log
+/// reader has work). Call `wake.borrow_and_update()` before looking for
+/// work, so an append during the look is not missed.
+pub async fn pause_until_append(
+    poll: Duration,
+    shutdown: &mut Shutdown,
+    wake: &mut tokio::sync::watch::Receiver<u64>,
+) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(poll) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+        _ = wake.changed() => *shutdown.borrow(),
+    }
+}
+
 /// Background loops that stop on a shutdown signal; dropping them aborts
 /// whatever is still running.
 #[derive(Default)]

@@ -20,7 +20,7 @@ use order_saga_projections::{
 use sqlx::{Postgres, Sqlite, Transaction};
 use tokio::sync::{broadcast, watch};
 
-use crate::health::{pause, Heartbeat, Shutdown, Tasks};
+use crate::health::{pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::store::{LogEntry, Store, StoreError};
 
 /// The checkpoint of the read models.
@@ -88,8 +88,14 @@ macro_rules! on_tx {
 impl Tx {
     async fn begin(store: &Store) -> Result<Self, StoreError> {
         Ok(match store {
-            Store::Postgres(pool) => Tx::Pg(pool.begin().await?),
-            Store::Sqlite(pool) => Tx::Lite(pool.begin().await?),
+            Store::Postgres(db) => {
+                let mut tx = db.pool.begin().await?;
+                // Read models are rebuilt from the log with their
+                // checkpoint: no need to wait for the disk.
+                sqlx::query(crate::store::RELAXED).execute(&mut *tx).await?;
+                Tx::Pg(tx)
+            }
+            Store::Sqlite(db) => Tx::Lite(db.write.begin().await?),
         })
     }
 
@@ -211,8 +217,10 @@ impl Projections {
         let this = self.clone();
         let mut tasks = Tasks::default();
         tasks.push(tokio::spawn(async move {
+            let mut appends = this.store.appends();
             loop {
                 this.heartbeat.beat();
+                appends.borrow_and_update();
                 let idle = match this.run_once().await {
                     Ok(n) => n == 0,
                     Err(e) => {
@@ -220,7 +228,9 @@ impl Projections {
                         true
                     }
                 };
-                if (idle && pause(poll, &mut shutdown).await) || *shutdown.borrow() {
+                if (idle && pause_until_append(poll, &mut shutdown, &mut appends).await)
+                    || *shutdown.borrow()
+                {
                     break;
                 }
             }
@@ -335,7 +345,7 @@ impl Projections {
     }
 
     pub async fn order(&self, order_id: &str) -> Result<Option<OrderRecord>, StoreError> {
-        let row: Option<OrderRow> = on_pool!(&self.store, |pool| sqlx::query_as(
+        let row: Option<OrderRow> = on_read_pool!(&self.store, |pool| sqlx::query_as(
             "SELECT * FROM order_views WHERE order_id = $1"
         )
         .bind(order_id)
@@ -352,7 +362,7 @@ impl Projections {
         limit: i64,
     ) -> Result<Vec<OrderRecord>, StoreError> {
         let status = filter.status.map(|s| s.as_str());
-        let rows: Vec<OrderRow> = on_pool!(&self.store, |pool| sqlx::query_as(
+        let rows: Vec<OrderRow> = on_read_pool!(&self.store, |pool| sqlx::query_as(
             "SELECT * FROM order_views \
              WHERE (CAST($1 AS TEXT) IS NULL OR status = $1) \
                AND (CAST($2 AS TEXT) IS NULL OR user_id = $2) \
@@ -372,7 +382,7 @@ impl Projections {
 
     pub async fn history(&self, order_id: &str) -> Result<Vec<HistoryRecord>, StoreError> {
         let rows: Vec<(i64, String, i64, String, i64, String)> =
-            on_pool!(&self.store, |pool| sqlx::query_as(
+            on_read_pool!(&self.store, |pool| sqlx::query_as(
                 "SELECT position, aggregate_type, sequence, event_type, recorded_at_ms, payload \
              FROM order_history WHERE order_id = $1 ORDER BY position"
             )
@@ -426,7 +436,7 @@ impl Projections {
     }
 
     pub async fn products(&self) -> Result<Vec<ProductRecord>, StoreError> {
-        let rows: Vec<(String, Option<String>, i64, i64)> = on_pool!(&self.store, |pool| {
+        let rows: Vec<(String, Option<String>, i64, i64)> = on_read_pool!(&self.store, |pool| {
             sqlx::query_as(
             "SELECT product_id, price, available, reserved FROM product_views ORDER BY product_id"
         )
@@ -449,11 +459,12 @@ impl Projections {
     }
 
     pub async fn stats(&self) -> Result<Vec<StatRecord>, StoreError> {
-        let rows: Vec<(String, i64, i64, i64)> = on_pool!(&self.store, |pool| sqlx::query_as(
-            "SELECT metric, count, total_ms, max_ms FROM saga_stats ORDER BY metric"
-        )
-        .fetch_all(pool)
-        .await)?;
+        let rows: Vec<(String, i64, i64, i64)> =
+            on_read_pool!(&self.store, |pool| sqlx::query_as(
+                "SELECT metric, count, total_ms, max_ms FROM saga_stats ORDER BY metric"
+            )
+            .fetch_all(pool)
+            .await)?;
         Ok(rows
             .into_iter()
             .map(|(metric, count, total_ms, max_ms)| StatRecord {
@@ -524,18 +535,34 @@ async fn apply_entries(
     target: Target,
 ) -> Result<Vec<StatusChange>, StoreError> {
     let mut changes = Vec::new();
+    let mut stats = Stats::new();
     for entry in entries {
         match project(&stored(entry)) {
             Ok(ops) => {
                 for op in ops {
-                    apply(tx, &op, target).await?;
+                    apply(tx, &op, target, &mut stats).await?;
                     changes.extend(op.status_change());
                 }
             }
             Err(e) => tracing::error!(error = %e, "projection skipped an unreadable event"),
         }
     }
+    for (metric, (n, total_ms, max_ms)) in stats {
+        add_stats(tx, target, &metric, n, total_ms, max_ms).await?;
+    }
     Ok(changes)
+}
+
+/// A batch's additions to `saga_stats`, per metric: count, total and
+/// maximum milliseconds. Written once per metric and batch.
+type Stats = std::collections::BTreeMap<String, (i64, i64, i64)>;
+
+fn count(stats: &mut Stats, metric: &str, duration_ms: Option<i64>) {
+    let ms = duration_ms.unwrap_or(0);
+    let entry = stats.entry(metric.to_string()).or_insert((0, 0, 0));
+    entry.0 += 1;
+    entry.1 += ms;
+    entry.2 = entry.2.max(ms);
 }
 
 /// Moves the named checkpoint from `from` to `to` if it is still at `from`.
@@ -559,7 +586,12 @@ async fn claim(tx: &mut Tx, name: &str, from: i64, to: i64) -> Result<bool, Stor
     Ok(moved == 1)
 }
 
-async fn apply(tx: &mut Tx, op: &ReadOp, target: Target) -> Result<(), StoreError> {
+async fn apply(
+    tx: &mut Tx,
+    op: &ReadOp,
+    target: Target,
+    stats: &mut Stats,
+) -> Result<(), StoreError> {
     match op {
         ReadOp::InsertOrder {
             order_id,
@@ -674,7 +706,7 @@ async fn apply(tx: &mut Tx, op: &ReadOp, target: Target) -> Result<(), StoreErro
             .map(|_| ())
             })?;
         }
-        ReadOp::Count { metric } => count(tx, target, metric, None).await?,
+        ReadOp::Count { metric } => count(stats, metric, None),
         ReadOp::StageDone {
             order_id,
             stage,
@@ -692,27 +724,30 @@ async fn apply(tx: &mut Tx, op: &ReadOp, target: Target) -> Result<(), StoreErro
                     .await)?;
             if let Some(Some(started)) = started {
                 let metric = order_saga_projections::stage_metric(*stage);
-                count(tx, target, &metric, Some((at_ms - started).max(0))).await?;
+                count(stats, &metric, Some((at_ms - started).max(0)));
             }
         }
     }
     Ok(())
 }
 
-async fn count(
+async fn add_stats(
     tx: &mut Tx,
     target: Target,
     metric: &str,
-    duration_ms: Option<i64>,
+    n: i64,
+    total_ms: i64,
+    max_ms: i64,
 ) -> Result<(), StoreError> {
-    let ms = duration_ms.unwrap_or(0);
     on_tx!(tx, |conn| {
-        sqlx::query(&target.sql("INSERT INTO saga_stats (metric, count, total_ms, max_ms) VALUES ($1, 1, $2, $2) \
-         ON CONFLICT (metric) DO UPDATE SET count = saga_stats.count + 1, \
+        sqlx::query(&target.sql("INSERT INTO saga_stats (metric, count, total_ms, max_ms) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (metric) DO UPDATE SET count = saga_stats.count + excluded.count, \
          total_ms = saga_stats.total_ms + excluded.total_ms, \
          max_ms = CASE WHEN excluded.max_ms > saga_stats.max_ms THEN excluded.max_ms ELSE saga_stats.max_ms END"))
     .bind(metric)
-    .bind(ms)
+    .bind(n)
+    .bind(total_ms)
+    .bind(max_ms)
     .execute(conn)
     .await
     .map(|_| ())

@@ -37,7 +37,7 @@ use super::transport::{
     DeadLetterSink, Delivery, Offset as DeliveryOffset, Subscription, Transport, TransportError,
     Undecodable,
 };
-use crate::health::{pause, Heartbeat, Shutdown, Tasks};
+use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::store::Store;
 
 /// The relay's checkpoint in the global log.
@@ -452,7 +452,9 @@ impl Relay {
         tasks.push(tokio::spawn(async move {
             let mut last_check = Instant::now() - Duration::from_secs(60);
             let mut backoff = poll;
+            let mut appends = relay.store.appends();
             loop {
+                appends.borrow_and_update();
                 let idle = match relay.run_once().await {
                     Ok(n) => {
                         backoff = poll;
@@ -473,7 +475,9 @@ impl Relay {
                         relay.heartbeat.beat();
                     }
                 }
-                if (idle && pause(poll, &mut shutdown).await) || *shutdown.borrow() {
+                if (idle && pause_until_append(poll, &mut shutdown, &mut appends).await)
+                    || *shutdown.borrow()
+                {
                     break;
                 }
             }

@@ -45,7 +45,7 @@ use self::integration::{Body, IntegrationEvent, Topic, CAUSATION_ID, CORRELATION
 use self::notify::{LogNotifier, Notification, Notifier};
 use self::timers::{Timer, TimerKind};
 use self::transport::{DeadLetterSink, Delivery, Subscription, Transport, TransportError};
-use crate::health::{pause, Heartbeat, Shutdown, Tasks};
+use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::service::{store_ledger, StoreCatalog};
 use crate::store::{Store, StoreError};
 
@@ -253,8 +253,10 @@ impl Saga {
             let saga = self.clone();
             let mut shutdown = shutdown.clone();
             tasks.push(tokio::spawn(async move {
+                let mut appends = saga.store.appends();
                 loop {
                     saga.heartbeat.beat();
+                    appends.borrow_and_update();
                     let pass = match saga.consumers.get(index) {
                         Some(consumer) => saga.run_consumer(consumer).await,
                         None => saga.run_timers().await,
@@ -266,7 +268,21 @@ impl Saga {
                             true
                         }
                     };
-                    if idle && pause(saga.config.poll_interval, &mut shutdown).await {
+                    // Consumers of the in-process transport wake on an
+                    // append; the timers only poll.
+                    let stop = match idle {
+                        false => false,
+                        true if index < saga.consumers.len() => {
+                            pause_until_append(
+                                saga.config.poll_interval,
+                                &mut shutdown,
+                                &mut appends,
+                            )
+                            .await
+                        }
+                        true => pause(saga.config.poll_interval, &mut shutdown).await,
+                    };
+                    if stop {
                         break;
                     }
                     if *shutdown.borrow() {
@@ -767,15 +783,7 @@ impl Saga {
                 metrics::counter!("order_saga_compensations_total", "reason" => reason.as_str())
                     .increment(1);
                 metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1);
-                for kind in [
-                    TimerKind::StockReplyTimeout,
-                    TimerKind::ConfirmationDeadline,
-                    TimerKind::SagaTimeout,
-                    TimerKind::ConfirmRetry,
-                    TimerKind::PaymentWaitRetry,
-                ] {
-                    self.store.cancel_timers(kind, order_id).await?;
-                }
+                self.store.cancel_saga_timers(order_id).await?;
                 Ok(())
             }
             Err(OrderError::InvalidTransition { .. }) => Ok(()),

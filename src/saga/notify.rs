@@ -214,7 +214,7 @@ impl Store {
     /// Attempts made so far for one event's notification, and whether one
     /// of them delivered it.
     pub async fn notification_progress(&self, event_id: &str) -> Result<(u32, bool), StoreError> {
-        let (attempts, delivered): (i64, i64) = on_pool!(self, |pool| {
+        let (attempts, delivered): (i64, i64) = on_read_pool!(self, |pool| {
             sqlx::query_as(
                 "SELECT COUNT(*), COALESCE(SUM(CASE WHEN outcome = 'delivered' THEN 1 ELSE 0 END), 0) \
                  FROM notification_attempts WHERE event_id = $1",

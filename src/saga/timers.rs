@@ -109,12 +109,42 @@ impl Store {
         Ok(())
     }
 
-    /// Drops every pending timer of this kind for the order.
+    /// Drops every pending timer of this kind for the order. A cancel lost
+    /// in a database crash is harmless (store::RELAXED): every timer action
+    /// first checks that it is still due.
     pub async fn cancel_timers(&self, kind: TimerKind, order_id: &str) -> Result<(), StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => {
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 DELETE FROM timers USING relaxed WHERE kind = $1 AND order_id = $2"
+            }
+            Store::Sqlite(_) => "DELETE FROM timers WHERE kind = $1 AND order_id = $2",
+        };
         on_pool!(self, |pool| {
-            sqlx::query("DELETE FROM timers WHERE kind = $1 AND order_id = $2")
+            sqlx::query(sql)
                 .bind(kind.as_str())
                 .bind(order_id)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Drops every pending saga timer of the order (not its notification
+    /// retries), as [`Store::cancel_timers`] does for one kind.
+    pub async fn cancel_saga_timers(&self, order_id: &str) -> Result<(), StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => {
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 DELETE FROM timers USING relaxed WHERE order_id = $1 AND kind <> $2"
+            }
+            Store::Sqlite(_) => "DELETE FROM timers WHERE order_id = $1 AND kind <> $2",
+        };
+        on_pool!(self, |pool| {
+            sqlx::query(sql)
+                .bind(order_id)
+                .bind(TimerKind::NotifyRetry.as_str())
                 .execute(pool)
                 .await
                 .map(|_| ())
@@ -147,8 +177,15 @@ impl Store {
 
     /// Removes a timer whose action is done.
     pub async fn complete_timer(&self, timer: &Timer) -> Result<(), StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => {
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 DELETE FROM timers USING relaxed WHERE timer_id = $1"
+            }
+            Store::Sqlite(_) => "DELETE FROM timers WHERE timer_id = $1",
+        };
         on_pool!(self, |pool| {
-            sqlx::query("DELETE FROM timers WHERE timer_id = $1")
+            sqlx::query(sql)
                 .bind(timer.id())
                 .execute(pool)
                 .await
@@ -159,7 +196,7 @@ impl Store {
 
     /// How many timers are waiting (for the pending-timers metric and tests).
     pub async fn pending_timers(&self) -> Result<i64, StoreError> {
-        let n = on_pool!(self, |pool| {
+        let n = on_read_pool!(self, |pool| {
             sqlx::query_scalar("SELECT COUNT(*) FROM timers")
                 .fetch_one(pool)
                 .await

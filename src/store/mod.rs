@@ -11,19 +11,22 @@
 mod postgres;
 mod sqlite;
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore};
+use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventRepository, PersistedEventStore};
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::SqlitePool;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 /// How many events one [`Store::read_log`] call returns at most.
@@ -80,66 +83,132 @@ pub struct Executed<A: Aggregate> {
     pub events: Vec<EventEnvelope<A>>,
 }
 
-/// The event store. Cheap to clone: it is a connection pool.
+/// The event store. Cheap to clone: pools and shared state behind `Arc`s.
 #[derive(Clone, Debug)]
 pub enum Store {
-    Postgres(PgPool),
-    Sqlite(SqlitePool),
+    Postgres(Pg),
+    Sqlite(Lite),
+}
+
+/// PostgreSQL: one pool for everything.
+#[derive(Clone, Debug)]
+pub struct Pg {
+    pub pool: PgPool,
+    shared: Arc<Shared>,
+}
+
+/// SQLite: one connection writes (SQLite has a single writer; queuing for
+/// it in-process is far cheaper than SQLite's sleeping busy handler) and a
+/// few read-only connections read beside it (WAL: readers never wait).
+#[derive(Clone, Debug)]
+pub struct Lite {
+    pub write: SqlitePool,
+    pub read: SqlitePool,
+    shared: Arc<Shared>,
+}
+
+/// What every clone of one store shares in this process.
+#[derive(Debug)]
+struct Shared {
+    /// Bumped after every append, so log readers wake at once instead of
+    /// at their next poll.
+    appended: watch::Sender<u64>,
+    cache: AggregateCache,
+    /// One command at a time per aggregate in this process: contending
+    /// writers queue here instead of failing their append and retrying.
+    writers: KeyedLocks,
+    /// PostgreSQL: the value of `appended` when the sequencer last ran
+    /// from this process, and when.
+    sequenced: tokio::sync::Mutex<(u64, std::time::Instant)>,
+}
+
+/// A reader runs the sequencer at least this often even when this process
+/// appended nothing: other processes may have.
+const SEQUENCE_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
+
+impl Shared {
+    fn new() -> Arc<Self> {
+        Arc::new(Shared {
+            appended: watch::Sender::new(0),
+            cache: AggregateCache::default(),
+            writers: KeyedLocks::default(),
+            sequenced: tokio::sync::Mutex::new((0, std::time::Instant::now())),
+        })
+    }
 }
 
 /// Runs `$body` with `$es` bound to a cqrs-es event store for aggregate `$A`
-/// on whichever backend `$store` is.
+/// on whichever backend `$store` is, over the pool that `read`s or
+/// `write`s (the same one on PostgreSQL).
 /// `snapshots`: loads start from the latest snapshot (taken every
 /// [`SNAPSHOT_EVERY`] events), so a busy aggregate — a hot product — stays
 /// cheap to load as its history grows; `events`: the plain event store.
 macro_rules! with_event_store {
-    ($store:expr, $A:ty, snapshots, |$es:ident| $body:expr) => {
+    ($store:expr, $A:ty, $mode:ident, $access:ident, |$es:ident| $body:expr) => {
         match $store {
-            Store::Postgres(pool) => {
-                let $es = PersistedEventStore::<_, $A>::new_snapshot_store(
-                    PostgresEventRepository::new(pool.clone()),
-                    SNAPSHOT_EVERY,
-                );
+            Store::Postgres(db) => {
+                let $es = with_event_store!(@new $mode, $A, PostgresEventRepository::new(db.pool.clone()));
                 $body
             }
-            Store::Sqlite(pool) => {
-                let $es = PersistedEventStore::<_, $A>::new_snapshot_store(
-                    SqliteEventRepository::new(pool.clone()),
-                    SNAPSHOT_EVERY,
-                );
+            Store::Sqlite(db) => {
+                let $es = with_event_store!(@new $mode, $A, SqliteEventRepository::new(db.$access.clone()));
                 $body
             }
         }
     };
-    ($store:expr, $A:ty, events, |$es:ident| $body:expr) => {
-        match $store {
-            Store::Postgres(pool) => {
-                let $es = PersistedEventStore::<_, $A>::new_event_store(
-                    PostgresEventRepository::new(pool.clone()),
-                );
-                $body
-            }
-            Store::Sqlite(pool) => {
-                let $es = PersistedEventStore::<_, $A>::new_event_store(
-                    SqliteEventRepository::new(pool.clone()),
-                );
-                $body
-            }
-        }
+    (@new snapshots, $A:ty, $repo:expr) => {
+        PersistedEventStore::<_, $A>::new_snapshot_store($repo, SNAPSHOT_EVERY)
+    };
+    (@new events, $A:ty, $repo:expr) => {
+        PersistedEventStore::<_, $A>::new_event_store($repo)
     };
 }
+
+/// PostgreSQL: makes the current transaction commit without waiting for
+/// its WAL to reach the disk. Only for writes whose loss in a database
+/// crash is harmless — checkpoints (messages are delivered again), timer
+/// bookkeeping (a timer that fires again finds nothing to do), read models
+/// (rebuilt from the log with their checkpoint) and global-log numbering.
+/// The last is safe because the WAL is replayed as a prefix: anything
+/// durable that was done after reading a position (a command, a
+/// checkpoint) was flushed together with the numbering before it.
+pub const RELAXED: &str = "SELECT set_config('synchronous_commit', 'off', true)";
 
 /// Events between two snapshots of an aggregate.
 pub const SNAPSHOT_EVERY: usize = 100;
 
 /// Runs `$body` with `$pool` bound to whichever pool `$store` holds: for
 /// SQL written once for both dialects (SQLite accepts `$1`-style
-/// parameters too).
+/// parameters too). On SQLite this is the writing connection: use
+/// [`on_read_pool!`] for queries that only read.
 macro_rules! on_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
         match $store {
-            Store::Postgres($pool) => $body,
-            Store::Sqlite($pool) => $body,
+            Store::Postgres(db) => {
+                let $pool = &db.pool;
+                $body
+            }
+            Store::Sqlite(db) => {
+                let $pool = &db.write;
+                $body
+            }
+        }
+    };
+}
+
+/// [`on_pool!`] for statements that only read: on SQLite they go to the
+/// read-only connections, beside the writer.
+macro_rules! on_read_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match $store {
+            Store::Postgres(db) => {
+                let $pool = &db.pool;
+                $body
+            }
+            Store::Sqlite(db) => {
+                let $pool = &db.read;
+                $body
+            }
         }
     };
 }
@@ -166,18 +235,28 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(2))
             .acquire_timeout(Duration::from_secs(10))
+            // A broken connection fails its statement, which is retried;
+            // pinging before every use would double the round trips.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(StoreError::Connect)?;
-        Ok(Store::Postgres(pool))
+        Ok(Store::Postgres(Pg {
+            pool,
+            shared: Shared::new(),
+        }))
     }
 
     /// Applies the backend's migrations from `migrations/` (embedded in the
     /// binary at build time).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self {
-            Store::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
-            Store::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Store::Postgres(db) => {
+                sqlx::migrate!("./migrations/postgres")
+                    .run(&db.pool)
+                    .await?
+            }
+            Store::Sqlite(db) => sqlx::migrate!("./migrations/sqlite").run(&db.write).await?,
         }
         Ok(())
     }
@@ -199,28 +278,108 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        on_pool!(self, |pool| pool.close().await)
+        match self {
+            Store::Postgres(db) => db.pool.close().await,
+            Store::Sqlite(db) => {
+                db.read.close().await;
+                db.write.close().await;
+            }
+        }
+    }
+
+    fn shared(&self) -> &Shared {
+        match self {
+            Store::Postgres(db) => &db.shared,
+            Store::Sqlite(db) => &db.shared,
+        }
+    }
+
+    /// Changes (to a value of no meaning) after every append through this
+    /// store in this process: a log reader that found nothing waits for
+    /// this, or for its poll interval — appends by other processes are
+    /// seen by polling only.
+    pub fn appends(&self) -> watch::Receiver<u64> {
+        self.shared().appended.subscribe()
+    }
+
+    fn appended(&self) {
+        self.shared()
+            .appended
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Loads the aggregate, lets it handle the command and appends what it
     /// emitted, once. A concurrent writer to the same aggregate makes this
     /// fail with `AggregateError::AggregateConflict`; see
     /// [`Store::execute_retrying`].
-    pub async fn execute<A: Aggregate + Clone>(
+    pub async fn execute<A: Aggregate + Clone + 'static>(
         &self,
         aggregate_id: &str,
         command: A::Command,
         services: &A::Services,
         metadata: HashMap<String, String>,
     ) -> Result<Executed<A>, AggregateError<A::Error>> {
-        with_event_store!(self, A, snapshots, |es| {
-            execute_on(&es, aggregate_id, command, services, metadata).await
-        })
+        let _turn = self.shared().writers.lock(A::TYPE, aggregate_id).await;
+        let cached = self.shared().cache.get::<A>(aggregate_id);
+        let context = match cached {
+            Some(cached) => self.catch_up(aggregate_id, cached).await,
+            None => with_event_store!(self, A, snapshots, read, |es| es
+                .load_aggregate(aggregate_id)
+                .await),
+        };
+        let result = match context {
+            Ok(context) => {
+                with_event_store!(self, A, snapshots, write, |es| {
+                    execute_on(&es, context, command, services, metadata).await
+                })
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((done, after)) => {
+                if !done.events.is_empty() {
+                    self.appended();
+                }
+                self.shared().cache.put(aggregate_id, after);
+                Ok(done)
+            }
+            Err(e) => {
+                self.shared().cache.forget::<A>(aggregate_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// A remembered state brought up to date: only the events stored after
+    /// it are read.
+    async fn catch_up<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        mut context: EventStoreAggregateContext<A>,
+    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        let newer = match self {
+            Store::Postgres(db) => {
+                PostgresEventRepository::new(db.pool.clone())
+                    .get_last_events::<A>(aggregate_id, context.current_sequence)
+                    .await?
+            }
+            Store::Sqlite(db) => {
+                SqliteEventRepository::new(db.read.clone())
+                    .get_last_events::<A>(aggregate_id, context.current_sequence)
+                    .await?
+            }
+        };
+        for serialized in newer {
+            let envelope = EventEnvelope::<A>::try_from(serialized)?;
+            context.current_sequence = envelope.sequence;
+            context.aggregate.apply(envelope.payload);
+        }
+        Ok(context)
     }
 
     /// [`Store::execute`], reloading and trying again when another writer got
     /// to the aggregate first (at most `attempts` times).
-    pub async fn execute_retrying<A: Aggregate + Clone>(
+    pub async fn execute_retrying<A: Aggregate + Clone + 'static>(
         &self,
         aggregate_id: &str,
         command: A::Command,
@@ -259,21 +418,34 @@ impl Store {
             current_sequence: expected_sequence,
             current_snapshot: None,
         };
-        with_event_store!(self, A, events, |es| es
+        let stored = with_event_store!(self, A, events, write, |es| es
             .commit(events, context, metadata)
-            .await)
+            .await);
+        self.shared().cache.forget::<A>(aggregate_id);
+        if matches!(&stored, Ok(events) if !events.is_empty()) {
+            self.appended();
+        }
+        stored
     }
 
     /// The aggregate's current state and sequence; `None` if it has no
     /// events.
-    pub async fn load<A: Aggregate>(
+    pub async fn load<A: Aggregate + Clone + 'static>(
         &self,
         aggregate_id: &str,
     ) -> Result<Option<(A, usize)>, AggregateError<A::Error>> {
-        let context = with_event_store!(self, A, snapshots, |es| es
-            .load_aggregate(aggregate_id)
-            .await)?;
-        Ok((context.current_sequence > 0).then_some((context.aggregate, context.current_sequence)))
+        let context = match self.shared().cache.get::<A>(aggregate_id) {
+            Some(cached) => self.catch_up(aggregate_id, cached).await?,
+            None => with_event_store!(self, A, snapshots, read, |es| es
+                .load_aggregate(aggregate_id)
+                .await)?,
+        };
+        let found = (context.current_sequence > 0)
+            .then(|| (context.aggregate.clone(), context.current_sequence));
+        if found.is_some() {
+            self.shared().cache.put(aggregate_id, context);
+        }
+        Ok(found)
     }
 
     /// The aggregate's stored events, oldest first.
@@ -281,7 +453,9 @@ impl Store {
         &self,
         aggregate_id: &str,
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
-        with_event_store!(self, A, events, |es| es.load_events(aggregate_id).await)
+        with_event_store!(self, A, events, read, |es| es
+            .load_events(aggregate_id)
+            .await)
     }
 
     /// Gives every committed event a global position now, instead of at the
@@ -289,9 +463,34 @@ impl Store {
     /// insert. Returns how many events were numbered.
     pub async fn sequence_pending(&self) -> Result<u64, StoreError> {
         match self {
-            Store::Postgres(pool) => postgres::sequence(pool, MAX_LOG_BATCH).await,
+            Store::Postgres(db) => postgres::sequence(&db.pool, MAX_LOG_BATCH).await,
             Store::Sqlite(_) => Ok(0),
         }
+    }
+
+    /// Before a read of the log on PostgreSQL: runs the sequencer unless it
+    /// ran since this process last appended and not long ago. One run at a
+    /// time per process: readers woken by one append share one run instead
+    /// of queueing for the database lock one after another.
+    async fn sequence_for_reading(&self) -> Result<(), StoreError> {
+        let Store::Postgres(db) = self else {
+            return Ok(());
+        };
+        let mut last = db.shared.sequenced.lock().await;
+        let appends = *db.shared.appended.borrow();
+        if last.0 != appends || last.1.elapsed() >= SEQUENCE_AT_LEAST_EVERY {
+            *last = (appends, std::time::Instant::now());
+            match postgres::sequence(&db.pool, MAX_LOG_BATCH).await {
+                // More may be waiting: the next reader runs it again.
+                Ok(n) if n >= MAX_LOG_BATCH as u64 => last.0 = appends.wrapping_sub(1),
+                Ok(_) => {}
+                Err(e) => {
+                    last.0 = appends.wrapping_sub(1);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Up to `limit` log entries after `after`, in position order. Positions
@@ -299,9 +498,10 @@ impl Store {
     /// position it handled never skips an event.
     pub async fn read_log(&self, after: i64, limit: i64) -> Result<Vec<LogEntry>, StoreError> {
         let limit = limit.clamp(1, MAX_LOG_BATCH);
+        self.sequence_for_reading().await?;
         match self {
-            Store::Postgres(pool) => postgres::read_log(pool, after, limit).await,
-            Store::Sqlite(pool) => sqlite::read_log(pool, after, limit).await,
+            Store::Postgres(db) => postgres::read_log(&db.pool, after, limit).await,
+            Store::Sqlite(db) => sqlite::read_log(&db.read, after, limit).await,
         }
     }
 
@@ -312,14 +512,15 @@ impl Store {
         aggregate_types: &[&str],
         aggregate_id: &str,
     ) -> Result<Vec<LogEntry>, StoreError> {
+        self.sequence_for_reading().await?;
         let mut entries = Vec::new();
         for aggregate_type in aggregate_types {
             entries.extend(match self {
-                Store::Postgres(pool) => {
-                    postgres::read_aggregate(pool, aggregate_type, aggregate_id).await?
+                Store::Postgres(db) => {
+                    postgres::read_aggregate(&db.pool, aggregate_type, aggregate_id).await?
                 }
-                Store::Sqlite(pool) => {
-                    sqlite::read_aggregate(pool, aggregate_type, aggregate_id).await?
+                Store::Sqlite(db) => {
+                    sqlite::read_aggregate(&db.read, aggregate_type, aggregate_id).await?
                 }
             });
         }
@@ -329,7 +530,7 @@ impl Store {
 
     /// The highest global position assigned so far.
     pub async fn head_position(&self) -> Result<i64, StoreError> {
-        let head: Option<i64> = on_pool!(self, |pool| {
+        let head: Option<i64> = on_read_pool!(self, |pool| {
             sqlx::query_scalar("SELECT MAX(position) FROM events")
                 .fetch_one(pool)
                 .await
@@ -339,7 +540,7 @@ impl Store {
 
     /// The last position the named reader recorded (0 if none).
     pub async fn load_checkpoint(&self, name: &str) -> Result<i64, StoreError> {
-        let position: Option<i64> = on_pool!(self, |pool| {
+        let position: Option<i64> = on_read_pool!(self, |pool| {
             sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
                 .bind(name)
                 .fetch_optional(pool)
@@ -348,10 +549,16 @@ impl Store {
         Ok(position.unwrap_or(0))
     }
 
-    /// Records how far the named reader has come.
+    /// Records how far the named reader has come. On PostgreSQL without
+    /// waiting for the flush to disk (see [`RELAXED`]): a checkpoint lost
+    /// to a database crash only means messages delivered again.
     pub async fn save_checkpoint(&self, name: &str, position: i64) -> Result<(), StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => include_str!("sql/pg_save_checkpoint.sql"),
+            Store::Sqlite(_) => include_str!("sql/save_checkpoint.sql"),
+        };
         on_pool!(self, |pool| {
-            sqlx::query(include_str!("sql/save_checkpoint.sql"))
+            sqlx::query(sql)
                 .bind(name)
                 .bind(position)
                 .execute(pool)
@@ -363,7 +570,7 @@ impl Store {
 
     /// Ids of every aggregate of a type that has events, sorted.
     pub async fn aggregate_ids(&self, aggregate_type: &str) -> Result<Vec<String>, StoreError> {
-        let ids = on_pool!(self, |pool| {
+        let ids = on_read_pool!(self, |pool| {
             sqlx::query_scalar(
                 "SELECT DISTINCT aggregate_id FROM events WHERE aggregate_type = $1 ORDER BY 1",
             )
@@ -418,18 +625,19 @@ impl Store {
     }
 }
 
+/// Handles `command` on the loaded `context` and commits what it emitted;
+/// returns what it did and the aggregate's context after it.
 async fn execute_on<A, ES>(
     store: &ES,
-    aggregate_id: &str,
+    context: EventStoreAggregateContext<A>,
     command: A::Command,
     services: &A::Services,
     metadata: HashMap<String, String>,
-) -> Result<Executed<A>, AggregateError<A::Error>>
+) -> Result<(Executed<A>, EventStoreAggregateContext<A>), AggregateError<A::Error>>
 where
     A: Aggregate + Clone,
     ES: EventStore<A, AC = EventStoreAggregateContext<A>>,
 {
-    let context = store.load_aggregate(aggregate_id).await?;
     // The command runs on a copy: the sink applies its events there, and
     // the store gets the context as loaded, so a snapshot taken in this
     // commit applies each event exactly once.
@@ -440,12 +648,143 @@ where
         .await
         .map_err(AggregateError::UserError)?;
     let events = sink.collect().await;
+    let (id, sequence, snapshot) = (
+        context.aggregate_id.clone(),
+        context.current_sequence,
+        context.current_snapshot,
+    );
     let events = if events.is_empty() {
         Vec::new()
     } else {
         store.commit(events, context, metadata).await?
     };
-    Ok(Executed { aggregate, events })
+    let after = EventStoreAggregateContext {
+        aggregate_id: id,
+        aggregate: aggregate.clone(),
+        current_sequence: sequence + events.len(),
+        current_snapshot: snapshot_after(sequence, snapshot, events.len()),
+    };
+    Ok((Executed { aggregate, events }, after))
+}
+
+/// The snapshot number after appending `appended` events at `sequence`:
+/// cqrs-es's snapshot store writes the next snapshot when the append
+/// reaches a multiple of [`SNAPSHOT_EVERY`].
+fn snapshot_after(sequence: usize, snapshot: Option<usize>, appended: usize) -> Option<usize> {
+    let next_at = SNAPSHOT_EVERY - sequence % SNAPSHOT_EVERY;
+    if appended > 0 && appended >= next_at {
+        Some(snapshot.map_or(1, |n| n + 1))
+    } else {
+        snapshot
+    }
+}
+
+/// Recently used aggregates' states, so that loading one reads only the
+/// events stored since (none, usually) instead of its snapshot and the
+/// events after it. Never a source of truth: every load still asks the
+/// store for newer events, and a failed command forgets the entry. Bounded:
+/// when full it starts over.
+#[derive(Default)]
+struct AggregateCache {
+    entries: Mutex<HashMap<AggregateKey, Box<dyn Any + Send>>>,
+}
+
+/// An aggregate's type and id.
+type AggregateKey = (&'static str, String);
+
+/// A lock per aggregate, held while a command on it runs.
+#[derive(Default, Debug)]
+struct KeyedLocks {
+    locks: Mutex<HashMap<AggregateKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Holds one aggregate's lock; the lock is dropped from the map when its
+/// last holder or waiter is done.
+struct Turn<'a> {
+    locks: &'a KeyedLocks,
+    key: AggregateKey,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, aggregate_type: &'static str, aggregate_id: &str) -> Turn<'_> {
+        let key = (aggregate_type, aggregate_id.to_string());
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.lock_owned().await;
+        Turn {
+            locks: self,
+            key,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self.locks.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map holds it now: nobody waits for it.
+        if locks
+            .get(&self.key)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            locks.remove(&self.key);
+        }
+    }
+}
+
+/// Aggregates held at most by one store's cache.
+const CACHE_CAPACITY: usize = 20_000;
+
+impl std::fmt::Debug for AggregateCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AggregateCache")
+    }
+}
+
+impl AggregateCache {
+    fn get<A: Aggregate + Clone + 'static>(
+        &self,
+        aggregate_id: &str,
+    ) -> Option<EventStoreAggregateContext<A>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = entries
+            .get(&(A::TYPE, aggregate_id.to_string()))?
+            .downcast_ref::<(A, usize, Option<usize>)>()?;
+        Some(EventStoreAggregateContext {
+            aggregate_id: aggregate_id.to_string(),
+            aggregate: cached.0.clone(),
+            current_sequence: cached.1,
+            current_snapshot: cached.2,
+        })
+    }
+
+    fn put<A: Aggregate + 'static>(
+        &self,
+        aggregate_id: &str,
+        context: EventStoreAggregateContext<A>,
+    ) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= CACHE_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(
+            (A::TYPE, aggregate_id.to_string()),
+            Box::new((
+                context.aggregate,
+                context.current_sequence,
+                context.current_snapshot,
+            )),
+        );
+    }
+
+    fn forget<A: Aggregate>(&self, aggregate_id: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.remove(&(A::TYPE, aggregate_id.to_string()));
+    }
 }
 
 fn corrupt(position: i64, message: impl ToString) -> StoreError {

@@ -1,8 +1,8 @@
 //! PostgreSQL specifics: the sequencer that numbers the global log.
 //!
 //! postgres-es inserts rows with no position. Before reading, a reader runs
-//! the sequencer once (if no other session is running it), which numbers
-//! the committed rows in a commit-safe order (`sql/pg_sequence.sql`).
+//! the sequencer (see `Store::sequence_for_reading`), which numbers the
+//! committed rows in a commit-safe order (`sql/pg_sequence.sql`).
 
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
@@ -11,17 +11,16 @@ use super::{corrupt, LogEntry, StoreError};
 
 /// One sequencer at a time per schema: the advisory lock key is derived from
 /// the schema, so test schemas in one database do not contend.
-const TRY_LOCK: &str =
-    "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.order_saga.sequencer'))";
+const LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.order_saga.sequencer'))";
 
-/// Numbers up to `limit` committed events; returns how many. Returns 0 when
-/// another session holds the sequencer lock (it is doing the same work).
+/// Numbers up to `limit` committed events; returns how many. Waits while
+/// another session runs the sequencer, so that everything committed before
+/// the call is numbered when it returns (up to `limit`).
 pub(super) async fn sequence(pool: &PgPool, limit: i64) -> Result<u64, StoreError> {
     let mut tx = pool.begin().await?;
-    let locked: bool = sqlx::query_scalar(TRY_LOCK).fetch_one(&mut *tx).await?;
-    if !locked {
-        return Ok(0);
-    }
+    sqlx::query(LOCK).execute(&mut *tx).await?;
+    sqlx::query(super::RELAXED).execute(&mut *tx).await?;
     let numbered = sqlx::query(include_str!("sql/pg_sequence.sql"))
         .bind(limit)
         .execute(&mut *tx)
@@ -36,7 +35,6 @@ pub(super) async fn read_log(
     after: i64,
     limit: i64,
 ) -> Result<Vec<LogEntry>, StoreError> {
-    sequence(pool, limit).await?;
     let rows = sqlx::query(include_str!("sql/pg_read_log.sql"))
         .bind(after)
         .bind(limit)
@@ -51,7 +49,6 @@ pub(super) async fn read_aggregate(
     aggregate_type: &str,
     aggregate_id: &str,
 ) -> Result<Vec<LogEntry>, StoreError> {
-    sequence(pool, super::MAX_LOG_BATCH).await?;
     let rows = sqlx::query(include_str!("sql/read_aggregate.sql"))
         .bind(aggregate_type)
         .bind(aggregate_id)

@@ -16,10 +16,13 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{corrupt, LogEntry, Store, StoreError};
+use super::{corrupt, Lite, LogEntry, Shared, Store, StoreError};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "order-saga.sqlite";
+
+/// Read-only connections beside the writer.
+const READERS: u32 = 4;
 
 pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
@@ -29,18 +32,31 @@ pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
     let options = SqliteConnectOptions::new()
         .filename(data_dir.join(DB_FILE))
         .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
         // With WAL, NORMAL survives a crash of the process (kill -9); only
         // an OS crash or power loss can lose the last commits.
         .synchronous(SqliteSynchronous::Normal)
+        // Another process writing the same file (a second instance, the
+        // CLI) is waited for.
         .busy_timeout(Duration::from_secs(10))
+        .pragma("cache_size", "-65536")
         .foreign_keys(true);
-    let pool = SqlitePoolOptions::new()
-        .max_connections(8)
-        .connect_with(options)
+    let write = SqlitePoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect_with(options.clone().journal_mode(SqliteJournalMode::Wal))
         .await
         .map_err(StoreError::Connect)?;
-    Ok(Store::Sqlite(pool))
+    let read = SqlitePoolOptions::new()
+        .max_connections(READERS)
+        .test_before_acquire(false)
+        .connect_with(options.read_only(true))
+        .await
+        .map_err(StoreError::Connect)?;
+    Ok(Store::Sqlite(Lite {
+        write,
+        read,
+        shared: Shared::new(),
+    }))
 }
 
 pub(super) async fn read_log(

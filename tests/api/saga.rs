@@ -657,17 +657,17 @@ async fn an_undecodable_message_is_dead_lettered_and_the_saga_goes_on(backend: B
     let insert = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
                   VALUES ('Order', 'garbled', 1, 'OrderCreated', '1.0', $1, '{}')";
     match &h.t.store {
-        Store::Postgres(pool) => {
+        Store::Postgres(db) => {
             sqlx::query(&insert.replace("$1", "$1::json"))
                 .bind(r#"{"nonsense": true}"#)
-                .execute(pool)
+                .execute(&db.pool)
                 .await
                 .expect("insert");
         }
-        Store::Sqlite(pool) => {
+        Store::Sqlite(db) => {
             sqlx::query(insert)
                 .bind(r#"{"nonsense": true}"#)
-                .execute(pool)
+                .execute(&db.write)
                 .await
                 .expect("insert");
         }

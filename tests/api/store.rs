@@ -168,8 +168,8 @@ async fn slow_commit(store: &Store, id: &str, first_sequence: i64, events: &[Pro
         })
         .collect();
     match store {
-        Store::Postgres(pool) => {
-            let mut tx = pool.begin().await.expect("begin");
+        Store::Postgres(db) => {
+            let mut tx = db.pool.begin().await.expect("begin");
             for (sequence, event_type, payload) in &rows {
                 sqlx::query(
                     "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
@@ -190,8 +190,8 @@ async fn slow_commit(store: &Store, id: &str, first_sequence: i64, events: &[Pro
                 .expect("hold");
             tx.commit().await.expect("commit");
         }
-        Store::Sqlite(pool) => {
-            let mut tx = pool.begin().await.expect("begin");
+        Store::Sqlite(db) => {
+            let mut tx = db.write.begin().await.expect("begin");
             for (sequence, event_type, payload) in &rows {
                 sqlx::query(
                     "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
@@ -366,15 +366,15 @@ async fn a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give(b
     }
     assert_eq!(loaded, folded);
     let snapshots: i64 = match &t.store {
-        Store::Postgres(pool) => {
+        Store::Postgres(db) => {
             sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE aggregate_id = 'p-hot'")
-                .fetch_one(pool)
+                .fetch_one(&db.pool)
                 .await
                 .expect("count")
         }
-        Store::Sqlite(pool) => {
+        Store::Sqlite(db) => {
             sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE aggregate_id = 'p-hot'")
-                .fetch_one(pool)
+                .fetch_one(&db.read)
                 .await
                 .expect("count")
         }
