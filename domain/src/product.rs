@@ -6,14 +6,18 @@
 //! moves them back; only an operator's stock level changes their sum. Both
 //! are unsigned and every move is checked, so stock can never go negative.
 
-use std::collections::BTreeMap;
-
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::money::Money;
 use crate::values::FieldError;
+
+/// Orders' holds on a product. A persistent map: copying a product — as
+/// every command does, to run on a copy — shares it instead of copying
+/// every order's entry, so a product stays cheap however many orders hold
+/// it.
+pub type Holds = imbl::OrdMap<String, u32>;
 
 /// Highest stock level an operator may set; keeps available + held far from
 /// `u32::MAX`.
@@ -87,7 +91,7 @@ pub struct Product {
     pub known: bool,
     pub price: Option<Money>,
     pub available: u32,
-    pub held: BTreeMap<String, u32>,
+    pub held: Holds,
 }
 
 impl Product {
