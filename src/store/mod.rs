@@ -440,12 +440,9 @@ impl Store {
                 .load_aggregate(aggregate_id)
                 .await)?,
         };
-        let found = (context.current_sequence > 0)
-            .then(|| (context.aggregate.clone(), context.current_sequence));
-        if found.is_some() {
-            self.shared().cache.put(aggregate_id, context);
-        }
-        Ok(found)
+        // Only commands (one at a time per aggregate) write the cache: a
+        // load racing a command could put back an older snapshot number.
+        Ok((context.current_sequence > 0).then_some((context.aggregate, context.current_sequence)))
     }
 
     /// The aggregate's stored events, oldest first.
@@ -682,8 +679,9 @@ fn snapshot_after(sequence: usize, snapshot: Option<usize>, appended: usize) -> 
 /// Recently used aggregates' states, so that loading one reads only the
 /// events stored since (none, usually) instead of its snapshot and the
 /// events after it. Never a source of truth: every load still asks the
-/// store for newer events, and a failed command forgets the entry. Bounded:
-/// when full it starts over.
+/// store for newer events, and a failed command forgets the entry. Written
+/// only by commands, under their aggregate's lock, so an entry is exactly
+/// what this process committed last. Bounded: when full it starts over.
 #[derive(Default)]
 struct AggregateCache {
     entries: Mutex<HashMap<AggregateKey, Box<dyn Any + Send>>>,
