@@ -183,13 +183,16 @@ pub const SNAPSHOT_EVERY: usize = 100;
 /// [`on_read_pool!`] for queries that only read.
 macro_rules! on_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
+        on_pool!(@ $store, write, |$pool| $body)
+    };
+    (@ $store:expr, $sqlite:ident, |$pool:ident| $body:expr) => {
         match $store {
             Store::Postgres(db) => {
                 let $pool = &db.pool;
                 $body
             }
             Store::Sqlite(db) => {
-                let $pool = &db.write;
+                let $pool = &db.$sqlite;
                 $body
             }
         }
@@ -200,16 +203,7 @@ macro_rules! on_pool {
 /// read-only connections, beside the writer.
 macro_rules! on_read_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
-        match $store {
-            Store::Postgres(db) => {
-                let $pool = &db.pool;
-                $body
-            }
-            Store::Sqlite(db) => {
-                let $pool = &db.read;
-                $body
-            }
-        }
+        on_pool!(@ $store, read, |$pool| $body)
     };
 }
 
