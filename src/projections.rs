@@ -502,9 +502,8 @@ async fn set_checkpoint(tx: &mut Tx, name: &str, position: i64) -> Result<(), St
     Ok(())
 }
 
-/// Locks the named checkpoint's row for the rest of the transaction and
-/// returns its position.
-async fn lock_checkpoint(tx: &mut Tx, name: &str) -> Result<i64, StoreError> {
+/// Creates the named checkpoint's row, at 0, unless it exists.
+async fn ensure_checkpoint(tx: &mut Tx, name: &str) -> Result<(), StoreError> {
     on_tx!(tx, |conn| sqlx::query(
         "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING"
     )
@@ -512,6 +511,13 @@ async fn lock_checkpoint(tx: &mut Tx, name: &str) -> Result<i64, StoreError> {
     .execute(&mut *conn)
     .await
     .map(|_| ()))?;
+    Ok(())
+}
+
+/// Locks the named checkpoint's row for the rest of the transaction and
+/// returns its position.
+async fn lock_checkpoint(tx: &mut Tx, name: &str) -> Result<i64, StoreError> {
+    ensure_checkpoint(tx, name).await?;
     on_tx!(tx, |conn| sqlx::query(
         "UPDATE checkpoints SET position = position WHERE name = $1"
     )
@@ -567,13 +573,10 @@ fn count(stats: &mut Stats, metric: &str, duration_ms: Option<i64>) {
 
 /// Moves the named checkpoint from `from` to `to` if it is still at `from`.
 async fn claim(tx: &mut Tx, name: &str, from: i64, to: i64) -> Result<bool, StoreError> {
-    on_tx!(tx, |conn| sqlx::query(
-        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING"
-    )
-    .bind(name)
-    .execute(&mut *conn)
-    .await
-    .map(|_| ()))?;
+    // A checkpoint past 0 has its row already.
+    if from == 0 {
+        ensure_checkpoint(tx, name).await?;
+    }
     let moved = on_tx!(tx, |conn| sqlx::query(
         "UPDATE checkpoints SET position = $3 WHERE name = $1 AND position = $2"
     )
