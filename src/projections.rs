@@ -9,6 +9,7 @@
 //! crash at any instant loses nothing. After a commit, status changes go to
 //! subscribers and waiters learn the new position.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ const TABLES: [&str; 4] = [
 ];
 
 /// Which set of read-model tables a batch is applied to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Target {
     /// The tables readers read.
     Live,
@@ -113,6 +114,36 @@ pub struct Projections {
     changes: broadcast::Sender<StatusChange>,
     progress: watch::Sender<i64>,
     heartbeat: Heartbeat,
+    starts: StageStarts,
+}
+
+/// When recent orders reached each stage start (created, stock replied,
+/// confirmed), as the projection wrote it to `order_views`: timing a stage
+/// needs its start, and reading it back cost a query per stage. Each of
+/// these columns is written once per order, from its event's recorded time,
+/// so a remembered value is the stored one (whichever instance applied
+/// it); a miss reads the table. Bounded: starts over when full.
+#[derive(Default)]
+struct StageStarts {
+    entries: std::sync::Mutex<HashMap<(Target, String, StageStart), i64>>,
+}
+
+/// Stage starts remembered at most.
+const STAGE_STARTS_KEPT: usize = 100_000;
+
+impl StageStarts {
+    fn remember(&self, target: Target, order_id: &str, start: StageStart, at_ms: i64) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= STAGE_STARTS_KEPT {
+            entries.clear();
+        }
+        entries.insert((target, order_id.to_string(), start), at_ms);
+    }
+
+    fn recall(&self, target: Target, order_id: &str, start: StageStart) -> Option<i64> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.get(&(target, order_id.to_string(), start)).copied()
+    }
 }
 
 fn stored(entry: &LogEntry) -> StoredEvent {
@@ -152,6 +183,7 @@ impl Projections {
             changes,
             progress,
             heartbeat: Heartbeat::default(),
+            starts: StageStarts::default(),
         })
     }
 
@@ -193,7 +225,7 @@ impl Projections {
         if !claim(&mut tx, target.checkpoint(), from, last).await? {
             return Ok((None, Vec::new()));
         }
-        let changes = apply_entries(&mut tx, &entries, target).await?;
+        let changes = apply_entries(&mut tx, &entries, target, &self.starts).await?;
         tx.commit().await?;
         Ok((Some(last), changes))
     }
@@ -275,7 +307,7 @@ impl Projections {
             let Some(last) = entries.last().map(|e| e.position) else {
                 break;
             };
-            apply_entries(&mut tx, &entries, Target::Next).await?;
+            apply_entries(&mut tx, &entries, Target::Next, &self.starts).await?;
             position = last;
         }
         for table in TABLES {
@@ -539,6 +571,7 @@ async fn apply_entries(
     tx: &mut Tx,
     entries: &[LogEntry],
     target: Target,
+    starts: &StageStarts,
 ) -> Result<Vec<StatusChange>, StoreError> {
     let mut changes = Vec::new();
     let mut stats = Stats::new();
@@ -546,7 +579,7 @@ async fn apply_entries(
         match project(&stored(entry)) {
             Ok(ops) => {
                 for op in ops {
-                    apply(tx, &op, target, &mut stats).await?;
+                    apply(tx, &op, target, &mut stats, starts).await?;
                     changes.extend(op.status_change());
                 }
             }
@@ -594,6 +627,7 @@ async fn apply(
     op: &ReadOp,
     target: Target,
     stats: &mut Stats,
+    starts: &StageStarts,
 ) -> Result<(), StoreError> {
     match op {
         ReadOp::InsertOrder {
@@ -608,6 +642,7 @@ async fn apply(
         } => {
             let items =
                 serde_json::to_string(items).map_err(|e| StoreError::CorruptRow(e.to_string()))?;
+            starts.remember(target, order_id, StageStart::Created, *at_ms);
             on_tx!(tx, |conn| {
                 sqlx::query(&target.sql("INSERT INTO order_views (order_id, created_position, user_id, store_id, status, items, \
                  total_amount, created_at_ms, version) VALUES ($1, $2, $3, $4, 'ORDER_CREATED', $5, $6, $7, $8) \
@@ -637,6 +672,9 @@ async fn apply(
                 "UPDATE order_views SET status = $2, cancel_reason = $3, version = $4, {} = $5 WHERE order_id = $1",
                 time_column(*time)
             );
+            if matches!(time, OrderTime::Confirmed) {
+                starts.remember(target, order_id, StageStart::Confirmed, *at_ms);
+            }
             on_tx!(tx, |conn| sqlx::query(&target.sql(&sql))
                 .bind(order_id)
                 .bind(status.as_str())
@@ -648,6 +686,7 @@ async fn apply(
                 .map(|_| ()))?;
         }
         ReadOp::StockReplied { order_id, at_ms } => {
+            starts.remember(target, order_id, StageStart::StockReplied, *at_ms);
             on_tx!(tx, |conn| sqlx::query(&target.sql(
                 "UPDATE order_views SET stock_replied_at_ms = $2 WHERE order_id = $1"
             ))
@@ -716,16 +755,22 @@ async fn apply(
             from,
             at_ms,
         } => {
-            let sql = format!(
-                "SELECT {} FROM order_views WHERE order_id = $1",
-                start_column(*from)
-            );
-            let started: Option<Option<i64>> =
-                on_tx!(tx, |conn| sqlx::query_scalar(&target.sql(&sql))
-                    .bind(order_id)
-                    .fetch_optional(conn)
-                    .await)?;
-            if let Some(Some(started)) = started {
+            let started = match starts.recall(target, order_id, *from) {
+                Some(started) => Some(started),
+                None => {
+                    let sql = format!(
+                        "SELECT {} FROM order_views WHERE order_id = $1",
+                        start_column(*from)
+                    );
+                    let stored: Option<Option<i64>> =
+                        on_tx!(tx, |conn| sqlx::query_scalar(&target.sql(&sql))
+                            .bind(order_id)
+                            .fetch_optional(conn)
+                            .await)?;
+                    stored.flatten()
+                }
+            };
+            if let Some(started) = started {
                 let metric = order_saga_projections::stage_metric(*stage);
                 count(stats, &metric, Some((at_ms - started).max(0)));
             }

@@ -65,7 +65,7 @@ impl Stage {
 }
 
 /// Where a stage is timed from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StageStart {
     Created,
     StockReplied,

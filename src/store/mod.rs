@@ -8,6 +8,7 @@
 //! [`Store::read_log`] reads that log from any position. How the position is
 //! made safe on each backend is in ARCHITECTURE.md ("The global log").
 
+mod lean;
 mod postgres;
 mod sqlite;
 
@@ -147,11 +148,11 @@ macro_rules! with_event_store {
     ($store:expr, $A:ty, $mode:ident, $access:ident, |$es:ident| $body:expr) => {
         match $store {
             Store::Postgres(db) => {
-                let $es = with_event_store!(@new $mode, $A, PostgresEventRepository::new(db.pool.clone()));
+                let $es = with_event_store!(@new $mode, $A, lean::Lean::postgres(&db.pool));
                 $body
             }
             Store::Sqlite(db) => {
-                let $es = with_event_store!(@new $mode, $A, SqliteEventRepository::new(db.$access.clone()));
+                let $es = with_event_store!(@new $mode, $A, lean::Lean::sqlite(&db.$access));
                 $body
             }
         }

@@ -2,32 +2,24 @@
 //!
 //! postgres-es inserts rows with no position. Before reading, a reader runs
 //! the sequencer (see `Store::sequence_for_reading`), which numbers the
-//! committed rows in a commit-safe order (`sql/pg_sequence.sql`).
+//! committed rows in a commit-safe order (migration 0005).
 
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
 
 use super::{corrupt, LogEntry, StoreError};
 
-/// One sequencer at a time per schema: the advisory lock key is derived from
-/// the schema, so test schemas in one database do not contend.
-const LOCK: &str =
-    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.order_saga.sequencer'))";
-
 /// Numbers up to `limit` committed events; returns how many. Waits while
 /// another session runs the sequencer, so that everything committed before
-/// the call is numbered when it returns (up to `limit`).
+/// the call is numbered when it returns (up to `limit`). One statement: the
+/// run is the function `order_saga_sequence` (migration 0005, which says
+/// why it never lets a reader skip an event).
 pub(super) async fn sequence(pool: &PgPool, limit: i64) -> Result<u64, StoreError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(LOCK).execute(&mut *tx).await?;
-    sqlx::query(super::RELAXED).execute(&mut *tx).await?;
-    let numbered = sqlx::query(include_str!("sql/pg_sequence.sql"))
+    let numbered: i64 = sqlx::query_scalar("SELECT order_saga_sequence($1)")
         .bind(limit)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    tx.commit().await?;
-    Ok(numbered)
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(numbered).unwrap_or(0))
 }
 
 pub(super) async fn read_log(

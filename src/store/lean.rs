@@ -1,0 +1,177 @@
+//! The event repositories of postgres-es and sqlite-es with a cheaper
+//! append. Both libraries write an append as BEGIN, one INSERT per event,
+//! COMMIT; an append without a snapshot is here one multi-row INSERT in
+//! autocommit instead: one statement is atomic on both databases, so the
+//! events are stored together or not at all, with the same optimistic check
+//! (the `(aggregate_type, aggregate_id, sequence)` key) — one round trip
+//! instead of three. Appends that write a snapshot, and every read, go to
+//! the library's repository unchanged.
+
+use cqrs_es::persist::{
+    PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
+};
+use cqrs_es::Aggregate;
+use postgres_es::PostgresEventRepository;
+use serde_json::Value;
+use sqlite_es::SqliteEventRepository;
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
+
+const INSERT_EVENTS: &str = "INSERT INTO events \
+     (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ";
+
+/// A library repository plus the pool its plain appends go to.
+pub(super) struct Lean<R> {
+    inner: R,
+    pool: Pool,
+}
+
+enum Pool {
+    Pg(PgPool),
+    Lite(SqlitePool),
+}
+
+impl Lean<PostgresEventRepository> {
+    pub(super) fn postgres(pool: &PgPool) -> Self {
+        Lean {
+            inner: PostgresEventRepository::new(pool.clone()),
+            pool: Pool::Pg(pool.clone()),
+        }
+    }
+}
+
+impl Lean<SqliteEventRepository> {
+    pub(super) fn sqlite(pool: &SqlitePool) -> Self {
+        Lean {
+            inner: SqliteEventRepository::new(pool.clone()),
+            pool: Pool::Lite(pool.clone()),
+        }
+    }
+}
+
+/// `INSERT … VALUES ($1, …, $7), ($8, …)` for `rows` events.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(INSERT_EVENTS);
+    for row in 0..rows {
+        let p = row * 7;
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6,
+            p + 7
+        ));
+    }
+    sql
+}
+
+/// Binds the events' columns, in `insert_sql`'s order.
+macro_rules! bind_events {
+    ($A:ty, $sql:expr, $events:expr) => {{
+        let mut query = sqlx::query($sql);
+        for event in $events {
+            query = query
+                .bind(<$A>::TYPE)
+                .bind(event.aggregate_id.as_str())
+                .bind(event.sequence as i32)
+                .bind(event.event_type.as_str())
+                .bind(event.event_version.as_str())
+                .bind(&event.payload)
+                .bind(&event.metadata);
+        }
+        query
+    }};
+}
+
+/// The libraries' mapping: a taken sequence is the optimistic-lock failure
+/// (another writer appended first).
+fn persistence_error(e: sqlx::Error) -> PersistenceError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            PersistenceError::OptimisticLockError
+        }
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => PersistenceError::ConnectionError(Box::new(e)),
+        _ => PersistenceError::UnknownError(Box::new(e)),
+    }
+}
+
+impl<R: PersistedEventRepository> PersistedEventRepository for Lean<R> {
+    async fn get_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.inner.get_events::<A>(aggregate_id).await
+    }
+
+    async fn get_last_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        last_sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.inner
+            .get_last_events::<A>(aggregate_id, last_sequence)
+            .await
+    }
+
+    async fn get_snapshot<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+        self.inner.get_snapshot::<A>(aggregate_id).await
+    }
+
+    async fn persist<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        snapshot_update: Option<(String, Value, usize)>,
+    ) -> Result<(), PersistenceError> {
+        if snapshot_update.is_some() || events.is_empty() {
+            return self.inner.persist::<A>(events, snapshot_update).await;
+        }
+        let sql = insert_sql(events.len());
+        match &self.pool {
+            Pool::Pg(pool) => bind_events!(A, &sql, events)
+                .execute(pool)
+                .await
+                .map(|_| ()),
+            Pool::Lite(pool) => bind_events!(A, &sql, events)
+                .execute(pool)
+                .await
+                .map(|_| ()),
+        }
+        .map_err(persistence_error)
+    }
+
+    async fn stream_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<ReplayStream, PersistenceError> {
+        self.inner.stream_events::<A>(aggregate_id).await
+    }
+
+    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
+        self.inner.stream_all_events::<A>().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::insert_sql;
+
+    #[test]
+    fn one_placeholder_per_column_and_row() {
+        assert_eq!(
+            insert_sql(2),
+            format!(
+                "{}($1, $2, $3, $4, $5, $6, $7), ($8, $9, $10, $11, $12, $13, $14)",
+                super::INSERT_EVENTS
+            )
+        );
+    }
+}
