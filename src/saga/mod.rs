@@ -43,7 +43,7 @@ use uuid::Uuid;
 use self::clock::{Clock, SystemClock};
 use self::integration::{Body, IntegrationEvent, Topic, CAUSATION_ID, CORRELATION_ID};
 use self::notify::{LogNotifier, Notification, Notifier};
-use self::timers::{Timer, TimerBook, TimerChange, TimerKind};
+use self::timers::{Timer, TimerKind};
 use self::transport::{DeadLetterSink, Delivery, Subscription, Transport, TransportError};
 use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::service::{store_ledger, StoreCatalog};
@@ -358,18 +358,11 @@ impl Saga {
             });
             by_key[slot].push(delivery.clone());
         }
-        let book = TimerBook::default();
         let outcomes: Vec<Result<bool, SagaError>> = futures_util::stream::iter(by_key)
-            .map(|group| self.deliver_in_order(consumer, group, Timers::Book(&book)))
+            .map(|group| self.deliver_in_order(consumer, group))
             .buffer_unordered(self.config.handler_concurrency.max(1))
             .collect()
             .await;
-        // The batch's timer changes are stored before it is committed; if
-        // they cannot be, the whole batch is delivered again.
-        if let Err(e) = self.store.apply_timer_changes(&book.take()).await {
-            subscription.rewind().await?;
-            return Err(e.into());
-        }
         let mut all_done = true;
         for outcome in outcomes {
             all_done &= outcome?;
@@ -388,10 +381,9 @@ impl Saga {
         &self,
         consumer: &Consumer,
         group: Vec<Delivery>,
-        timers: Timers<'_>,
     ) -> Result<bool, SagaError> {
         for delivery in &group {
-            if !self.deliver(consumer, delivery, timers).await? {
+            if !self.deliver(consumer, delivery).await? {
                 return Ok(false);
             }
         }
@@ -400,12 +392,7 @@ impl Saga {
 
     /// Handles one delivery. `Ok(false)`: it failed for now and must be
     /// delivered again; a message that cannot work is dead-lettered.
-    async fn deliver(
-        &self,
-        consumer: &Consumer,
-        delivery: &Delivery,
-        timers: Timers<'_>,
-    ) -> Result<bool, SagaError> {
+    async fn deliver(&self, consumer: &Consumer, delivery: &Delivery) -> Result<bool, SagaError> {
         let event = match &delivery.event {
             Ok(event) => event,
             Err(undecodable) => {
@@ -429,10 +416,7 @@ impl Saga {
             correlation_id = event.correlation_id.as_deref().unwrap_or(""),
         );
         let started = self.clock.now();
-        let result = self
-            .handle_with(consumer.service, event, timers)
-            .instrument(span)
-            .await;
+        let result = self.handle(consumer.service, event).instrument(span).await;
         let payload = || serde_json::to_string(event).unwrap_or_default();
         match result {
             Ok(()) => {
@@ -488,20 +472,11 @@ impl Saga {
     }
 
     /// What each service does with each integration event. Public so tests
-    /// can deliver events in any order; timer changes are stored at once.
+    /// can deliver events in any order.
     pub async fn handle(
         &self,
         service: Service,
         event: &IntegrationEvent,
-    ) -> Result<(), HandlerError> {
-        self.handle_with(service, event, Timers::Now).await
-    }
-
-    async fn handle_with(
-        &self,
-        service: Service,
-        event: &IntegrationEvent,
-        timers: Timers<'_>,
     ) -> Result<(), HandlerError> {
         match (service, &event.body) {
             (Service::Stock, Body::OrderCreated { items, .. }) => {
@@ -517,39 +492,40 @@ impl Saga {
             (Service::Stock, Body::OrderCancelled { items, .. }) => {
                 self.release_stock(event, items.clone()).await
             }
-            (Service::Order, Body::OrderCreated { .. }) => {
-                self.start_deadlines(event, timers).await
-            }
+            (Service::Order, Body::OrderCreated { .. }) => self.start_deadlines(event).await,
             (Service::Order, Body::StockReserved { .. }) => {
-                let stock_reply = cancel(TimerKind::StockReplyTimeout, &event.order_id);
-                self.change_timers(timers, stock_reply).await?;
+                self.store
+                    .cancel_timers(TimerKind::StockReplyTimeout, &event.order_id)
+                    .await?;
                 self.schedule(
-                    timers,
                     TimerKind::ConfirmationDeadline,
                     &event.order_id,
                     self.config.confirm_retries,
                     self.config.confirmation_timeout,
-                    &Cause::of(event),
+                    event.event_id,
+                    event.correlation_id.clone(),
                 )
                 .await?;
                 let cause = Cause::of(event);
-                self.try_confirm(timers, &event.order_id, &cause, 0).await
+                self.try_confirm(&event.order_id, &cause, 0).await
             }
             (Service::Order, Body::StockReservationFailed { .. }) => {
-                let stock_reply = cancel(TimerKind::StockReplyTimeout, &event.order_id);
-                self.change_timers(timers, stock_reply).await?;
+                self.store
+                    .cancel_timers(TimerKind::StockReplyTimeout, &event.order_id)
+                    .await?;
                 let cause = Cause::of(event);
-                self.cancel_order(timers, &event.order_id, CancelReason::StockShortage, &cause)
+                self.cancel_order(&event.order_id, CancelReason::StockShortage, &cause)
                     .await
             }
             (Service::Order, Body::OrderConfirmed { .. }) => {
-                let deadline = cancel(TimerKind::ConfirmationDeadline, &event.order_id);
-                self.change_timers(timers, deadline).await?;
-                self.try_payment_wait(timers, &event.order_id, &Cause::of(event), 0)
+                self.store
+                    .cancel_timers(TimerKind::ConfirmationDeadline, &event.order_id)
+                    .await?;
+                self.try_payment_wait(&event.order_id, &Cause::of(event), 0)
                     .await
             }
             (Service::Notifier, _) => match Notification::for_event(event) {
-                Some(notification) => self.notify(timers, &notification, 0).await,
+                Some(notification) => self.notify(&notification, 0).await,
                 None => Ok(()),
             },
             _ => Ok(()),
@@ -618,11 +594,7 @@ impl Saga {
             })
     }
 
-    async fn start_deadlines(
-        &self,
-        event: &IntegrationEvent,
-        timers: Timers<'_>,
-    ) -> Result<(), HandlerError> {
+    async fn start_deadlines(&self, event: &IntegrationEvent) -> Result<(), HandlerError> {
         // Deadlines count from when the order side learns of the order.
         for (kind, after) in [
             (
@@ -632,15 +604,12 @@ impl Saga {
             (TimerKind::SagaTimeout, self.config.saga_timeout),
         ] {
             self.schedule(
-                timers,
                 kind,
                 &event.order_id,
                 0,
                 after,
-                &Cause {
-                    causation: Uuid::new_v4(),
-                    correlation_id: event.correlation_id.clone(),
-                },
+                Uuid::new_v4(),
+                event.correlation_id.clone(),
             )
             .await?;
         }
@@ -649,12 +618,12 @@ impl Saga {
 
     async fn schedule(
         &self,
-        timers: Timers<'_>,
         kind: TimerKind,
         order_id: &str,
         attempt: u32,
         after: Duration,
-        cause: &Cause,
+        causation: Uuid,
+        correlation_id: Option<String>,
     ) -> Result<(), StoreError> {
         let timer = Timer {
             kind,
@@ -663,27 +632,11 @@ impl Saga {
             attempt,
             due_at: self.clock.now()
                 + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX),
-            causation_id: cause.causation.to_string(),
-            correlation_id: cause.correlation_id.clone(),
+            causation_id: causation.to_string(),
+            correlation_id,
             payload: json!({}),
         };
-        self.change_timers(timers, TimerChange::Schedule(timer))
-            .await
-    }
-
-    /// Stores a timer change now, or books it for the consumer batch.
-    async fn change_timers(
-        &self,
-        timers: Timers<'_>,
-        change: TimerChange,
-    ) -> Result<(), StoreError> {
-        match timers {
-            Timers::Book(book) => {
-                book.push(change);
-                Ok(())
-            }
-            Timers::Now => self.store.apply_timer_changes(&[change]).await,
-        }
+        self.store.schedule_timer(&timer).await
     }
 
     async fn order_status(&self, order_id: &str) -> Result<Option<OrderStatus>, HandlerError> {
@@ -729,25 +682,22 @@ impl Saga {
     /// cancels it (CONFIRMATION_FAILED).
     async fn try_confirm(
         &self,
-        timers: Timers<'_>,
         order_id: &str,
         cause: &Cause,
         attempt: u32,
     ) -> Result<(), HandlerError> {
-        self.try_step(timers, Step::Confirm, order_id, cause, attempt)
-            .await
+        self.try_step(Step::Confirm, order_id, cause, attempt).await
     }
 
     /// Opens the payment wait, or schedules the next try, or — out of tries
     /// — cancels the order (PAYMENT_WAIT_FAILED).
     async fn try_payment_wait(
         &self,
-        timers: Timers<'_>,
         order_id: &str,
         cause: &Cause,
         attempt: u32,
     ) -> Result<(), HandlerError> {
-        self.try_step(timers, Step::PaymentWait, order_id, cause, attempt)
+        self.try_step(Step::PaymentWait, order_id, cause, attempt)
             .await
     }
 
@@ -758,7 +708,6 @@ impl Saga {
     /// step) needs nothing more.
     async fn try_step(
         &self,
-        timers: Timers<'_>,
         step: Step,
         order_id: &str,
         cause: &Cause,
@@ -788,8 +737,9 @@ impl Saga {
                     if step == Step::PaymentWait {
                         metrics::counter!("order_saga_sagas_completed_total", "outcome" => "PAYMENT_WAIT")
                             .increment(1);
-                        let saga_timeout = cancel(TimerKind::SagaTimeout, order_id);
-                        self.change_timers(timers, saga_timeout).await?;
+                        self.store
+                            .cancel_timers(TimerKind::SagaTimeout, order_id)
+                            .await?;
                     }
                     return Ok(());
                 }
@@ -800,11 +750,18 @@ impl Saga {
         };
         tracing::warn!(order_id, ?step, attempt, error = %failure, "saga step failed");
         if attempt < retries {
-            self.schedule(timers, retry, order_id, attempt + 1, interval, cause)
-                .await?;
+            self.schedule(
+                retry,
+                order_id,
+                attempt + 1,
+                interval,
+                cause.causation,
+                cause.correlation_id.clone(),
+            )
+            .await?;
             Ok(())
         } else {
-            self.cancel_order(timers, order_id, exhausted, cause).await
+            self.cancel_order(order_id, exhausted, cause).await
         }
     }
 
@@ -813,7 +770,6 @@ impl Saga {
     /// already cancelled or waiting for payment.
     async fn cancel_order(
         &self,
-        timers: Timers<'_>,
         order_id: &str,
         reason: CancelReason,
         cause: &Cause,
@@ -827,9 +783,7 @@ impl Saga {
                 metrics::counter!("order_saga_compensations_total", "reason" => reason.as_str())
                     .increment(1);
                 metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1);
-                let order_id = order_id.to_string();
-                self.change_timers(timers, TimerChange::CancelSaga { order_id })
-                    .await?;
+                self.store.cancel_saga_timers(order_id).await?;
                 Ok(())
             }
             Err(OrderError::InvalidTransition { .. }) => Ok(()),
@@ -839,12 +793,7 @@ impl Saga {
 
     /// Sends attempt `attempt` of a notification unless it was made already;
     /// a failure schedules the next attempt. Never fails the saga.
-    async fn notify(
-        &self,
-        timers: Timers<'_>,
-        notification: &Notification,
-        attempt: u32,
-    ) -> Result<(), HandlerError> {
+    async fn notify(&self, notification: &Notification, attempt: u32) -> Result<(), HandlerError> {
         let (made, delivered) = self
             .store
             .notification_progress(&notification.event_id)
@@ -879,8 +828,7 @@ impl Saga {
                     payload: serde_json::to_value(notification)
                         .map_err(|e| HandlerError::Permanent(e.to_string()))?,
                 };
-                self.change_timers(timers, TimerChange::Schedule(timer))
-                    .await?;
+                self.store.schedule_timer(&timer).await?;
             }
         }
         Ok(())
@@ -923,8 +871,7 @@ impl Saga {
         match timer.kind {
             TimerKind::StockReplyTimeout => {
                 if self.order_status(order_id).await? == Some(OrderStatus::OrderCreated) {
-                    let reason = CancelReason::StockReservationTimeout;
-                    self.cancel_order(Timers::Now, order_id, reason, &cause)
+                    self.cancel_order(order_id, CancelReason::StockReservationTimeout, &cause)
                         .await?;
                 }
                 Ok(())
@@ -934,8 +881,7 @@ impl Saga {
                     self.order_status(order_id).await?,
                     Some(OrderStatus::OrderCreated | OrderStatus::OrderConfirmed)
                 ) {
-                    let reason = CancelReason::SagaTimeout;
-                    self.cancel_order(Timers::Now, order_id, reason, &cause)
+                    self.cancel_order(order_id, CancelReason::SagaTimeout, &cause)
                         .await?;
                 }
                 Ok(())
@@ -943,42 +889,21 @@ impl Saga {
             // Still not confirmed: one last try (attempt = the last one).
             TimerKind::ConfirmationDeadline => {
                 if self.order_status(order_id).await? == Some(OrderStatus::OrderCreated) {
-                    let last = self.config.confirm_retries;
-                    self.try_confirm(Timers::Now, order_id, &cause, last)
+                    self.try_confirm(order_id, &cause, self.config.confirm_retries)
                         .await?;
                 }
                 Ok(())
             }
-            TimerKind::ConfirmRetry => {
-                self.try_confirm(Timers::Now, order_id, &cause, timer.attempt)
-                    .await
-            }
+            TimerKind::ConfirmRetry => self.try_confirm(order_id, &cause, timer.attempt).await,
             TimerKind::PaymentWaitRetry => {
-                self.try_payment_wait(Timers::Now, order_id, &cause, timer.attempt)
-                    .await
+                self.try_payment_wait(order_id, &cause, timer.attempt).await
             }
             TimerKind::NotifyRetry => {
                 let notification: Notification = serde_json::from_value(timer.payload.clone())
                     .map_err(|e| HandlerError::Permanent(format!("notification timer: {e}")))?;
-                self.notify(Timers::Now, &notification, timer.attempt).await
+                self.notify(&notification, timer.attempt).await
             }
         }
-    }
-}
-
-/// Where a handler's timer changes go: to the store at once (timer actions,
-/// tests calling [`Saga::handle`]) or into the consumer batch's book, stored
-/// in one transaction before the batch is committed.
-#[derive(Clone, Copy)]
-enum Timers<'a> {
-    Now,
-    Book(&'a TimerBook),
-}
-
-fn cancel(kind: TimerKind, order_id: &str) -> TimerChange {
-    TimerChange::Cancel {
-        kind,
-        order_id: order_id.to_string(),
     }
 }
 

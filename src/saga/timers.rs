@@ -88,48 +88,6 @@ fn from_millis(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
 }
 
-/// A change to the timers table, as a saga handler asks for it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TimerChange {
-    /// Store the timer unless one with its id exists.
-    Schedule(Timer),
-    /// Drop the order's pending timers of this kind.
-    Cancel { kind: TimerKind, order_id: String },
-    /// Drop the order's pending saga timers (not its notification retries).
-    CancelSaga { order_id: String },
-}
-
-/// The timer changes of one consumer batch, written in one transaction
-/// before the batch is committed (instead of one transaction each). A
-/// cancel drops the schedules it undoes that are still in the book, so
-/// [`Store::apply_timer_changes`] may run the cancels first.
-#[derive(Debug, Default)]
-pub struct TimerBook {
-    changes: std::sync::Mutex<Vec<TimerChange>>,
-}
-
-impl TimerBook {
-    pub fn push(&self, change: TimerChange) {
-        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        match &change {
-            TimerChange::Schedule(_) => {}
-            TimerChange::Cancel { kind, order_id } => changes.retain(|c| {
-                !matches!(c, TimerChange::Schedule(t) if t.kind == *kind && t.order_id == *order_id)
-            }),
-            TimerChange::CancelSaga { order_id } => changes.retain(|c| {
-                !matches!(c, TimerChange::Schedule(t)
-                    if t.kind != TimerKind::NotifyRetry && t.order_id == *order_id)
-            }),
-        }
-        changes.push(change);
-    }
-
-    /// Everything pushed so far, leaving the book empty.
-    pub fn take(&self) -> Vec<TimerChange> {
-        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
 impl Store {
     /// Stores the timer unless one with its id exists.
     pub async fn schedule_timer(&self, timer: &Timer) -> Result<(), StoreError> {
@@ -151,65 +109,45 @@ impl Store {
         Ok(())
     }
 
-    /// Applies the changes (a consumer batch's, see [`TimerBook`]) in one
-    /// transaction: cancels first, then schedules — the book has already
-    /// dropped a schedule that a later cancel in it undoes, so this order
-    /// gives the same table as applying them one by one. On PostgreSQL the
-    /// commit does not wait for the disk (store::RELAXED): these changes
-    /// precede the batch's checkpoint in the WAL, so a crash that loses them
-    /// loses the checkpoint too and the batch is delivered again; a cancel
-    /// that is lost is harmless anyway (every timer action first checks
-    /// that it is still due).
-    pub async fn apply_timer_changes(&self, changes: &[TimerChange]) -> Result<(), StoreError> {
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let ordered = changes
-            .iter()
-            .filter(|c| !matches!(c, TimerChange::Schedule(_)))
-            .chain(
-                changes
-                    .iter()
-                    .filter(|c| matches!(c, TimerChange::Schedule(_))),
-            );
-        let relaxed = matches!(self, Store::Postgres(_));
+    /// Drops every pending timer of this kind for the order. A cancel lost
+    /// in a database crash is harmless (store::RELAXED): every timer action
+    /// first checks that it is still due.
+    pub async fn cancel_timers(&self, kind: TimerKind, order_id: &str) -> Result<(), StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => {
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 DELETE FROM timers USING relaxed WHERE kind = $1 AND order_id = $2"
+            }
+            Store::Sqlite(_) => "DELETE FROM timers WHERE kind = $1 AND order_id = $2",
+        };
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
-            if relaxed {
-                sqlx::query(crate::store::RELAXED).execute(&mut *tx).await?;
+            sqlx::query(sql)
+                .bind(kind.as_str())
+                .bind(order_id)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Drops every pending saga timer of the order (not its notification
+    /// retries), as [`Store::cancel_timers`] does for one kind.
+    pub async fn cancel_saga_timers(&self, order_id: &str) -> Result<(), StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => {
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 DELETE FROM timers USING relaxed WHERE order_id = $1 AND kind <> $2"
             }
-            for change in ordered {
-                match change {
-                    TimerChange::Schedule(timer) => {
-                        sqlx::query(include_str!("sql/schedule_timer.sql"))
-                            .bind(timer.id())
-                            .bind(timer.kind.as_str())
-                            .bind(&timer.order_id)
-                            .bind(i64::from(timer.attempt))
-                            .bind(millis(timer.due_at))
-                            .bind(&timer.causation_id)
-                            .bind(&timer.correlation_id)
-                            .bind(timer.payload.to_string())
-                            .execute(&mut *tx)
-                            .await?
-                    }
-                    TimerChange::Cancel { kind, order_id } => {
-                        sqlx::query("DELETE FROM timers WHERE kind = $1 AND order_id = $2")
-                            .bind(kind.as_str())
-                            .bind(order_id)
-                            .execute(&mut *tx)
-                            .await?
-                    }
-                    TimerChange::CancelSaga { order_id } => {
-                        sqlx::query("DELETE FROM timers WHERE order_id = $1 AND kind <> $2")
-                            .bind(order_id)
-                            .bind(TimerKind::NotifyRetry.as_str())
-                            .execute(&mut *tx)
-                            .await?
-                    }
-                };
-            }
-            tx.commit().await
+            Store::Sqlite(_) => "DELETE FROM timers WHERE order_id = $1 AND kind <> $2",
+        };
+        on_pool!(self, |pool| {
+            sqlx::query(sql)
+                .bind(order_id)
+                .bind(TimerKind::NotifyRetry.as_str())
+                .execute(pool)
+                .await
+                .map(|_| ())
         })?;
         Ok(())
     }
