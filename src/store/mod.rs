@@ -313,23 +313,82 @@ impl Store {
         command: A::Command,
         services: &A::Services,
         metadata: HashMap<String, String>,
-    ) -> Result<Executed<A>, AggregateError<A::Error>> {
+    ) -> Result<Executed<A>, AggregateError<A::Error>>
+    where
+        A::Command: Clone,
+    {
         let _turn = self.shared().writers.lock(A::TYPE, aggregate_id).await;
-        let cached = self.shared().cache.get::<A>(aggregate_id);
-        let context = match cached {
-            Some(cached) => self.catch_up(aggregate_id, cached).await,
-            None => with_event_store!(self, A, snapshots, read, |es| es
-                .load_aggregate(aggregate_id)
-                .await),
-        };
-        let result = match context {
-            Ok(context) => {
-                with_event_store!(self, A, snapshots, write, |es| {
-                    execute_on(&es, context, command, services, metadata).await
-                })
+        // A remembered state is tried as it is, without asking for newer
+        // events first: if another process appended meanwhile, this append
+        // takes a sequence that is taken and fails (AggregateConflict: the
+        // entry is forgotten and the caller tries again on a fresh load). A
+        // command that appends nothing — a repeat, a refusal — has no such
+        // check, so that outcome counts only if no newer events exist.
+        let cache = &self.shared().cache;
+        if let (Some(cached), Some(before)) =
+            (cache.get::<A>(aggregate_id), cache.get::<A>(aggregate_id))
+        {
+            let sequence = before.current_sequence;
+            let tried = self
+                .execute_loaded(
+                    aggregate_id,
+                    cached,
+                    command.clone(),
+                    services,
+                    metadata.clone(),
+                )
+                .await;
+            let appended = matches!(&tried, Ok(done) if !done.events.is_empty());
+            if appended || matches!(tried, Err(AggregateError::AggregateConflict)) {
+                return tried;
             }
-            Err(e) => Err(e),
-        };
+            match self.catch_up(aggregate_id, before).await {
+                Ok(context) if context.current_sequence == sequence => {
+                    if tried.is_err() {
+                        cache.put(aggregate_id, context);
+                    }
+                    return tried;
+                }
+                Ok(context) => {
+                    return self
+                        .execute_loaded(aggregate_id, context, command, services, metadata)
+                        .await
+                }
+                Err(e) => {
+                    self.shared().cache.forget::<A>(aggregate_id);
+                    return Err(e);
+                }
+            }
+        }
+        let context = with_event_store!(self, A, snapshots, read, |es| es
+            .load_aggregate(aggregate_id)
+            .await);
+        match context {
+            Ok(context) => {
+                self.execute_loaded(aggregate_id, context, command, services, metadata)
+                    .await
+            }
+            Err(e) => {
+                self.shared().cache.forget::<A>(aggregate_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the command on `context` and appends what it emitted; caches
+    /// the state after it, or forgets the entry on failure. The caller holds
+    /// the aggregate's turn.
+    async fn execute_loaded<A: Aggregate + Clone + 'static>(
+        &self,
+        aggregate_id: &str,
+        context: EventStoreAggregateContext<A>,
+        command: A::Command,
+        services: &A::Services,
+        metadata: HashMap<String, String>,
+    ) -> Result<Executed<A>, AggregateError<A::Error>> {
+        let result = with_event_store!(self, A, snapshots, write, |es| {
+            execute_on(&es, context, command, services, metadata).await
+        });
         match result {
             Ok((done, after)) => {
                 if !done.events.is_empty() {

@@ -14,6 +14,7 @@ use crate::on_both_backends;
 on_both_backends!(
     appended_events_load_back_with_their_log_metadata,
     two_writers_on_one_aggregate_one_wins_the_other_conflicts,
+    a_command_on_a_stale_remembered_state_sees_the_other_process_writes,
     the_global_log_is_read_exactly_once_under_concurrent_writers,
     a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give,
 );
@@ -113,6 +114,60 @@ async fn two_writers_on_one_aggregate_one_wins_the_other_conflicts(backend: Back
         .expect("load")
         .expect("exists");
     assert_eq!((product.available, sequence), (winner, 3));
+    t.cleanup().await;
+}
+
+/// Two processes on one store: each remembers the aggregates it commanded.
+/// The other process's writes must count both for a command that appends
+/// (its append conflicts and it retries on a fresh load) and for one that
+/// refuses (a refusal on an outdated state is checked against newer events).
+async fn a_command_on_a_stale_remembered_state_sees_the_other_process_writes(backend: Backend) {
+    let t = TestStore::new(backend).await;
+    let other = t.open().await;
+    let reserve = |order: &str, quantity: u32| ProductCommand::ReserveStock {
+        order_id: order.into(),
+        quantity,
+    };
+    t.store
+        .execute::<Product>("p-1", set_product(100, 5), &(), HashMap::new())
+        .await
+        .expect("set");
+    // This process now remembers p-1 with 5 available; the other one adds
+    // stock behind its back.
+    other
+        .execute::<Product>("p-1", set_product(100, 50), &(), HashMap::new())
+        .await
+        .expect("restock elsewhere");
+    // Would be refused on the remembered state (5 available).
+    let held = t
+        .store
+        .execute_retrying::<Product>("p-1", reserve("o-1", 20), &(), HashMap::new(), 3)
+        .await
+        .expect("held against the newer stock");
+    assert_eq!(held.aggregate.available, 30);
+    // The other process holds more; an append on this process's remembered
+    // state (sequence 3) conflicts and is retried on a fresh load.
+    other
+        .execute_retrying::<Product>("p-1", reserve("o-2", 10), &(), HashMap::new(), 3)
+        .await
+        .expect("held elsewhere");
+    let held = t
+        .store
+        .execute_retrying::<Product>("p-1", reserve("o-3", 5), &(), HashMap::new(), 3)
+        .await
+        .expect("held after a retry");
+    assert_eq!(held.aggregate.available, 15);
+    let (product, sequence) = t
+        .store
+        .load::<Product>("p-1")
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!(
+        (product.available, product.reserved(), sequence),
+        (15, 35, 6)
+    );
+    other.close().await;
     t.cleanup().await;
 }
 
