@@ -128,8 +128,9 @@ struct StageStarts {
     entries: std::sync::Mutex<HashMap<(Target, String, StageStart), i64>>,
 }
 
-/// Stage starts remembered at most.
-const STAGE_STARTS_KEPT: usize = 100_000;
+/// Stage starts remembered at most: enough for the orders in flight (a
+/// miss only costs the query).
+const STAGE_STARTS_KEPT: usize = 10_000;
 
 impl StageStarts {
     fn remember(&self, target: Target, order_id: &str, start: StageStart, at_ms: i64) {

@@ -24,6 +24,14 @@ pub const DB_FILE: &str = "order-saga.sqlite";
 /// Read-only connections beside the writer.
 const READERS: u32 = 4;
 
+/// SQLite's page cache per connection (negative: KiB), on top of the
+/// operating system's file cache, which every connection shares. Small and
+/// fixed, so the service's memory stays flat as the file grows (at 64 MiB
+/// per connection it grew 2.5-fold over a 10-minute run): the writer keeps
+/// the index pages its inserts touch, readers mostly read the log's tail.
+const WRITER_CACHE: &str = "-16384";
+const READER_CACHE: &str = "-4096";
+
 pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
         path: data_dir.to_path_buf(),
@@ -38,18 +46,22 @@ pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
         // Another process writing the same file (a second instance, the
         // CLI) is waited for.
         .busy_timeout(Duration::from_secs(10))
-        .pragma("cache_size", "-65536")
         .foreign_keys(true);
     let write = SqlitePoolOptions::new()
         .max_connections(1)
         .test_before_acquire(false)
-        .connect_with(options.clone().journal_mode(SqliteJournalMode::Wal))
+        .connect_with(
+            options
+                .clone()
+                .journal_mode(SqliteJournalMode::Wal)
+                .pragma("cache_size", WRITER_CACHE),
+        )
         .await
         .map_err(StoreError::Connect)?;
     let read = SqlitePoolOptions::new()
         .max_connections(READERS)
         .test_before_acquire(false)
-        .connect_with(options.read_only(true))
+        .connect_with(options.read_only(true).pragma("cache_size", READER_CACHE))
         .await
         .map_err(StoreError::Connect)?;
     Ok(Store::Sqlite(Lite {
