@@ -44,13 +44,13 @@ pub async fn pause(poll: Duration, shutdown: &mut Shutdown) -> bool {
     }
 }
 
-/// [`pause`], cut short when `wake` changes (the store appended: a log
-/// reader has work). Call `wake.borrow_and_update()` before looking for
-/// work, so an append during the look is not missed.
+/// [`pause`], cut short when the store appends what `wake` is interested
+/// in (a log reader has work). Call `wake.mark()` before looking for work,
+/// so an append during the look is not missed.
 pub async fn pause_until_append(
     poll: Duration,
     shutdown: &mut Shutdown,
-    wake: &mut tokio::sync::watch::Receiver<u64>,
+    wake: &mut crate::store::AppendWatch,
 ) -> bool {
     if *shutdown.borrow() {
         return true;

@@ -454,7 +454,7 @@ impl Relay {
             let mut backoff = poll;
             let mut appends = relay.store.appends();
             loop {
-                appends.borrow_and_update();
+                appends.mark();
                 let idle = match relay.run_once().await {
                     Ok(n) => {
                         backoff = poll;

@@ -113,6 +113,15 @@ impl Service {
         }
     }
 
+    /// The aggregate types whose events its topics carry: an append of
+    /// another type is nothing for it (in-process, the topics are the log).
+    pub fn wakes_on(self) -> &'static [&'static str] {
+        match self {
+            Service::Stock | Service::Notifier => &["Order"],
+            Service::Order => &["Order", "StockReservation"],
+        }
+    }
+
     pub fn topics(self) -> &'static [Topic] {
         match self {
             Service::Stock => &[Topic::OrderCreated, Topic::OrderCancelled],
@@ -253,10 +262,13 @@ impl Saga {
             let saga = self.clone();
             let mut shutdown = shutdown.clone();
             tasks.push(tokio::spawn(async move {
-                let mut appends = saga.store.appends();
+                let mut appends = match saga.consumers.get(index) {
+                    Some(consumer) => saga.store.appends_of(consumer.service.wakes_on()),
+                    None => saga.store.appends(),
+                };
                 loop {
                     saga.heartbeat.beat();
-                    appends.borrow_and_update();
+                    appends.mark();
                     let pass = match saga.consumers.get(index) {
                         Some(consumer) => saga.run_consumer(consumer).await,
                         None => saga.run_timers().await,

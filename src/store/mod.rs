@@ -113,7 +113,7 @@ pub struct Lite {
 struct Shared {
     /// Bumped after every append, so log readers wake at once instead of
     /// at their next poll.
-    appended: watch::Sender<u64>,
+    appended: watch::Sender<Appends>,
     cache: AggregateCache,
     /// One command at a time per aggregate in this process: contending
     /// writers queue here instead of failing their append and retrying.
@@ -123,6 +123,58 @@ struct Shared {
     sequenced: tokio::sync::Mutex<(u64, std::time::Instant)>,
 }
 
+/// What this process has appended, counted in all and per aggregate type.
+#[derive(Debug, Clone, Default)]
+pub struct Appends {
+    total: u64,
+    by_type: Vec<(&'static str, u64)>,
+}
+
+impl Appends {
+    fn count(&mut self, aggregate_type: &'static str) {
+        self.total = self.total.wrapping_add(1);
+        match self.by_type.iter_mut().find(|(t, _)| *t == aggregate_type) {
+            Some((_, n)) => *n = n.wrapping_add(1),
+            None => self.by_type.push((aggregate_type, 1)),
+        }
+    }
+
+    /// Appends of these types (`[]`: of any type).
+    fn of(&self, interest: &[&str]) -> u64 {
+        if interest.is_empty() {
+            return self.total;
+        }
+        self.by_type
+            .iter()
+            .filter(|(t, _)| interest.contains(t))
+            .fold(0, |sum, (_, n)| sum.wrapping_add(*n))
+    }
+}
+
+/// A log reader's wake-up: [`AppendWatch::mark`] before looking for work,
+/// then [`AppendWatch::changed`] resolves once this process has appended
+/// an event of interest since the mark.
+pub struct AppendWatch {
+    receiver: watch::Receiver<Appends>,
+    interest: &'static [&'static str],
+    seen: u64,
+}
+
+impl AppendWatch {
+    pub fn mark(&mut self) {
+        self.seen = self.receiver.borrow_and_update().of(self.interest);
+    }
+
+    /// Errs only when the store is gone.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        let (seen, interest) = (self.seen, self.interest);
+        self.receiver
+            .wait_for(|a| a.of(interest) != seen)
+            .await
+            .map(|_| ())
+    }
+}
+
 /// A reader runs the sequencer at least this often even when this process
 /// appended nothing: other processes may have.
 const SEQUENCE_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
@@ -130,7 +182,7 @@ const SEQUENCE_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
 impl Shared {
     fn new() -> Arc<Self> {
         Arc::new(Shared {
-            appended: watch::Sender::new(0),
+            appended: watch::Sender::new(Appends::default()),
             cache: AggregateCache::default(),
             writers: KeyedLocks::default(),
             sequenced: tokio::sync::Mutex::new((0, std::time::Instant::now())),
@@ -289,18 +341,28 @@ impl Store {
         }
     }
 
-    /// Changes (to a value of no meaning) after every append through this
-    /// store in this process: a log reader that found nothing waits for
-    /// this, or for its poll interval — appends by other processes are
-    /// seen by polling only.
-    pub fn appends(&self) -> watch::Receiver<u64> {
-        self.shared().appended.subscribe()
+    /// Wakes on every append through this store in this process: a log
+    /// reader that found nothing waits for this, or for its poll interval —
+    /// appends by other processes are seen by polling only.
+    pub fn appends(&self) -> AppendWatch {
+        self.appends_of(&[])
     }
 
-    fn appended(&self) {
+    /// [`Store::appends`] for a reader with work only in some aggregate
+    /// types' events (`[]`: all of them): appends of other types do not wake
+    /// it, and cost it no read.
+    pub fn appends_of(&self, interest: &'static [&'static str]) -> AppendWatch {
+        AppendWatch {
+            receiver: self.shared().appended.subscribe(),
+            interest,
+            seen: 0,
+        }
+    }
+
+    fn appended(&self, aggregate_type: &'static str) {
         self.shared()
             .appended
-            .send_modify(|n| *n = n.wrapping_add(1));
+            .send_modify(|a| a.count(aggregate_type));
     }
 
     /// Loads the aggregate, lets it handle the command and appends what it
@@ -392,7 +454,7 @@ impl Store {
         match result {
             Ok((done, after)) => {
                 if !done.events.is_empty() {
-                    self.appended();
+                    self.appended(A::TYPE);
                 }
                 self.shared().cache.put(aggregate_id, after);
                 Ok(done)
@@ -477,7 +539,7 @@ impl Store {
             .await);
         self.shared().cache.forget::<A>(aggregate_id);
         if matches!(&stored, Ok(events) if !events.is_empty()) {
-            self.appended();
+            self.appended(A::TYPE);
         }
         stored
     }
@@ -528,7 +590,7 @@ impl Store {
             return Ok(());
         };
         let mut last = db.shared.sequenced.lock().await;
-        let appends = *db.shared.appended.borrow();
+        let appends = db.shared.appended.borrow().total;
         if last.0 != appends || last.1.elapsed() >= SEQUENCE_AT_LEAST_EVERY {
             *last = (appends, std::time::Instant::now());
             match postgres::sequence(&db.pool, MAX_LOG_BATCH).await {
