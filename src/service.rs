@@ -203,10 +203,17 @@ impl App {
             crate::saga::integration::CORRELATION_ID.to_string(),
             Uuid::new_v4().to_string(),
         )]);
-        let result = self
-            .store
-            .execute::<Order>(&order_id, command, &self.order_services, metadata)
-            .await;
+        let services = &self.order_services;
+        let result = if order_id == fresh_id {
+            // An id made just now names no stored order: nothing to load.
+            self.store
+                .execute_new::<Order>(&order_id, command, services, metadata)
+                .await
+        } else {
+            self.store
+                .execute::<Order>(&order_id, command, services, metadata)
+                .await
+        };
         match result {
             Ok(done) => {
                 metrics::counter!("order_saga_orders_created_total").increment(1);

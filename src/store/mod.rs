@@ -227,8 +227,12 @@ macro_rules! with_event_store {
 /// checkpoint) was flushed together with the numbering before it.
 pub const RELAXED: &str = "SELECT set_config('synchronous_commit', 'off', true)";
 
-/// Events between two snapshots of an aggregate.
-pub const SNAPSHOT_EVERY: usize = 100;
+/// Events between two snapshots of an aggregate. Only products get this
+/// many; a product's snapshot holds every order holding stock on it, so a
+/// snapshot costs more as orders accumulate, and commands find a product in
+/// the aggregate cache anyway: the snapshot is for a cold load (a restart),
+/// which then replays at most this many events — a few milliseconds.
+pub const SNAPSHOT_EVERY: usize = 1000;
 
 /// Runs `$body` with `$pool` bound to whichever pool `$store` holds: for
 /// SQL written once for both dialects (SQLite accepts `$1`-style
@@ -435,6 +439,28 @@ impl Store {
                 Err(e)
             }
         }
+    }
+
+    /// [`Store::execute`] for an aggregate id that cannot have been used
+    /// yet (a UUID made just now): the command runs on the empty state
+    /// without a load. Were the id taken after all, the append would find
+    /// its first sequence taken and fail with `AggregateConflict`.
+    pub async fn execute_new<A: Aggregate + Clone + 'static>(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        services: &A::Services,
+        metadata: HashMap<String, String>,
+    ) -> Result<Executed<A>, AggregateError<A::Error>> {
+        let _turn = self.shared().writers.lock(A::TYPE, aggregate_id).await;
+        let empty = EventStoreAggregateContext {
+            aggregate_id: aggregate_id.to_string(),
+            aggregate: A::default(),
+            current_sequence: 0,
+            current_snapshot: None,
+        };
+        self.execute_loaded(aggregate_id, empty, command, services, metadata)
+            .await
     }
 
     /// Runs the command on `context` and appends what it emitted; caches

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use cqrs_es::{AggregateError, DomainEvent};
-use order_saga::store::{LogEntry, Store};
+use order_saga::store::{LogEntry, Store, SNAPSHOT_EVERY};
 use order_saga_domain::{Money, Product, ProductCommand, ProductEvent};
 
 use crate::helpers::{Backend, TestStore};
@@ -387,11 +387,12 @@ async fn the_global_log_is_read_exactly_once_under_concurrent_writers(backend: B
 
 async fn a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give(backend: Backend) {
     let t = TestStore::new(backend).await;
+    let holds = SNAPSHOT_EVERY + 50;
     t.store
-        .execute::<Product>("p-hot", set_product(1_000, 1_000), &(), HashMap::new())
+        .execute::<Product>("p-hot", set_product(1_000, 10_000), &(), HashMap::new())
         .await
         .expect("stock");
-    for i in 0..150 {
+    for i in 0..holds {
         let command = ProductCommand::ReserveStock {
             order_id: format!("o-{i}"),
             quantity: 1,
@@ -401,14 +402,20 @@ async fn a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give(b
             .await
             .expect("hold");
     }
-    let (loaded, sequence) = t
-        .store
+    // A store that remembers nothing (as after a restart) loads it from the
+    // snapshot and the events after it.
+    let restarted = t.open().await;
+    let (loaded, sequence) = restarted
         .load::<Product>("p-hot")
         .await
         .expect("load")
         .expect("exists");
-    assert_eq!(sequence, 152);
-    assert_eq!((loaded.available, loaded.reserved()), (850, 150));
+    restarted.close().await;
+    assert_eq!(sequence, holds + 2);
+    assert_eq!(
+        (loaded.available, loaded.reserved()),
+        (10_000 - holds as u32, holds as u64)
+    );
     // The same state as folding every event from the start.
     let mut folded = Product::default();
     for envelope in t
@@ -434,6 +441,9 @@ async fn a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give(b
                 .expect("count")
         }
     };
-    assert_eq!(snapshots, 1, "a snapshot was taken at 100 events");
+    assert_eq!(
+        snapshots, 1,
+        "a snapshot was taken at {SNAPSHOT_EVERY} events"
+    );
     t.cleanup().await;
 }
