@@ -823,10 +823,34 @@ fn snapshot_after(sequence: usize, snapshot: Option<usize>, appended: usize) -> 
 /// events after it. Never a source of truth: every load still asks the
 /// store for newer events, and a failed command forgets the entry. Written
 /// only by commands, under their aggregate's lock, so an entry is exactly
-/// what this process committed last. Bounded: when full it starts over.
+/// what this process committed last. Bounded, in two generations: new
+/// entries go to the young one; when it is full the old one is dropped and
+/// the young one becomes old, and an old entry that is used again moves
+/// back to the young one. So what is in use — a busy product above all —
+/// stays, while orders that are done age out. (Dropping everything when
+/// full made every busy product reload at once, every minute or so.)
 #[derive(Default)]
 struct AggregateCache {
-    entries: Mutex<HashMap<AggregateKey, Box<dyn Any + Send>>>,
+    generations: Mutex<Generations>,
+}
+
+type Entries = HashMap<AggregateKey, Box<dyn Any + Send>>;
+
+#[derive(Default)]
+struct Generations {
+    young: Entries,
+    old: Entries,
+}
+
+impl Generations {
+    fn insert(&mut self, key: AggregateKey, entry: Box<dyn Any + Send>) {
+        self.old.remove(&key);
+        if self.young.len() >= CACHE_CAPACITY / 2 {
+            self.old = std::mem::take(&mut self.young);
+            self.old.remove(&key);
+        }
+        self.young.insert(key, entry);
+    }
 }
 
 /// An aggregate's type and id.
@@ -890,9 +914,14 @@ impl AggregateCache {
         &self,
         aggregate_id: &str,
     ) -> Option<EventStoreAggregateContext<A>> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let cached = entries
-            .get(&(A::TYPE, aggregate_id.to_string()))?
+        let key = (A::TYPE, aggregate_id.to_string());
+        let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = generations.old.remove(&key) {
+            generations.insert(key.clone(), entry);
+        }
+        let cached = generations
+            .young
+            .get(&key)?
             .downcast_ref::<(A, usize, Option<usize>)>()?;
         Some(EventStoreAggregateContext {
             aggregate_id: aggregate_id.to_string(),
@@ -907,11 +936,8 @@ impl AggregateCache {
         aggregate_id: &str,
         context: EventStoreAggregateContext<A>,
     ) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= CACHE_CAPACITY {
-            entries.clear();
-        }
-        entries.insert(
+        let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        generations.insert(
             (A::TYPE, aggregate_id.to_string()),
             Box::new((
                 context.aggregate,
@@ -922,8 +948,10 @@ impl AggregateCache {
     }
 
     fn forget<A: Aggregate>(&self, aggregate_id: &str) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.remove(&(A::TYPE, aggregate_id.to_string()));
+        let key = (A::TYPE, aggregate_id.to_string());
+        let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        generations.young.remove(&key);
+        generations.old.remove(&key);
     }
 }
 

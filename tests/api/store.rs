@@ -124,39 +124,35 @@ async fn two_writers_on_one_aggregate_one_wins_the_other_conflicts(backend: Back
 async fn a_command_on_a_stale_remembered_state_sees_the_other_process_writes(backend: Backend) {
     let t = TestStore::new(backend).await;
     let other = t.open().await;
+    // Runs a command on p-1 through `store`; the product's available stock
+    // after it.
+    let run = |store: &Store, command: ProductCommand| {
+        let store = store.clone();
+        async move {
+            store
+                .execute_retrying::<Product>("p-1", command, &(), HashMap::new(), 3)
+                .await
+                .map(|done| done.aggregate.available)
+        }
+    };
     let reserve = |order: &str, quantity: u32| ProductCommand::ReserveStock {
         order_id: order.into(),
         quantity,
     };
-    t.store
-        .execute::<Product>("p-1", set_product(100, 5), &(), HashMap::new())
-        .await
-        .expect("set");
+    run(&t.store, set_product(100, 5)).await.expect("set");
     // This process now remembers p-1 with 5 available; the other one adds
     // stock behind its back.
-    other
-        .execute::<Product>("p-1", set_product(100, 50), &(), HashMap::new())
-        .await
-        .expect("restock elsewhere");
+    let restocked = run(&other, set_product(100, 50)).await;
+    assert_eq!(restocked.expect("restock elsewhere"), 50);
     // Would be refused on the remembered state (5 available).
-    let held = t
-        .store
-        .execute_retrying::<Product>("p-1", reserve("o-1", 20), &(), HashMap::new(), 3)
-        .await
-        .expect("held against the newer stock");
-    assert_eq!(held.aggregate.available, 30);
+    let held = run(&t.store, reserve("o-1", 20)).await;
+    assert_eq!(held.expect("held against the newer stock"), 30);
     // The other process holds more; an append on this process's remembered
-    // state (sequence 3) conflicts and is retried on a fresh load.
-    other
-        .execute_retrying::<Product>("p-1", reserve("o-2", 10), &(), HashMap::new(), 3)
-        .await
-        .expect("held elsewhere");
-    let held = t
-        .store
-        .execute_retrying::<Product>("p-1", reserve("o-3", 5), &(), HashMap::new(), 3)
-        .await
-        .expect("held after a retry");
-    assert_eq!(held.aggregate.available, 15);
+    // state (sequence 4) conflicts and is retried on a fresh load.
+    let held = run(&other, reserve("o-2", 10)).await;
+    assert_eq!(held.expect("held elsewhere"), 20);
+    let held = run(&t.store, reserve("o-3", 5)).await;
+    assert_eq!(held.expect("held after a retry"), 15);
     let (product, sequence) = t
         .store
         .load::<Product>("p-1")
