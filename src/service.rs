@@ -13,9 +13,10 @@ use async_trait::async_trait;
 use cqrs_es::AggregateError;
 use order_saga_domain::order::MAX_ITEMS;
 use order_saga_domain::{
-    validate_id, CancelReason, Catalog, CatalogError, FieldError, ItemRequest, LedgerError, Money,
-    Order, OrderCommand, OrderError, OrderLine, OrderServices, OrderStatus, Product,
-    ProductCommand, ProductError, ProductLedger, ProductStock,
+    validate_id, CancelReason, Catalog, CatalogError, FieldError, HoldRecords, ItemRequest,
+    LedgerError, Money, Order, OrderCommand, OrderError, OrderLine, OrderServices, OrderStatus,
+    Product, ProductCommand, ProductError, ProductLedger, ProductServices, ProductStock,
+    RecordsError,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -91,6 +92,7 @@ fn from_product_error(e: ProductError) -> AppError {
         ProductError::Invalid(e) => AppError::Invalid(e),
         ProductError::UnknownProduct => AppError::NotFound,
         ProductError::InsufficientStock { .. } => AppError::Conflict(e.to_string()),
+        ProductError::Records(e) => AppError::Unavailable(e.to_string()),
     }
 }
 
@@ -155,7 +157,7 @@ impl ProductView {
             product_id: product_id.to_string(),
             price: product.price,
             available: product.available,
-            reserved: product.reserved(),
+            reserved: product.reserved,
         }
     }
 }
@@ -319,7 +321,7 @@ impl App {
             .execute_retrying::<Product>(
                 &product_id,
                 ProductCommand::SetProduct { price, stock },
-                &(),
+                &product_services(&self.store, &product_id),
                 HashMap::new(),
                 CONFLICT_ATTEMPTS,
             )
@@ -417,7 +419,7 @@ impl ProductStock for StoreProducts {
             .execute_retrying::<Product>(
                 product_id,
                 command,
-                &(),
+                &product_services(&self.store, product_id),
                 HashMap::new(),
                 CONFLICT_ATTEMPTS,
             )
@@ -428,6 +430,29 @@ impl ProductStock for StoreProducts {
             Err(e) => Err(LedgerError(e.to_string())),
         }
     }
+}
+
+/// A product's hold records: its stored events.
+pub struct StoreHolds {
+    store: Store,
+}
+
+#[async_trait]
+impl HoldRecords for StoreHolds {
+    async fn held(&self, product_id: &str, order_id: &str) -> Result<Option<u32>, RecordsError> {
+        self.store
+            .held_for_order(product_id, order_id)
+            .await
+            .map_err(|e| RecordsError(e.to_string()))
+    }
+}
+
+/// What a command on `product_id` runs with.
+pub fn product_services(store: &Store, product_id: &str) -> ProductServices {
+    let records = Arc::new(StoreHolds {
+        store: store.clone(),
+    });
+    ProductServices::new(product_id, records)
 }
 
 /// The stock ledger the saga's stock side uses.

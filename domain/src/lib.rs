@@ -3,7 +3,7 @@
 //! share (ids, money).
 //!
 //! Nothing here does IO. Whatever an aggregate needs from the outside world —
-//! the catalog's prices, the stock ledger — reaches it through the
+//! the catalog's prices, the stock ledger, a product's hold records — reaches it through the
 //! aggregate's `Services`, defined here as traits and implemented by the
 //! adapters in the `order-saga` crate. The tests next to each aggregate are
 //! cqrs-es `TestFramework` given/when/then tests; `tests/invariants.rs`
@@ -20,7 +20,10 @@ pub use order::{
     CancelReason, Catalog, CatalogError, ItemRequest, Order, OrderCommand, OrderError, OrderEvent,
     OrderLine, OrderServices, OrderStatus,
 };
-pub use product::{Product, ProductCommand, ProductError, ProductEvent};
+pub use product::{
+    HoldRecords, MemoryHolds, Product, ProductCommand, ProductError, ProductEvent, ProductServices,
+    RecordsError,
+};
 pub use stock::{
     LedgerError, ProductLedger, ProductStock, ReservedLine, Shortage, StockLedger,
     StockReservation, StockReservationCommand, StockReservationError, StockReservationEvent,

@@ -1,11 +1,21 @@
 //! The Product aggregate (id = productId): the catalog entry operators set —
-//! unit price and stock — and the stock held for each order.
+//! unit price and stock — and how much of the stock orders hold.
 //!
-//! Stock is counted in two buckets: `available` and the per-order `held`
-//! reservations. Reserving moves units from available to held, releasing
+//! Stock is counted in two buckets: `available` and `reserved` (held for
+//! orders). Reserving moves units from available to reserved, releasing
 //! moves them back; only an operator's stock level changes their sum. Both
 //! are unsigned and every move is checked, so stock can never go negative.
+//!
+//! What each order holds is not kept in the aggregate — a product's state
+//! would grow with every order it ever sold (orders waiting for payment hold
+//! for ever). The product's own stored events are the record: a command
+//! asks [`HoldRecords`] (its `Services`) what the order holds here, which
+//! keeps a repeated hold a no-op and a release exact.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
@@ -13,15 +23,86 @@ use serde::{Deserialize, Serialize};
 use crate::money::Money;
 use crate::values::FieldError;
 
-/// Orders' holds on a product. A persistent map: copying a product — as
-/// every command does, to run on a copy — shares it instead of copying
-/// every order's entry, so a product stays cheap however many orders hold
-/// it.
-pub type Holds = imbl::OrdMap<String, u32>;
-
-/// Highest stock level an operator may set; keeps available + held far from
-/// `u32::MAX`.
+/// Highest stock level an operator may set; keeps available + reserved far
+/// from `u32::MAX`.
 pub const MAX_STOCK: u32 = 1_000_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stock records unavailable: {0}")]
+pub struct RecordsError(pub String);
+
+/// What an order holds on a product, by the product's stored events: the
+/// quantity of its last `StockHeld` unless a `StockReturned` followed.
+/// Implemented over the event store by the service, and in memory
+/// ([`MemoryHolds`]) by the tests.
+#[async_trait]
+pub trait HoldRecords: Send + Sync {
+    async fn held(&self, product_id: &str, order_id: &str) -> Result<Option<u32>, RecordsError>;
+}
+
+/// The Product's services: its own id (an aggregate is not told it) and
+/// where its holds are recorded.
+#[derive(Clone)]
+pub struct ProductServices {
+    product_id: String,
+    records: Arc<dyn HoldRecords>,
+}
+
+impl ProductServices {
+    pub fn new(product_id: impl Into<String>, records: Arc<dyn HoldRecords>) -> Self {
+        Self {
+            product_id: product_id.into(),
+            records,
+        }
+    }
+
+    async fn held(&self, order_id: &str) -> Result<Option<u32>, ProductError> {
+        self.records
+            .held(&self.product_id, order_id)
+            .await
+            .map_err(ProductError::Records)
+    }
+}
+
+/// Holds in memory, fed the events a product emitted: the tests' record.
+#[derive(Debug, Default)]
+pub struct MemoryHolds {
+    holds: Mutex<BTreeMap<(String, String), u32>>,
+}
+
+impl MemoryHolds {
+    /// Notes what `event`, emitted by `product_id`, does to its holds.
+    pub fn record(&self, product_id: &str, event: &ProductEvent) {
+        let mut holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+        match event {
+            ProductEvent::StockHeld {
+                order_id, quantity, ..
+            } => {
+                holds.insert((product_id.to_string(), order_id.clone()), *quantity);
+            }
+            ProductEvent::StockReturned { order_id, .. } => {
+                holds.remove(&(product_id.to_string(), order_id.clone()));
+            }
+            ProductEvent::PriceSet { .. } | ProductEvent::StockLevelSet { .. } => {}
+        }
+    }
+
+    /// Every hold: ((productId, orderId), quantity).
+    pub fn all(&self) -> Vec<((String, String), u32)> {
+        let holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+        holds.iter().map(|(k, &q)| (k.clone(), q)).collect()
+    }
+}
+
+#[async_trait]
+impl HoldRecords for MemoryHolds {
+    async fn held(&self, product_id: &str, order_id: &str) -> Result<Option<u32>, RecordsError> {
+        let holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(holds
+            .get(&(product_id.to_string(), order_id.to_string()))
+            .copied())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProductCommand {
@@ -83,6 +164,8 @@ pub enum ProductError {
     UnknownProduct,
     #[error("insufficient stock: requested {requested}, available {available}")]
     InsufficientStock { requested: u32, available: u32 },
+    #[error(transparent)]
+    Records(RecordsError),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -91,15 +174,11 @@ pub struct Product {
     pub known: bool,
     pub price: Option<Money>,
     pub available: u32,
-    pub held: Holds,
+    /// Units held for all orders together.
+    pub reserved: u64,
 }
 
 impl Product {
-    /// Units held for all orders together.
-    pub fn reserved(&self) -> u64 {
-        self.held.values().map(|&q| u64::from(q)).sum()
-    }
-
     /// A product can be ordered once it has a price.
     pub fn orderable_price(&self) -> Option<Money> {
         self.price
@@ -111,12 +190,12 @@ impl Aggregate for Product {
     type Command = ProductCommand;
     type Event = ProductEvent;
     type Error = ProductError;
-    type Services = ();
+    type Services = ProductServices;
 
     async fn handle(
         &mut self,
         command: Self::Command,
-        _services: &Self::Services,
+        services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
         match command {
@@ -152,11 +231,11 @@ impl Aggregate for Product {
                 if !self.known {
                     return Err(ProductError::UnknownProduct);
                 }
-                if self.held.contains_key(&order_id) {
-                    return Ok(());
-                }
                 if quantity == 0 {
                     return Err(FieldError::new("quantity", "must be at least 1").into());
+                }
+                if services.held(&order_id).await?.is_some() {
+                    return Ok(());
                 }
                 let Some(available_after) = self.available.checked_sub(quantity) else {
                     return Err(ProductError::InsufficientStock {
@@ -172,7 +251,7 @@ impl Aggregate for Product {
                 sink.write(event, self).await;
             }
             ProductCommand::ReleaseStock { order_id } => {
-                if let Some(&quantity) = self.held.get(&order_id) {
+                if let Some(quantity) = services.held(&order_id).await? {
                     let event = ProductEvent::StockReturned {
                         order_id,
                         quantity,
@@ -196,20 +275,20 @@ impl Aggregate for Product {
                 self.available = available;
             }
             ProductEvent::StockHeld {
-                order_id,
                 quantity,
-                available_after,
-            } => {
-                self.available = available_after;
-                self.held.insert(order_id, quantity);
-            }
-            ProductEvent::StockReturned {
-                order_id,
                 available_after,
                 ..
             } => {
                 self.available = available_after;
-                self.held.remove(&order_id);
+                self.reserved += u64::from(quantity);
+            }
+            ProductEvent::StockReturned {
+                quantity,
+                available_after,
+                ..
+            } => {
+                self.available = available_after;
+                self.reserved = self.reserved.saturating_sub(u64::from(quantity));
             }
         }
     }
@@ -222,6 +301,20 @@ mod tests {
     use super::*;
 
     type ProductTestFramework = TestFramework<Product>;
+
+    /// The framework given `events`, with hold records as a store holding
+    /// those events would answer.
+    fn given(events: Vec<ProductEvent>) -> cqrs_es::test::AggregateTestExecutor<Product> {
+        let holds = MemoryHolds::default();
+        for event in &events {
+            holds.record("p-1", event);
+        }
+        ProductTestFramework::with(ProductServices::new("p-1", Arc::new(holds))).given(events)
+    }
+
+    fn given_no_previous_events() -> cqrs_es::test::AggregateTestExecutor<Product> {
+        given(Vec::new())
+    }
 
     fn price(s: &str) -> Money {
         s.parse().expect("test price")
@@ -256,8 +349,7 @@ mod tests {
 
     #[tokio::test]
     async fn set_product_sets_price_and_stock() {
-        ProductTestFramework::with(())
-            .given_no_previous_events()
+        given_no_previous_events()
             .when_async(ProductCommand::SetProduct {
                 price: Some(price("12900.00")),
                 stock: Some(15),
@@ -268,8 +360,7 @@ mod tests {
 
     #[tokio::test]
     async fn set_product_changes_only_what_differs() {
-        ProductTestFramework::with(())
-            .given(stocked(15))
+        given(stocked(15))
             .when_async(ProductCommand::SetProduct {
                 price: Some(price("12900.00")),
                 stock: Some(20),
@@ -283,8 +374,7 @@ mod tests {
 
     #[tokio::test]
     async fn set_product_needs_something_to_set_and_a_sane_stock() {
-        ProductTestFramework::with(())
-            .given_no_previous_events()
+        given_no_previous_events()
             .when_async(ProductCommand::SetProduct {
                 price: None,
                 stock: None,
@@ -294,8 +384,7 @@ mod tests {
                 "price",
                 "give a price, a stock level or both",
             )));
-        ProductTestFramework::with(())
-            .given_no_previous_events()
+        given_no_previous_events()
             .when_async(ProductCommand::SetProduct {
                 price: None,
                 stock: Some(MAX_STOCK + 1),
@@ -309,8 +398,7 @@ mod tests {
 
     #[tokio::test]
     async fn reserve_stock_holds_units_for_the_order() {
-        ProductTestFramework::with(())
-            .given(stocked(5))
+        given(stocked(5))
             .when_async(reserve("o-1", 2))
             .await
             .then_expect_events(vec![held("o-1", 2, 3)]);
@@ -318,9 +406,7 @@ mod tests {
 
     #[tokio::test]
     async fn reserve_stock_beyond_what_is_available_is_refused() {
-        ProductTestFramework::with(())
-            .given(stocked(5))
-            .and(vec![held("o-1", 4, 1)])
+        given([stocked(5), vec![held("o-1", 4, 1)]].concat())
             .when_async(reserve("o-2", 2))
             .await
             .then_expect_error(ProductError::InsufficientStock {
@@ -331,9 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn reserve_stock_twice_for_one_order_is_a_no_op() {
-        ProductTestFramework::with(())
-            .given(stocked(5))
-            .and(vec![held("o-1", 2, 3)])
+        given([stocked(5), vec![held("o-1", 2, 3)]].concat())
             .when_async(reserve("o-1", 2))
             .await
             .then_expect_events(vec![]);
@@ -341,8 +425,7 @@ mod tests {
 
     #[tokio::test]
     async fn reserve_stock_of_an_unknown_product_is_refused() {
-        ProductTestFramework::with(())
-            .given_no_previous_events()
+        given_no_previous_events()
             .when_async(reserve("o-1", 1))
             .await
             .then_expect_error(ProductError::UnknownProduct);
@@ -350,9 +433,7 @@ mod tests {
 
     #[tokio::test]
     async fn release_stock_returns_what_the_order_held() {
-        ProductTestFramework::with(())
-            .given(stocked(5))
-            .and(vec![held("o-1", 2, 3)])
+        given([stocked(5), vec![held("o-1", 2, 3)]].concat())
             .when_async(ProductCommand::ReleaseStock {
                 order_id: "o-1".into(),
             })
@@ -366,12 +447,68 @@ mod tests {
 
     #[tokio::test]
     async fn release_stock_of_an_order_holding_nothing_is_a_no_op() {
-        ProductTestFramework::with(())
-            .given(stocked(5))
+        given(stocked(5))
             .when_async(ProductCommand::ReleaseStock {
                 order_id: "o-9".into(),
             })
             .await
             .then_expect_events(vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_hold_returned_earlier_is_not_returned_again() {
+        let returned = ProductEvent::StockReturned {
+            order_id: "o-1".into(),
+            quantity: 2,
+            available_after: 5,
+        };
+        given([stocked(5), vec![held("o-1", 2, 3), returned]].concat())
+            .when_async(ProductCommand::ReleaseStock {
+                order_id: "o-1".into(),
+            })
+            .await
+            .then_expect_events(vec![]);
+    }
+
+    #[tokio::test]
+    async fn reserved_counts_what_orders_hold() {
+        let mut product = Product::default();
+        for event in [
+            stocked(5),
+            vec![
+                held("o-1", 2, 3),
+                held("o-2", 1, 2),
+                ProductEvent::StockReturned {
+                    order_id: "o-1".into(),
+                    quantity: 2,
+                    available_after: 4,
+                },
+            ],
+        ]
+        .concat()
+        {
+            product.apply(event);
+        }
+        assert_eq!((product.available, product.reserved), (4, 1));
+    }
+
+    struct Unreachable;
+
+    #[async_trait]
+    impl HoldRecords for Unreachable {
+        async fn held(&self, _: &str, _: &str) -> Result<Option<u32>, RecordsError> {
+            Err(RecordsError("connection refused".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn unreadable_hold_records_refuse_the_command() {
+        ProductTestFramework::with(ProductServices::new("p-1", Arc::new(Unreachable)))
+            .given(stocked(5))
+            .when_async(reserve("o-1", 1))
+            .await
+            .then_expect_error(ProductError::Records(RecordsError(
+                "connection refused".into(),
+            )));
     }
 }

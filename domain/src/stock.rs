@@ -135,7 +135,9 @@ impl<P: ProductStock> StockLedger for ProductLedger<P> {
                     requested: item.quantity,
                     available: 0,
                 }),
-                Err(e @ ProductError::Invalid(_)) => return Err(LedgerError(e.to_string())),
+                Err(e @ (ProductError::Invalid(_) | ProductError::Records(_))) => {
+                    return Err(LedgerError(e.to_string()))
+                }
             }
         }
         if shortages.is_empty() {

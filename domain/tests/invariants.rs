@@ -47,6 +47,13 @@ fn product_id(i: usize) -> String {
 #[derive(Default)]
 struct MemLedger {
     products: Mutex<BTreeMap<String, Product>>,
+    holds: Arc<MemoryHolds>,
+}
+
+impl MemLedger {
+    fn services(&self, product_id: &str) -> ProductServices {
+        ProductServices::new(product_id, self.holds.clone())
+    }
 }
 
 #[async_trait]
@@ -58,7 +65,14 @@ impl ProductStock for MemLedger {
     ) -> Result<Result<Product, ProductError>, LedgerError> {
         let mut products = self.products.lock().await;
         let product = products.entry(product_id.to_string()).or_default();
-        Ok(exec(product, command, &()).await.map(|_| product.clone()))
+        let events = match exec(product, command, &self.services(product_id)).await {
+            Ok(events) => events,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        for event in &events {
+            self.holds.record(product_id, event);
+        }
+        Ok(Ok(product.clone()))
     }
 }
 
@@ -152,7 +166,7 @@ impl World {
                     price: Some("1.00".parse().expect("price")),
                     stock: Some(4),
                 };
-                exec(&mut product, command, &())
+                exec(&mut product, command, &ledger.services(&product_id(i)))
                     .await
                     .expect("stock the product");
                 products.insert(product_id(i), product);
@@ -278,7 +292,8 @@ impl World {
                     price: None,
                     stock: Some(stock),
                 };
-                exec(p, command, &()).await.expect("restock");
+                let services = self.ledger.services(&product_id(product));
+                exec(p, command, &services).await.expect("restock");
                 let total = self.expected_total.entry(product_id(product)).or_default();
                 *total = *total - before + u64::from(stock);
             }
@@ -287,27 +302,34 @@ impl World {
 
     async fn check(&self) -> Result<(), TestCaseError> {
         let products = self.ledger.products.lock().await;
+        let holds = self.ledger.holds.all();
         for (id, product) in products.iter() {
-            let total = u64::from(product.available) + product.reserved();
+            let total = u64::from(product.available) + product.reserved;
             prop_assert_eq!(
                 Some(&total),
                 self.expected_total.get(id),
                 "conservation of {}",
                 id
             );
-            for (order_id, &held) in &product.held {
-                let order: usize = order_id[2..].parse().expect("order index");
-                let reservation = &self.reservations[order];
-                prop_assert!(
-                    reservation.holds_stock(),
-                    "{} holds {} of {} without a reservation",
-                    order_id,
-                    held,
-                    id
-                );
-                let line = reservation.lines.iter().find(|l| &l.product_id == id);
-                prop_assert_eq!(line.map(|l| l.quantity), Some(held));
-            }
+            let recorded: u64 = holds
+                .iter()
+                .filter(|((product_id, _), _)| product_id == id)
+                .map(|(_, q)| u64::from(*q))
+                .sum();
+            prop_assert_eq!(product.reserved, recorded, "{} reserved = its holds", id);
+        }
+        for ((id, order_id), held) in holds {
+            let order: usize = order_id[2..].parse().expect("order index");
+            let reservation = &self.reservations[order];
+            prop_assert!(
+                reservation.holds_stock(),
+                "{} holds {} of {} without a reservation",
+                order_id,
+                held,
+                id
+            );
+            let line = reservation.lines.iter().find(|l| l.product_id == id);
+            prop_assert_eq!(line.map(|l| l.quantity), Some(held));
         }
         for (order, events) in self.order_events.iter().enumerate() {
             let waited = events
@@ -346,13 +368,15 @@ proptest! {
                 }
             }
             world.check().await?;
-            let products = world.ledger.products.lock().await;
+            let holds = world.ledger.holds.all();
             for order in 0..ORDERS {
                 if world.orders[order].status == Some(OrderStatus::OrderCancelled) {
                     let id = World::order_id(order);
-                    for product in products.values() {
-                        prop_assert!(!product.held.contains_key(&id), "cancelled {} still holds stock", id);
-                    }
+                    prop_assert!(
+                        holds.iter().all(|((_, holder), _)| *holder != id),
+                        "cancelled {} still holds stock",
+                        id
+                    );
                 }
             }
             Ok(())

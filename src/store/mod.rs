@@ -707,6 +707,37 @@ impl Store {
         Ok(())
     }
 
+    /// Units `order_id` holds on the product, by the product's stored
+    /// events (the Product aggregate keeps only totals): the quantity of its
+    /// last `StockHeld` there, unless a `StockReturned` came after it.
+    pub async fn held_for_order(
+        &self,
+        product_id: &str,
+        order_id: &str,
+    ) -> Result<Option<u32>, StoreError> {
+        let sql = match self {
+            Store::Postgres(_) => include_str!("sql/pg_held_for_order.sql"),
+            Store::Sqlite(_) => include_str!("sql/sqlite_held_for_order.sql"),
+        };
+        let quantity: Option<Option<i64>> = on_read_pool!(self, |pool| {
+            sqlx::query_scalar(sql)
+                .bind(product_id)
+                .bind(order_id)
+                .fetch_optional(pool)
+                .await
+        })?;
+        quantity
+            .flatten()
+            .map(|q| {
+                u32::try_from(q).map_err(|_| {
+                    StoreError::CorruptRow(format!(
+                        "product {product_id}: order {order_id} holds {q} units"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
     /// Ids of every aggregate of a type that has events, sorted.
     pub async fn aggregate_ids(&self, aggregate_type: &str) -> Result<Vec<String>, StoreError> {
         let ids = on_read_pool!(self, |pool| {

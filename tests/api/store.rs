@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use cqrs_es::{AggregateError, DomainEvent};
+use order_saga::service::product_services;
 use order_saga::store::{LogEntry, Store, SNAPSHOT_EVERY};
 use order_saga_domain::{Money, Product, ProductCommand, ProductEvent};
 
@@ -16,7 +17,7 @@ on_both_backends!(
     two_writers_on_one_aggregate_one_wins_the_other_conflicts,
     a_command_on_a_stale_remembered_state_sees_the_other_process_writes,
     the_global_log_is_read_exactly_once_under_concurrent_writers,
-    a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give,
+    a_busy_product_loads_from_its_snapshot_and_reads_its_holds_from_its_events,
 );
 
 fn set_product(price_minor: i64, stock: u32) -> ProductCommand {
@@ -31,7 +32,12 @@ async fn appended_events_load_back_with_their_log_metadata(backend: Backend) {
     let before = chrono::Utc::now() - chrono::Duration::seconds(5);
     let done = t
         .store
-        .execute::<Product>("p-1", set_product(1_290_000, 15), &(), HashMap::new())
+        .execute::<Product>(
+            "p-1",
+            set_product(1_290_000, 15),
+            &product_services(&t.store, "p-1"),
+            HashMap::new(),
+        )
         .await
         .expect("execute");
     assert_eq!(done.events.len(), 2);
@@ -85,7 +91,12 @@ async fn appended_events_load_back_with_their_log_metadata(backend: Backend) {
 async fn two_writers_on_one_aggregate_one_wins_the_other_conflicts(backend: Backend) {
     let t = TestStore::new(backend).await;
     t.store
-        .execute::<Product>("p-1", set_product(100, 5), &(), HashMap::new())
+        .execute::<Product>(
+            "p-1",
+            set_product(100, 5),
+            &product_services(&t.store, "p-1"),
+            HashMap::new(),
+        )
         .await
         .expect("execute");
     let write = |available: u32| {
@@ -130,7 +141,13 @@ async fn a_command_on_a_stale_remembered_state_sees_the_other_process_writes(bac
         let store = store.clone();
         async move {
             store
-                .execute_retrying::<Product>("p-1", command, &(), HashMap::new(), 3)
+                .execute_retrying::<Product>(
+                    "p-1",
+                    command,
+                    &product_services(&store, "p-1"),
+                    HashMap::new(),
+                    3,
+                )
                 .await
                 .map(|done| done.aggregate.available)
         }
@@ -159,10 +176,7 @@ async fn a_command_on_a_stale_remembered_state_sees_the_other_process_writes(bac
         .await
         .expect("load")
         .expect("exists");
-    assert_eq!(
-        (product.available, product.reserved(), sequence),
-        (15, 35, 6)
-    );
+    assert_eq!((product.available, product.reserved, sequence), (15, 35, 6));
     other.close().await;
     t.cleanup().await;
 }
@@ -196,7 +210,7 @@ async fn write_product_history(store: Store, writer: usize) {
                 .execute_retrying::<Product>(
                     &id,
                     set_product(commit as i64, stock),
-                    &(),
+                    &product_services(&store, &id),
                     HashMap::new(),
                     5,
                 )
@@ -381,11 +395,18 @@ async fn the_global_log_is_read_exactly_once_under_concurrent_writers(backend: B
     t.cleanup().await;
 }
 
-async fn a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give(backend: Backend) {
+async fn a_busy_product_loads_from_its_snapshot_and_reads_its_holds_from_its_events(
+    backend: Backend,
+) {
     let t = TestStore::new(backend).await;
     let holds = SNAPSHOT_EVERY + 50;
     t.store
-        .execute::<Product>("p-hot", set_product(1_000, 10_000), &(), HashMap::new())
+        .execute::<Product>(
+            "p-hot",
+            set_product(1_000, 10_000),
+            &product_services(&t.store, "p-hot"),
+            HashMap::new(),
+        )
         .await
         .expect("stock");
     for i in 0..holds {
@@ -394,7 +415,12 @@ async fn a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give(b
             quantity: 1,
         };
         t.store
-            .execute::<Product>("p-hot", command, &(), HashMap::new())
+            .execute::<Product>(
+                "p-hot",
+                command,
+                &product_services(&t.store, "p-hot"),
+                HashMap::new(),
+            )
             .await
             .expect("hold");
     }
@@ -406,10 +432,9 @@ async fn a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give(b
         .await
         .expect("load")
         .expect("exists");
-    restarted.close().await;
     assert_eq!(sequence, holds + 2);
     assert_eq!(
-        (loaded.available, loaded.reserved()),
+        (loaded.available, loaded.reserved),
         (10_000 - holds as u32, holds as u64)
     );
     // The same state as folding every event from the start.
@@ -441,5 +466,41 @@ async fn a_busy_aggregate_loads_from_its_snapshot_in_the_state_its_events_give(b
         snapshots, 1,
         "a snapshot was taken at {SNAPSHOT_EVERY} events"
     );
+    // What each order holds is read from the product's events: a repeated
+    // hold stays a no-op and a release returns exactly what was held, once.
+    let services = product_services(&restarted, "p-hot");
+    let hold_again = ProductCommand::ReserveStock {
+        order_id: "o-0".into(),
+        quantity: 1,
+    };
+    let release = || ProductCommand::ReleaseStock {
+        order_id: "o-1".into(),
+    };
+    let mut effects = Vec::new();
+    for command in [hold_again, release(), release()] {
+        let done = restarted
+            .execute::<Product>("p-hot", command, &services, HashMap::new())
+            .await
+            .expect("command");
+        effects.push(
+            done.events
+                .into_iter()
+                .map(|e| e.payload)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(
+        effects,
+        [
+            vec![],
+            vec![ProductEvent::StockReturned {
+                order_id: "o-1".into(),
+                quantity: 1,
+                available_after: 10_000 - holds as u32 + 1,
+            }],
+            vec![],
+        ]
+    );
+    restarted.close().await;
     t.cleanup().await;
 }
