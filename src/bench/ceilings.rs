@@ -349,28 +349,38 @@ pub async fn our_append(admin: &Admin, duration: Duration) -> Rate {
     .await
 }
 
+/// Topic partitions of the suite's Kafka runs and of the broker ceiling.
+/// The test broker answers one request at a time per connection, so a
+/// produce round costs a request per partition: with 6 partitions on each
+/// of the 7 topics the relay's batches waited ~100 ms for their
+/// acknowledgements at 200 orders/s, with 1 about 10 ms.
+pub const BENCH_KAFKA_PARTITIONS: i32 = 1;
+
+/// Consumer settings of the suite's Kafka runs and of the broker ceiling:
+/// the test broker does not answer a waiting fetch when data arrives, so
+/// librdkafka's default wait (500 ms) added ~250 ms to every hop.
+pub const BENCH_KAFKA_CONSUMER_CONFIG: &str = "fetch.wait.max.ms=10";
+
 /// Producer settings of the measurement: the service's producer defaults
-/// (idempotent, acks=all, linger 1 ms, no compression) plus
-/// `batch.num.messages=1`, which the suite also gives the service because
-/// the test broker loses messages when a fetch starts inside a batch.
+/// (idempotent, acks=all, linger 1 ms, no compression).
 pub const BROKER_PRODUCER_CONFIG: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("acks", "all"),
     ("linger.ms", "1"),
     ("compression.type", "none"),
-    ("batch.num.messages", "1"),
     ("message.timeout.ms", "120000"),
 ];
 
 /// Produces `messages` ~300-byte messages with random keys to a fresh
-/// 6-partition topic while one consumer reads them from the beginning:
+/// topic of [`BENCH_KAFKA_PARTITIONS`] while one consumer (as the service's
+/// in the suite) reads them from the beginning:
 /// messages per second from the first send to the last receipt.
 pub async fn broker_rate(brokers: &str, messages: u64, timeout: Duration) -> BrokerRate {
     let mut result = BrokerRate {
         messages,
         received: 0,
         message_bytes: 300,
-        partitions: 6,
+        partitions: BENCH_KAFKA_PARTITIONS,
         rate: Rate::default(),
     };
     let topic = format!(
@@ -412,7 +422,11 @@ async fn produce_consume(
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let created = admin
         .create_topics(
-            &[NewTopic::new(topic, 6, TopicReplication::Fixed(1))],
+            &[NewTopic::new(
+                topic,
+                BENCH_KAFKA_PARTITIONS,
+                TopicReplication::Fixed(1),
+            )],
             &options,
         )
         .await
@@ -422,15 +436,21 @@ async fn produce_consume(
             return Err(format!("creating topic {name}: {code}"));
         }
     }
-    let consumer: StreamConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{topic}.consumer"))
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .map_err(broker)?;
+        .set("auto.offset.reset", "earliest");
+    for (k, v) in BENCH_KAFKA_CONSUMER_CONFIG
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        config.set(k, v);
+    }
+    let consumer: StreamConsumer = config.create().map_err(broker)?;
     let mut partitions = TopicPartitionList::new();
-    for p in 0..6 {
+    for p in 0..BENCH_KAFKA_PARTITIONS {
         partitions
             .add_partition_offset(topic, p, Offset::Beginning)
             .map_err(broker)?;

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::admin::Admin;
-use super::ceilings::{self, Ceilings};
+use super::ceilings::{self, Ceilings, BENCH_KAFKA_CONSUMER_CONFIG, BENCH_KAFKA_PARTITIONS};
 use super::child::Service;
 use super::report::{self, Machine, Target};
 use super::{BenchConfig, BenchReport};
@@ -787,10 +787,11 @@ impl Suite {
                 brokers,
                 "--kafka-topic-prefix".to_string(),
                 prefix.clone(),
-                // The test broker loses messages when a fetch starts inside
-                // a record batch (README, "Kafka and the Avro contract").
-                "--kafka-producer-config".to_string(),
-                "batch.num.messages=1".to_string(),
+                // Fitted to the test broker: see the constants.
+                "--kafka-partitions".to_string(),
+                BENCH_KAFKA_PARTITIONS.to_string(),
+                "--kafka-consumer-config".to_string(),
+                BENCH_KAFKA_CONSUMER_CONFIG.to_string(),
             ]);
             topic_prefix = Some(prefix);
         }

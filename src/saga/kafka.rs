@@ -277,8 +277,12 @@ impl Subscription for KafkaSubscription {
             list.add_partition_offset(topic, partition, Offset::Offset(offset))
                 .map_err(broker)?;
         }
+        // Asynchronous: a synchronous commit would block a runtime thread
+        // for a broker round trip per batch. A commit lost to a crash only
+        // means the stretch since is delivered again (handlers are
+        // idempotent).
         self.consumer
-            .commit(&list, CommitMode::Sync)
+            .commit(&list, CommitMode::Async)
             .map_err(broker)
     }
 
@@ -303,6 +307,10 @@ impl Subscription for KafkaSubscription {
                 .map_err(broker)?;
         }
         Ok(())
+    }
+
+    fn waits(&self) -> bool {
+        true
     }
 }
 

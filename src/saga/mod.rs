@@ -204,6 +204,8 @@ impl Default for SagaOptions {
 
 struct Consumer {
     service: Service,
+    /// Whether an empty poll waited already ([`Subscription::waits`]).
+    waits: bool,
     subscription: Mutex<Box<dyn Subscription>>,
     /// Failed tries per event id, for dead-lettering.
     failures: Mutex<HashMap<Uuid, u32>>,
@@ -236,6 +238,7 @@ impl Saga {
                 .await?;
             consumers.push(Consumer {
                 service,
+                waits: subscription.waits(),
                 subscription: Mutex::new(subscription),
                 failures: Mutex::new(HashMap::new()),
             });
@@ -273,18 +276,22 @@ impl Saga {
                         Some(consumer) => saga.run_consumer(consumer).await,
                         None => saga.run_timers().await,
                     };
-                    let idle = match pass {
-                        Ok(n) => n == 0,
+                    let (idle, failed) = match pass {
+                        Ok(n) => (n == 0, false),
                         Err(e) => {
                             tracing::warn!(error = %e, "saga loop failed; retrying");
-                            true
+                            (true, true)
                         }
                     };
                     // Consumers of the in-process transport wake on an
-                    // append; the timers only poll.
+                    // append; a broker's consumer polled with a wait
+                    // already (but pauses after a failure); the timers
+                    // only poll.
+                    let consumer = saga.consumers.get(index);
                     let stop = match idle {
                         false => false,
-                        true if index < saga.consumers.len() => {
+                        true if !failed && consumer.is_some_and(|c| c.waits) => false,
+                        true if consumer.is_some() => {
                             pause_until_append(
                                 saga.config.poll_interval,
                                 &mut shutdown,

@@ -85,6 +85,13 @@ pub trait Subscription: Send {
     /// Forgets what was polled but not committed: the next poll starts
     /// after the last commit.
     async fn rewind(&mut self) -> Result<(), TransportError>;
+
+    /// Whether an empty poll already waited for new deliveries (a broker's
+    /// long poll), so the consumer loop polls again at once instead of
+    /// pausing.
+    fn waits(&self) -> bool {
+        false
+    }
 }
 
 /// The in-process transport over the store's global log.
