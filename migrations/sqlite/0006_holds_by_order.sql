@@ -1,9 +1,11 @@
 -- What an order holds on a product is no longer kept in the Product
 -- aggregate (its state grew with every order): it is looked up in the
--- product's own StockHeld / StockReturned events, by product and order.
+-- product's own StockHeld / StockReturned events, by product and order,
+-- the last one first.
 CREATE INDEX events_product_holds ON events (
     aggregate_id,
-    coalesce(json_extract(payload, '$.stockHeld.orderId'), json_extract(payload, '$.stockReturned.orderId'))
+    coalesce(json_extract(payload, '$.stockHeld.orderId'), json_extract(payload, '$.stockReturned.orderId')),
+    sequence
 ) WHERE aggregate_type = 'Product';
 
 -- Product snapshots taken before carried the per-order holds and no total:
