@@ -178,6 +178,12 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
         tasks.extend(relay.spawn(Duration::from_millis(5), shutdown.clone()));
         readiness.components.push(("broker", relay.heartbeat()));
     }
+    if let Some(handle) = order_saga::telemetry::prometheus() {
+        tasks.push(tokio::spawn(order_saga::telemetry::upkeep(
+            handle,
+            shutdown.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(sequence_log(store.clone(), shutdown)));
     let state = HttpState::new(app, projections, readiness);
 

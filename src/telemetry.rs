@@ -5,9 +5,11 @@
 //! group's checkpoint); on Kafka, the broker reports its groups' lag.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::health::{pause, Shutdown};
 use crate::projections;
 use crate::saga::Service;
 use crate::store::{Store, StoreError};
@@ -31,6 +33,22 @@ pub fn prometheus() -> Option<PrometheusHandle> {
                 .ok()
         })
         .clone()
+}
+
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets until `shutdown`.
+/// The recorder keeps every sample until upkeep or a scrape: a service
+/// nobody scrapes grew with every recorded stage duration (~2 MiB a minute
+/// at 200 orders/s).
+pub async fn upkeep(handle: PrometheusHandle, mut shutdown: Shutdown) {
+    loop {
+        handle.run_upkeep();
+        if pause(UPKEEP_EVERY, &mut shutdown).await {
+            break;
+        }
+    }
 }
 
 /// Sets the scrape-time gauges from the store, then renders everything.
