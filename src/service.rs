@@ -1,7 +1,8 @@
 //! The application's use cases over the event store: create and read
 //! orders, set and show products. Also the adapters through which the
-//! aggregates reach the rest of the store: the catalog the Order prices from
-//! and the stock ledger the StockReservation holds stock through.
+//! aggregates reach the rest of the store: the catalog the Order prices from,
+//! the stock ledger the StockReservation holds stock through, and the hold
+//! records a Product looks its orders' holds up in.
 //!
 //! Every refusal becomes an [`AppError`], which the HTTP layer and the CLI
 //! turn into their own shapes.
