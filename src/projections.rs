@@ -622,19 +622,123 @@ async fn apply_entries(
 ) -> Result<Vec<StatusChange>, StoreError> {
     let mut changes = Vec::new();
     let mut stats = Stats::new();
+    let mut history = Vec::new();
+    let mut stock = StockChanges::new();
     for entry in entries {
         match project(&stored(entry)) {
             Ok(ops) => {
                 for op in ops {
-                    apply(tx, &op, target, &mut stats, starts).await?;
                     changes.extend(op.status_change());
+                    match op {
+                        // Written together after the loop: nothing in the
+                        // batch reads them back.
+                        ReadOp::History { .. } => history.push(op),
+                        ReadOp::ProductStock {
+                            product_id,
+                            available,
+                            reserved_delta,
+                        } => {
+                            let change = stock.entry(product_id).or_insert((available, 0));
+                            change.0 = available;
+                            change.1 += reserved_delta;
+                        }
+                        op => apply(tx, &op, target, &mut stats, starts).await?,
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "projection skipped an unreadable event"),
         }
     }
+    add_history(tx, target, &history).await?;
+    add_stock(tx, target, &stock).await?;
     add_stats(tx, target, &stats).await?;
     Ok(changes)
+}
+
+/// A batch's stock changes per product: the last available level and the
+/// sum of the changes to `reserved` (one row per product: a multi-row
+/// upsert may touch each row once).
+type StockChanges = std::collections::BTreeMap<String, (u32, i64)>;
+
+/// Rows per multi-row INSERT (7 parameters each, well under both
+/// databases' limits on bound parameters).
+const ROWS_PER_INSERT: usize = 500;
+
+/// `($1, $2, …), (…)`: `rows` groups of `columns` numbered parameters.
+fn placeholders(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let params: Vec<String> = (1..=columns)
+                .map(|c| format!("${}", row * columns + c))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A batch's `order_history` rows, a few hundred per statement.
+async fn add_history(tx: &mut Tx, target: Target, history: &[ReadOp]) -> Result<(), StoreError> {
+    for chunk in history.chunks(ROWS_PER_INSERT) {
+        let sql = target.sql(&format!(
+            "INSERT INTO order_history (order_id, position, aggregate_type, sequence, event_type, \
+             recorded_at_ms, payload) VALUES {} ON CONFLICT DO NOTHING",
+            placeholders(chunk.len(), 7)
+        ));
+        on_tx!(tx, |conn| {
+            let mut query = sqlx::query(&sql);
+            for op in chunk {
+                if let ReadOp::History {
+                    order_id,
+                    position,
+                    aggregate_type,
+                    sequence,
+                    event_type,
+                    at_ms,
+                    payload,
+                } = op
+                {
+                    query = query
+                        .bind(order_id)
+                        .bind(position)
+                        .bind(aggregate_type)
+                        .bind(sequence)
+                        .bind(event_type)
+                        .bind(at_ms)
+                        .bind(payload.to_string());
+                }
+            }
+            query.execute(conn).await.map(|_| ())
+        })?;
+    }
+    Ok(())
+}
+
+/// A batch's stock changes: one upsert for all its products.
+async fn add_stock(tx: &mut Tx, target: Target, stock: &StockChanges) -> Result<(), StoreError> {
+    if stock.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<String> = (0..stock.len())
+        .map(|i| format!("(${}, NULL, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
+        .collect();
+    let sql = target.sql(&format!(
+        "INSERT INTO product_views (product_id, price, available, reserved) VALUES {} \
+         ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, \
+         reserved = product_views.reserved + excluded.reserved",
+        rows.join(", ")
+    ));
+    on_tx!(tx, |conn| {
+        let mut query = sqlx::query(&sql);
+        for (product_id, (available, reserved_delta)) in stock {
+            query = query
+                .bind(product_id)
+                .bind(i64::from(*available))
+                .bind(reserved_delta);
+        }
+        query.execute(conn).await.map(|_| ())
+    })?;
+    Ok(())
 }
 
 /// A batch's additions to `saga_stats`, per metric: count, total and
@@ -741,30 +845,6 @@ async fn apply(
             .await
             .map(|_| ()))?;
         }
-        ReadOp::History {
-            order_id,
-            position,
-            aggregate_type,
-            sequence,
-            event_type,
-            at_ms,
-            payload,
-        } => {
-            on_tx!(tx, |conn| {
-                sqlx::query(&target.sql("INSERT INTO order_history (order_id, position, aggregate_type, sequence, event_type, \
-                 recorded_at_ms, payload) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"))
-            .bind(order_id)
-            .bind(position)
-            .bind(aggregate_type)
-            .bind(sequence)
-            .bind(event_type)
-            .bind(at_ms)
-            .bind(payload.to_string())
-            .execute(conn)
-            .await
-            .map(|_| ())
-            })?;
-        }
         ReadOp::ProductPrice { product_id, price } => {
             on_tx!(tx, |conn| {
                 sqlx::query(&target.sql("INSERT INTO product_views (product_id, price, available, reserved) VALUES ($1, $2, 0, 0) \
@@ -776,23 +856,8 @@ async fn apply(
             .map(|_| ())
             })?;
         }
-        ReadOp::ProductStock {
-            product_id,
-            available,
-            reserved_delta,
-        } => {
-            on_tx!(tx, |conn| {
-                sqlx::query(&target.sql("INSERT INTO product_views (product_id, price, available, reserved) VALUES ($1, NULL, $2, $3) \
-                 ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, \
-                 reserved = product_views.reserved + excluded.reserved"))
-            .bind(product_id)
-            .bind(i64::from(*available))
-            .bind(reserved_delta)
-            .execute(conn)
-            .await
-            .map(|_| ())
-            })?;
-        }
+        // Batched by `apply_entries`.
+        ReadOp::History { .. } | ReadOp::ProductStock { .. } => {}
         ReadOp::Count { metric } => count(stats, metric, None),
         ReadOp::StageDone {
             order_id,
@@ -829,18 +894,12 @@ async fn add_stats(tx: &mut Tx, target: Target, stats: &Stats) -> Result<(), Sto
     if stats.is_empty() {
         return Ok(());
     }
-    let rows: Vec<String> = (0..stats.len())
-        .map(|i| {
-            let p = i * 4;
-            format!("(${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4)
-        })
-        .collect();
     let sql = target.sql(&format!(
         "INSERT INTO saga_stats (metric, count, total_ms, max_ms) VALUES {} \
          ON CONFLICT (metric) DO UPDATE SET count = saga_stats.count + excluded.count, \
          total_ms = saga_stats.total_ms + excluded.total_ms, \
          max_ms = CASE WHEN excluded.max_ms > saga_stats.max_ms THEN excluded.max_ms ELSE saga_stats.max_ms END",
-        rows.join(", ")
+        placeholders(stats.len(), 4)
     ));
     on_tx!(tx, |conn| {
         let mut query = sqlx::query(&sql);

@@ -339,12 +339,33 @@ impl DeadLetterSink for KafkaDeadLetters {
 }
 
 /// Publishes the global log's integration events to Kafka.
+///
+/// The position published so far lives in memory; the durable checkpoint
+/// follows it, written at most every [`RELAY_SAVE_EVERY`] while busy and at
+/// once when the log has nothing new. A batch is published when the broker
+/// acknowledged all of it; a failure starts again from the durable
+/// checkpoint, so messages published since go out again (at-least-once;
+/// handlers are idempotent).
 pub struct Relay {
     store: Store,
     config: KafkaConfig,
     contract: Arc<Contract>,
     producer: FutureProducer,
     heartbeat: Heartbeat,
+    progress: tokio::sync::Mutex<Progress>,
+}
+
+/// How often, at most, a busy relay writes its durable checkpoint.
+pub const RELAY_SAVE_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+struct Progress {
+    /// The last log position published (`None`: read the durable
+    /// checkpoint).
+    published: Option<i64>,
+    /// The last position written to the store, and when.
+    saved: i64,
+    saved_at: Option<Instant>,
 }
 
 impl Relay {
@@ -359,6 +380,7 @@ impl Relay {
             config,
             contract,
             heartbeat: Heartbeat::default(),
+            progress: tokio::sync::Mutex::new(Progress::default()),
         }))
     }
 
@@ -367,15 +389,33 @@ impl Relay {
         self.heartbeat.clone()
     }
 
-    /// Publishes the next batch; the checkpoint moves once all of it is
-    /// acknowledged. Returns how many log entries were covered.
+    /// Publishes the next batch; when the log has nothing new, writes the
+    /// checkpoint. Returns how many log entries were covered. After a
+    /// failure the next call starts again from the durable checkpoint.
     pub async fn run_once(&self) -> Result<usize, TransportError> {
-        let from = self.store.load_checkpoint(RELAY_CHECKPOINT).await?;
+        let mut progress = self.progress.lock().await;
+        let result = self.publish(&mut progress).await;
+        if result.is_err() {
+            *progress = Progress::default();
+        }
+        result
+    }
+
+    async fn publish(&self, progress: &mut Progress) -> Result<usize, TransportError> {
+        let from = match progress.published {
+            Some(position) => position,
+            None => {
+                let durable = self.store.load_checkpoint(RELAY_CHECKPOINT).await?;
+                progress.saved = durable;
+                durable
+            }
+        };
         let entries = self.store.read_log(from, 500).await?;
         let Some(last) = entries.last().map(|e| e.position) else {
+            self.save(progress, from, true).await?;
             return Ok(0);
         };
-        let mut pending = Vec::new();
+        let mut acks = Vec::new();
         for entry in &entries {
             let event = match IntegrationEvent::from_log(entry) {
                 Ok(Some(event)) => event,
@@ -386,10 +426,6 @@ impl Relay {
                 }
             };
             let bytes = self.contract.encode(&event).map_err(broker)?;
-            pending.push((event, bytes));
-        }
-        let mut acks = Vec::with_capacity(pending.len());
-        for (event, bytes) in &pending {
             let topic = self.config.topic(event.topic());
             let event_id = event.event_id.to_string();
             let record_name = self.contract.record_name(event.topic());
@@ -409,7 +445,7 @@ impl Relay {
                 });
             let mut record = FutureRecord::to(&topic)
                 .key(&event.order_id)
-                .payload(bytes)
+                .payload(&bytes)
                 .headers(headers);
             loop {
                 match self.producer.send_result(record) {
@@ -431,13 +467,36 @@ impl Relay {
                 }
             }
         }
+        let published = acks.len() as u64;
         for ack in futures_util::future::join_all(acks).await {
             ack.map_err(broker)?.map_err(|(e, _)| broker(e))?;
         }
-        self.store.save_checkpoint(RELAY_CHECKPOINT, last).await?;
+        progress.published = Some(last);
         self.heartbeat.beat();
-        metrics::counter!("order_saga_relay_published_total").increment(pending.len() as u64);
+        metrics::counter!("order_saga_relay_published_total").increment(published);
+        self.save(progress, last, false).await?;
         Ok(entries.len())
+    }
+
+    /// Writes `position` as the checkpoint if it moved, and `now` or enough
+    /// time has passed since the last write.
+    async fn save(
+        &self,
+        progress: &mut Progress,
+        position: i64,
+        now: bool,
+    ) -> Result<(), TransportError> {
+        let due = progress
+            .saved_at
+            .is_none_or(|at| at.elapsed() >= RELAY_SAVE_EVERY);
+        if position > progress.saved && (now || due) {
+            self.store
+                .save_checkpoint(RELAY_CHECKPOINT, position)
+                .await?;
+            progress.saved = position;
+            progress.saved_at = Some(Instant::now());
+        }
+        Ok(())
     }
 
     /// Whether the broker answers a metadata request now.

@@ -513,18 +513,17 @@ impl Saga {
             }
             (Service::Order, Body::OrderCreated { .. }) => self.start_deadlines(event).await,
             (Service::Order, Body::StockReserved { .. }) => {
-                self.store
-                    .cancel_timers(TimerKind::StockReplyTimeout, &event.order_id)
-                    .await?;
-                self.schedule(
+                let deadline = self.timer(
                     TimerKind::ConfirmationDeadline,
                     &event.order_id,
                     self.config.confirm_retries,
                     self.config.confirmation_timeout,
                     event.event_id,
                     event.correlation_id.clone(),
-                )
-                .await?;
+                );
+                self.store
+                    .cancel_and_schedule(TimerKind::StockReplyTimeout, &deadline)
+                    .await?;
                 let cause = Cause::of(event);
                 self.try_confirm(&event.order_id, &cause, 0).await
             }
@@ -536,10 +535,10 @@ impl Saga {
                 self.cancel_order(&event.order_id, CancelReason::StockShortage, &cause)
                     .await
             }
+            // The confirmation deadline is dropped with the other saga
+            // timers once the payment wait is open (or the order cancelled);
+            // until then it finds the order confirmed and does nothing.
             (Service::Order, Body::OrderConfirmed { .. }) => {
-                self.store
-                    .cancel_timers(TimerKind::ConfirmationDeadline, &event.order_id)
-                    .await?;
                 self.try_payment_wait(&event.order_id, &Cause::of(event), 0)
                     .await
             }
@@ -615,14 +614,15 @@ impl Saga {
 
     async fn start_deadlines(&self, event: &IntegrationEvent) -> Result<(), HandlerError> {
         // Deadlines count from when the order side learns of the order.
-        for (kind, after) in [
+        let timers = [
             (
                 TimerKind::StockReplyTimeout,
                 self.config.stock_reply_timeout,
             ),
             (TimerKind::SagaTimeout, self.config.saga_timeout),
-        ] {
-            self.schedule(
+        ]
+        .map(|(kind, after)| {
+            self.timer(
                 kind,
                 &event.order_id,
                 0,
@@ -630,8 +630,8 @@ impl Saga {
                 Uuid::new_v4(),
                 event.correlation_id.clone(),
             )
-            .await?;
-        }
+        });
+        self.store.schedule_timers(&timers).await?;
         Ok(())
     }
 
@@ -644,7 +644,21 @@ impl Saga {
         causation: Uuid,
         correlation_id: Option<String>,
     ) -> Result<(), StoreError> {
-        let timer = Timer {
+        let timer = self.timer(kind, order_id, attempt, after, causation, correlation_id);
+        self.store.schedule_timer(&timer).await
+    }
+
+    /// A saga timer of the order, due `after` from now on the saga's clock.
+    fn timer(
+        &self,
+        kind: TimerKind,
+        order_id: &str,
+        attempt: u32,
+        after: Duration,
+        causation: Uuid,
+        correlation_id: Option<String>,
+    ) -> Timer {
+        Timer {
             kind,
             subject: order_id.to_string(),
             order_id: order_id.to_string(),
@@ -654,8 +668,7 @@ impl Saga {
             causation_id: causation.to_string(),
             correlation_id,
             payload: json!({}),
-        };
-        self.store.schedule_timer(&timer).await
+        }
     }
 
     async fn order_status(&self, order_id: &str) -> Result<Option<OrderStatus>, HandlerError> {
@@ -756,9 +769,7 @@ impl Saga {
                     if step == Step::PaymentWait {
                         metrics::counter!("order_saga_sagas_completed_total", "outcome" => "PAYMENT_WAIT")
                             .increment(1);
-                        self.store
-                            .cancel_timers(TimerKind::SagaTimeout, order_id)
-                            .await?;
+                        self.store.cancel_saga_timers(order_id).await?;
                     }
                     return Ok(());
                 }

@@ -80,6 +80,23 @@ impl Timer {
     }
 }
 
+const SCHEDULE_INTO: &str = "INSERT INTO timers (timer_id, kind, order_id, attempt, due_at_ms, \
+     causation_id, correlation_id, payload) VALUES";
+
+/// `rows` timers' VALUES rows and the conflict clause, parameters numbered
+/// after the first `skip`.
+fn schedule_values(rows: usize, skip: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|row| {
+            let params: Vec<String> = (1..=8)
+                .map(|c| format!("${}", skip + row * 8 + c))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect();
+    format!("{} ON CONFLICT (timer_id) DO NOTHING", values.join(", "))
+}
+
 fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
@@ -91,20 +108,66 @@ fn from_millis(ms: i64) -> DateTime<Utc> {
 impl Store {
     /// Stores the timer unless one with its id exists.
     pub async fn schedule_timer(&self, timer: &Timer) -> Result<(), StoreError> {
-        let payload = timer.payload.to_string();
+        self.schedule_timers(std::slice::from_ref(timer)).await
+    }
+
+    /// [`Store::schedule_timer`] for several timers, in one statement.
+    pub async fn schedule_timers(&self, timers: &[Timer]) -> Result<(), StoreError> {
+        if timers.is_empty() {
+            return Ok(());
+        }
+        let sql = format!("{} {}", SCHEDULE_INTO, schedule_values(timers.len(), 0));
+        self.execute_scheduling(&sql, timers, None).await
+    }
+
+    /// Drops the order's pending timers of kind `cancel` and schedules
+    /// `timer`: on PostgreSQL one statement (durable, as the schedule must
+    /// be).
+    pub async fn cancel_and_schedule(
+        &self,
+        cancel: TimerKind,
+        timer: &Timer,
+    ) -> Result<(), StoreError> {
+        let Store::Postgres(_) = self else {
+            self.cancel_timers(cancel, &timer.order_id).await?;
+            return self.schedule_timer(timer).await;
+        };
+        let sql = format!(
+            "WITH cancelled AS (DELETE FROM timers WHERE kind = $1 AND order_id = $2) {} {}",
+            SCHEDULE_INTO,
+            schedule_values(1, 2)
+        );
+        self.execute_scheduling(
+            &sql,
+            std::slice::from_ref(timer),
+            Some((cancel, &timer.order_id)),
+        )
+        .await
+    }
+
+    async fn execute_scheduling(
+        &self,
+        sql: &str,
+        timers: &[Timer],
+        cancel: Option<(TimerKind, &str)>,
+    ) -> Result<(), StoreError> {
         on_pool!(self, |pool| {
-            sqlx::query(include_str!("sql/schedule_timer.sql"))
-                .bind(timer.id())
-                .bind(timer.kind.as_str())
-                .bind(&timer.order_id)
-                .bind(i64::from(timer.attempt))
-                .bind(millis(timer.due_at))
-                .bind(&timer.causation_id)
-                .bind(&timer.correlation_id)
-                .bind(&payload)
-                .execute(pool)
-                .await
-                .map(|_| ())
+            let mut query = sqlx::query(sql);
+            if let Some((kind, order_id)) = cancel {
+                query = query.bind(kind.as_str()).bind(order_id);
+            }
+            for timer in timers {
+                query = query
+                    .bind(timer.id())
+                    .bind(timer.kind.as_str())
+                    .bind(&timer.order_id)
+                    .bind(i64::from(timer.attempt))
+                    .bind(millis(timer.due_at))
+                    .bind(&timer.causation_id)
+                    .bind(&timer.correlation_id)
+                    .bind(timer.payload.to_string());
+            }
+            query.execute(pool).await.map(|_| ())
         })?;
         Ok(())
     }

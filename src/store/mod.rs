@@ -11,6 +11,7 @@
 mod lean;
 mod postgres;
 mod sqlite;
+mod tail;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -121,6 +122,8 @@ struct Shared {
     /// PostgreSQL: the value of `appended` when the sequencer last ran
     /// from this process, and when.
     sequenced: tokio::sync::Mutex<(u64, std::time::Instant)>,
+    /// The newest stretch of the log, shared by this process's readers.
+    tail: tail::LogTail,
 }
 
 /// What this process has appended, counted in all and per aggregate type.
@@ -186,6 +189,7 @@ impl Shared {
             cache: AggregateCache::default(),
             writers: KeyedLocks::default(),
             sequenced: tokio::sync::Mutex::new((0, std::time::Instant::now())),
+            tail: tail::LogTail::default(),
         })
     }
 }
@@ -635,8 +639,43 @@ impl Store {
     /// Up to `limit` log entries after `after`, in position order. Positions
     /// are dense and appear in order: a reader that checkpoints the last
     /// position it handled never skips an event.
+    ///
+    /// Readers near the end of the log share one database read per new
+    /// stretch (the log tail, `src/store/tail.rs`); the answer is the same
+    /// as a direct read's.
     pub async fn read_log(&self, after: i64, limit: i64) -> Result<Vec<LogEntry>, StoreError> {
         let limit = limit.clamp(1, MAX_LOG_BATCH);
+        let tail = &self.shared().tail;
+        let wanted = usize::try_from(limit).unwrap_or(usize::MAX);
+        match tail.lookup(after, wanted) {
+            tail::Lookup::Served(entries) => Ok(entries),
+            tail::Lookup::AtHead { head, generation } => {
+                let _refreshing = tail.refresh.lock().await;
+                match tail.after_wait(generation, after, wanted) {
+                    tail::AfterWait::Served(entries) => Ok(entries),
+                    tail::AfterWait::Refresh => {
+                        let mut read = self
+                            .read_log_directly(head, tail::TAIL_REFRESH.max(limit))
+                            .await?;
+                        tail.extend(head, &read);
+                        read.truncate(wanted);
+                        Ok(read)
+                    }
+                    tail::AfterWait::Outside => self.read_log_directly(after, limit).await,
+                }
+            }
+            tail::Lookup::Outside { generation } => {
+                let read = self.read_log_directly(after, limit).await?;
+                if read.len() < wanted {
+                    tail.seed(generation, after, &read);
+                }
+                Ok(read)
+            }
+        }
+    }
+
+    /// [`Store::read_log`] from the database.
+    async fn read_log_directly(&self, after: i64, limit: i64) -> Result<Vec<LogEntry>, StoreError> {
         self.sequence_for_reading().await?;
         match self {
             Store::Postgres(db) => postgres::read_log(&db.pool, after, limit).await,
