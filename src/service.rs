@@ -393,6 +393,22 @@ impl Catalog for StoreCatalog {
             .map_err(|e| CatalogError(e.to_string()))?;
         Ok(loaded.and_then(|(product, _)| product.orderable_price()))
     }
+
+    /// One read for all the products this process has in memory.
+    async fn unit_prices(
+        &self,
+        product_ids: &[String],
+    ) -> Result<Vec<Option<Money>>, CatalogError> {
+        let loaded = self
+            .store
+            .load_many::<Product>(product_ids)
+            .await
+            .map_err(|e| CatalogError(e.to_string()))?;
+        Ok(loaded
+            .into_iter()
+            .map(|loaded| loaded.and_then(|(product, _)| product.orderable_price()))
+            .collect())
+    }
 }
 
 /// Product stock in the event store, for the domain's [`ProductLedger`]:

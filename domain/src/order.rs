@@ -223,6 +223,19 @@ pub struct CatalogError(pub String);
 #[async_trait]
 pub trait Catalog: Send + Sync {
     async fn unit_price(&self, product_id: &str) -> Result<Option<Money>, CatalogError>;
+
+    /// [`Catalog::unit_price`] of every product, in order (a catalog that
+    /// can look them up together overrides this).
+    async fn unit_prices(
+        &self,
+        product_ids: &[String],
+    ) -> Result<Vec<Option<Money>>, CatalogError> {
+        let mut prices = Vec::with_capacity(product_ids.len());
+        for product_id in product_ids {
+            prices.push(self.unit_price(product_id).await?);
+        }
+        Ok(prices)
+    }
 }
 
 pub struct OrderServices {
@@ -280,9 +293,10 @@ impl Order {
             )
             .into());
         }
+        // Every line is checked before the catalog is asked, once, for all
+        // of them.
         let mut seen = BTreeSet::new();
-        let mut lines = Vec::with_capacity(items.len());
-        let mut total = Money::ZERO;
+        let mut product_ids = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let field = format!("items[{i}].productId");
             let product_id = validate_id(&field, &item.product_id)?;
@@ -296,14 +310,23 @@ impl Order {
                 )
                 .into());
             }
+            product_ids.push(product_id);
+        }
+        let prices = catalog.unit_prices(&product_ids).await?;
+        let mut lines = Vec::with_capacity(items.len());
+        let mut total = Money::ZERO;
+        for (i, ((product_id, item), price)) in product_ids
+            .into_iter()
+            .zip(items)
+            .zip(prices.into_iter().chain(std::iter::repeat(None)))
+            .enumerate()
+        {
+            let unit_price = price.ok_or_else(|| OrderError::UnknownProduct {
+                field: format!("items[{i}].productId"),
+                product_id: product_id.clone(),
+            })?;
             // In range 1..=10_000 by the check above.
             let quantity = item.quantity as u32;
-            let unit_price = catalog.unit_price(&product_id).await?.ok_or_else(|| {
-                OrderError::UnknownProduct {
-                    field: field.clone(),
-                    product_id: product_id.clone(),
-                }
-            })?;
             total = unit_price
                 .times(quantity)
                 .and_then(|line| total.checked_add(line))

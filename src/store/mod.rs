@@ -591,6 +591,90 @@ impl Store {
         Ok((context.current_sequence > 0).then_some((context.aggregate, context.current_sequence)))
     }
 
+    /// [`Store::load`] of several aggregates of one type, in order: the
+    /// ones this process remembers are brought up to date by one read for
+    /// all of them (the others load one by one).
+    pub async fn load_many<A: Aggregate + Clone + 'static>(
+        &self,
+        aggregate_ids: &[String],
+    ) -> Result<Vec<Option<(A, usize)>>, AggregateError<A::Error>> {
+        let cache = &self.shared().cache;
+        let mut contexts: Vec<Option<EventStoreAggregateContext<A>>> =
+            aggregate_ids.iter().map(|id| cache.get::<A>(id)).collect();
+        let remembered: Vec<(&str, usize)> = aggregate_ids
+            .iter()
+            .zip(&contexts)
+            .filter_map(|(id, c)| c.as_ref().map(|c| (id.as_str(), c.current_sequence)))
+            .collect();
+        if !remembered.is_empty() {
+            for serialized in self.newer_events(A::TYPE, &remembered).await? {
+                let Some(context) = aggregate_ids
+                    .iter()
+                    .position(|id| *id == serialized.aggregate_id)
+                    .and_then(|i| contexts[i].as_mut())
+                else {
+                    continue;
+                };
+                let envelope = EventEnvelope::<A>::try_from(serialized)?;
+                context.current_sequence = envelope.sequence;
+                context.aggregate.apply(envelope.payload);
+            }
+        }
+        let mut loaded = Vec::with_capacity(aggregate_ids.len());
+        for (id, context) in aggregate_ids.iter().zip(contexts) {
+            loaded.push(match context {
+                Some(c) => (c.current_sequence > 0).then_some((c.aggregate, c.current_sequence)),
+                None => self.load::<A>(id).await?,
+            });
+        }
+        Ok(loaded)
+    }
+
+    /// The events of the given aggregates stored after the given
+    /// sequences, oldest first per aggregate: one statement.
+    async fn newer_events<E: std::error::Error>(
+        &self,
+        aggregate_type: &str,
+        after: &[(&str, usize)],
+    ) -> Result<Vec<cqrs_es::persist::SerializedEvent>, AggregateError<E>> {
+        let conditions: Vec<String> = (0..after.len())
+            .map(|i| {
+                format!(
+                    "(aggregate_id = ${} AND sequence > ${})",
+                    i * 2 + 2,
+                    i * 2 + 3
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata \
+             FROM events WHERE aggregate_type = $1 AND ({}) ORDER BY aggregate_id, sequence",
+            conditions.join(" OR ")
+        );
+        macro_rules! newer {
+            ($pool:expr) => {{
+                let mut query = sqlx::query(&sql).bind(aggregate_type);
+                for (id, sequence) in after {
+                    query = query
+                        .bind(*id)
+                        .bind(i64::try_from(*sequence).unwrap_or(i64::MAX));
+                }
+                let rows = query
+                    .fetch_all($pool)
+                    .await
+                    .map_err(|e| AggregateError::DatabaseConnectionError(Box::new(e)))?;
+                rows.iter()
+                    .map(serialized_event)
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+            }};
+        }
+        let events = match self {
+            Store::Postgres(db) => newer!(&db.pool),
+            Store::Sqlite(db) => newer!(&db.read),
+        };
+        events.map_err(|e| AggregateError::DeserializationError(Box::new(e)))
+    }
+
     /// The aggregate's stored events, oldest first.
     pub async fn load_events<A: Aggregate>(
         &self,
@@ -1023,6 +1107,28 @@ impl AggregateCache {
         generations.young.remove(&key);
         generations.old.remove(&key);
     }
+}
+
+/// An event row as cqrs-es reads it, on either backend.
+fn serialized_event<R: sqlx::Row>(row: &R) -> Result<cqrs_es::persist::SerializedEvent, sqlx::Error>
+where
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> sqlx::types::Json<Value>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let sequence: i64 = row.try_get("sequence")?;
+    let payload: sqlx::types::Json<Value> = row.try_get("payload")?;
+    let metadata: sqlx::types::Json<Value> = row.try_get("metadata")?;
+    Ok(cqrs_es::persist::SerializedEvent::new(
+        row.try_get("aggregate_id")?,
+        usize::try_from(sequence).unwrap_or_default(),
+        row.try_get("aggregate_type")?,
+        row.try_get("event_type")?,
+        row.try_get("event_version")?,
+        payload.0,
+        metadata.0,
+    ))
 }
 
 fn corrupt(position: i64, message: impl ToString) -> StoreError {
