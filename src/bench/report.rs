@@ -436,6 +436,9 @@ pub fn markdown(r: &SuiteResults) -> String {
          every hop); the producer keeps the service's defaults. Before it is measured, each instance \
          gets 20 warm-up orders (sent in one second, their sagas waited for), so start-up \
          transients — connection pools, Kafka consumer groups joining — stay out of the figures.\n\
+         - PostgreSQL is reached with the suite's `--admin-url` (its database name replaced), by the \
+         ceilings and the service alike; `scripts/bench` passes `sslmode=disable`: TLS on loopback \
+         protects nothing and cost ~7 % of PostgreSQL's CPU.\n\
          - Load is open-loop (`order-saga bench`): orders are sent on schedule whatever the latency, \
          acceptance latency counted from each order's scheduled instant. Orders have 1–{} items \
          over {} products with ample stock. Saga latency is OrderCreated → PAYMENT_WAIT or \

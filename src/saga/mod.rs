@@ -66,8 +66,12 @@ pub struct SagaConfig {
     pub handler_attempts: u32,
     /// How long a claimed timer is held before another claimer may fire it.
     pub timer_lease: Duration,
-    /// How often an idle consumer or the timer loop looks for work.
+    /// How often an idle consumer looks for work (besides waking on this
+    /// process's appends).
     pub poll_interval: Duration,
+    /// How often the timer loop looks for due timers: a timer fires up to
+    /// this late (the saga's timers are seconds to minutes long).
+    pub timer_poll_interval: Duration,
     pub batch_size: usize,
     /// Orders a consumer handles at once (one order's messages stay in order).
     pub handler_concurrency: usize,
@@ -88,6 +92,7 @@ impl Default for SagaConfig {
             handler_attempts: 5,
             timer_lease: Duration::from_secs(60),
             poll_interval: Duration::from_millis(10),
+            timer_poll_interval: Duration::from_millis(100),
             batch_size: 256,
             handler_concurrency: 16,
         }
@@ -299,7 +304,7 @@ impl Saga {
                             )
                             .await
                         }
-                        true => pause(saga.config.poll_interval, &mut shutdown).await,
+                        true => pause(saga.config.timer_poll_interval, &mut shutdown).await,
                     };
                     if stop {
                         break;

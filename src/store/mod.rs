@@ -238,6 +238,11 @@ pub const RELAXED: &str = "SELECT set_config('synchronous_commit', 'off', true)"
 /// which then replays at most this many events — a few milliseconds.
 pub const SNAPSHOT_EVERY: usize = 1000;
 
+/// Aggregate types whose streams stay far below [`SNAPSHOT_EVERY`] events
+/// (an order has at most four, its stock reservation three): they never
+/// have a snapshot, so a load need not ask for one.
+const SHORT_STREAMS: &[&str] = &["Order", "StockReservation"];
+
 /// Runs `$body` with `$pool` bound to whichever pool `$store` holds: for
 /// SQL written once for both dialects (SQLite accepts `$1`-style
 /// parameters too). On SQLite this is the writing connection: use
@@ -430,10 +435,7 @@ impl Store {
                 }
             }
         }
-        let context = with_event_store!(self, A, snapshots, read, |es| es
-            .load_aggregate(aggregate_id)
-            .await);
-        match context {
+        match self.load_context::<A>(aggregate_id).await {
             Ok(context) => {
                 self.execute_loaded(aggregate_id, context, command, services, metadata)
                     .await
@@ -493,6 +495,26 @@ impl Store {
                 self.shared().cache.forget::<A>(aggregate_id);
                 Err(e)
             }
+        }
+    }
+
+    /// The aggregate's state from the database. An order's or a
+    /// reservation's stream stays a few events long and is never
+    /// snapshotted (a snapshot comes every [`SNAPSHOT_EVERY`] events): its
+    /// events are read in one statement, without asking for a snapshot
+    /// first.
+    async fn load_context<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        if SHORT_STREAMS.contains(&A::TYPE) {
+            with_event_store!(self, A, events, read, |es| es
+                .load_aggregate(aggregate_id)
+                .await)
+        } else {
+            with_event_store!(self, A, snapshots, read, |es| es
+                .load_aggregate(aggregate_id)
+                .await)
         }
     }
 
@@ -582,9 +604,7 @@ impl Store {
     ) -> Result<Option<(A, usize)>, AggregateError<A::Error>> {
         let context = match self.shared().cache.get::<A>(aggregate_id) {
             Some(cached) => self.catch_up(aggregate_id, cached).await?,
-            None => with_event_store!(self, A, snapshots, read, |es| es
-                .load_aggregate(aggregate_id)
-                .await)?,
+            None => self.load_context::<A>(aggregate_id).await?,
         };
         // Only commands (one at a time per aggregate) write the cache: a
         // load racing a command could put back an older snapshot number.
@@ -637,19 +657,22 @@ impl Store {
         aggregate_type: &str,
         after: &[(&str, usize)],
     ) -> Result<Vec<cqrs_es::persist::SerializedEvent>, AggregateError<E>> {
-        let conditions: Vec<String> = (0..after.len())
+        // One SELECT per aggregate, each a range of the primary key (an OR
+        // of the conditions can make SQLite scan the type's every event).
+        let selects: Vec<String> = (0..after.len())
             .map(|i| {
                 format!(
-                    "(aggregate_id = ${} AND sequence > ${})",
+                    "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                     payload, metadata FROM events \
+                     WHERE aggregate_type = $1 AND aggregate_id = ${} AND sequence > ${}",
                     i * 2 + 2,
                     i * 2 + 3
                 )
             })
             .collect();
         let sql = format!(
-            "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata \
-             FROM events WHERE aggregate_type = $1 AND ({}) ORDER BY aggregate_id, sequence",
-            conditions.join(" OR ")
+            "{} ORDER BY aggregate_id, sequence",
+            selects.join(" UNION ALL ")
         );
         macro_rules! newer {
             ($pool:expr) => {{
@@ -758,12 +781,35 @@ impl Store {
         }
     }
 
-    /// [`Store::read_log`] from the database.
+    /// [`Store::read_log`] from the database. On PostgreSQL the sequencer
+    /// runs in the same statement unless it ran since this process last
+    /// appended and not long ago (see [`Store::sequence_for_reading`]).
     async fn read_log_directly(&self, after: i64, limit: i64) -> Result<Vec<LogEntry>, StoreError> {
-        self.sequence_for_reading().await?;
-        match self {
-            Store::Postgres(db) => postgres::read_log(&db.pool, after, limit).await,
-            Store::Sqlite(db) => sqlite::read_log(&db.read, after, limit).await,
+        let db = match self {
+            Store::Postgres(db) => db,
+            Store::Sqlite(db) => return sqlite::read_log(&db.read, after, limit).await,
+        };
+        let mut last = db.shared.sequenced.lock().await;
+        let appends = db.shared.appended.borrow().total;
+        if last.0 == appends && last.1.elapsed() < SEQUENCE_AT_LEAST_EVERY {
+            drop(last);
+            return postgres::read_log(&db.pool, after, limit, None)
+                .await
+                .map(|(entries, _)| entries);
+        }
+        *last = (appends, std::time::Instant::now());
+        match postgres::read_log(&db.pool, after, limit, Some(MAX_LOG_BATCH)).await {
+            Ok((entries, numbered)) => {
+                // More may be waiting: the next reader runs it again.
+                if numbered >= MAX_LOG_BATCH as u64 {
+                    last.0 = appends.wrapping_sub(1);
+                }
+                Ok(entries)
+            }
+            Err(e) => {
+                last.0 = appends.wrapping_sub(1);
+                Err(e)
+            }
         }
     }
 

@@ -22,17 +22,32 @@ pub(super) async fn sequence(pool: &PgPool, limit: i64) -> Result<u64, StoreErro
     Ok(u64::try_from(numbered).unwrap_or(0))
 }
 
+/// Up to `limit` log entries after `after`; with `sequence_limit`, the
+/// sequencer numbers up to that many events first, in the same statement
+/// (`order_saga_read_log`, migration 0007). Returns the entries and how
+/// many events were numbered.
 pub(super) async fn read_log(
     pool: &PgPool,
     after: i64,
     limit: i64,
-) -> Result<Vec<LogEntry>, StoreError> {
-    let rows = sqlx::query(include_str!("sql/pg_read_log.sql"))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
-    rows.iter().map(entry).collect()
+    sequence_limit: Option<i64>,
+) -> Result<(Vec<LogEntry>, u64), StoreError> {
+    let rows = sqlx::query(
+        "SELECT log_position AS position, event_id, recorded_at, aggregate_type, aggregate_id, \
+         sequence, event_type, event_version, payload, metadata, numbered \
+         FROM order_saga_read_log($1, $2, $3)",
+    )
+    .bind(after)
+    .bind(limit)
+    .bind(sequence_limit.unwrap_or(0))
+    .fetch_all(pool)
+    .await?;
+    let numbered = match rows.first() {
+        Some(row) => u64::try_from(row.try_get::<i64, _>("numbered")?).unwrap_or(0),
+        None => 0,
+    };
+    let entries = rows.iter().map(entry).collect::<Result<_, _>>()?;
+    Ok((entries, numbered))
 }
 
 /// One aggregate's stored events, with their log metadata, oldest first.
