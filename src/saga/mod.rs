@@ -640,19 +640,6 @@ impl Saga {
         Ok(())
     }
 
-    async fn schedule(
-        &self,
-        kind: TimerKind,
-        order_id: &str,
-        attempt: u32,
-        after: Duration,
-        causation: Uuid,
-        correlation_id: Option<String>,
-    ) -> Result<(), StoreError> {
-        let timer = self.timer(kind, order_id, attempt, after, causation, correlation_id);
-        self.store.schedule_timer(&timer).await
-    }
-
     /// A saga timer of the order, due `after` from now on the saga's clock.
     fn timer(
         &self,
@@ -785,15 +772,15 @@ impl Saga {
         };
         tracing::warn!(order_id, ?step, attempt, error = %failure, "saga step failed");
         if attempt < retries {
-            self.schedule(
+            let next = self.timer(
                 retry,
                 order_id,
                 attempt + 1,
                 interval,
                 cause.causation,
                 cause.correlation_id.clone(),
-            )
-            .await?;
+            );
+            self.store.schedule_timer(&next).await?;
             Ok(())
         } else {
             self.cancel_order(order_id, exhausted, cause).await
