@@ -1,8 +1,10 @@
 //! PostgreSQL specifics: the sequencer that numbers the global log.
 //!
 //! postgres-es inserts rows with no position. Before reading, a reader runs
-//! the sequencer (see `Store::sequence_for_reading`), which numbers the
-//! committed rows in a commit-safe order (migration 0005).
+//! the sequencer, which numbers the committed rows in a commit-safe order
+//! (migration 0005): a log read in the same statement ([`read_log`],
+//! migration 0007), other reads before theirs
+//! (`Store::sequence_for_reading`).
 
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
