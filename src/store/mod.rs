@@ -99,6 +99,33 @@ pub struct Pg {
     shared: Arc<Shared>,
 }
 
+impl Pg {
+    /// Runs `work`, telling it whether to run the sequencer first: not if a
+    /// run from this process started after its last append and less than
+    /// [`SEQUENCE_AT_LEAST_EVERY`] ago. Runs are one at a time per process,
+    /// so readers woken by one append share one. `work` answers with how
+    /// many events it numbered; a run that numbered a full batch (more may
+    /// be waiting) or failed is not counted, so the next reader runs again.
+    async fn sequencing<T, W, F>(&self, work: W) -> Result<T, StoreError>
+    where
+        W: FnOnce(bool) -> F,
+        F: std::future::Future<Output = Result<(T, u64), StoreError>>,
+    {
+        let mut last = self.shared.sequenced.lock().await;
+        let appends = self.shared.appended.borrow().total;
+        if last.0 == appends && last.1.elapsed() < SEQUENCE_AT_LEAST_EVERY {
+            drop(last);
+            return work(false).await.map(|(done, _)| done);
+        }
+        *last = (appends, std::time::Instant::now());
+        let result = work(true).await;
+        if !matches!(&result, Ok((_, numbered)) if *numbered < MAX_LOG_BATCH as u64) {
+            last.0 = appends.wrapping_sub(1);
+        }
+        result.map(|(done, _)| done)
+    }
+}
+
 /// SQLite: one connection writes (SQLite has a single writer; queuing for
 /// it in-process is far cheaper than SQLite's sleeping busy handler) and a
 /// few read-only connections read beside it (WAL: readers never wait).
@@ -718,29 +745,22 @@ impl Store {
         }
     }
 
-    /// Before a read of the log on PostgreSQL: runs the sequencer unless it
-    /// ran since this process last appended and not long ago. One run at a
-    /// time per process: readers woken by one append share one run instead
-    /// of queueing for the database lock one after another.
+    /// Before a read of aggregates' log entries on PostgreSQL: runs the
+    /// sequencer if due ([`Pg::sequencing`]; a read of the global log runs
+    /// it in its own statement instead).
     async fn sequence_for_reading(&self) -> Result<(), StoreError> {
         let Store::Postgres(db) = self else {
             return Ok(());
         };
-        let mut last = db.shared.sequenced.lock().await;
-        let appends = db.shared.appended.borrow().total;
-        if last.0 != appends || last.1.elapsed() >= SEQUENCE_AT_LEAST_EVERY {
-            *last = (appends, std::time::Instant::now());
-            match postgres::sequence(&db.pool, MAX_LOG_BATCH).await {
-                // More may be waiting: the next reader runs it again.
-                Ok(n) if n >= MAX_LOG_BATCH as u64 => last.0 = appends.wrapping_sub(1),
-                Ok(_) => {}
-                Err(e) => {
-                    last.0 = appends.wrapping_sub(1);
-                    return Err(e);
-                }
+        db.sequencing(|due| async move {
+            match due {
+                true => postgres::sequence(&db.pool, MAX_LOG_BATCH)
+                    .await
+                    .map(|n| ((), n)),
+                false => Ok(((), 0)),
             }
-        }
-        Ok(())
+        })
+        .await
     }
 
     /// Up to `limit` log entries after `after`, in position order. Positions
@@ -783,34 +803,16 @@ impl Store {
 
     /// [`Store::read_log`] from the database. On PostgreSQL the sequencer
     /// runs in the same statement unless it ran since this process last
-    /// appended and not long ago (see [`Store::sequence_for_reading`]).
+    /// appended and not long ago (see [`Pg::sequencing`]).
     async fn read_log_directly(&self, after: i64, limit: i64) -> Result<Vec<LogEntry>, StoreError> {
         let db = match self {
             Store::Postgres(db) => db,
             Store::Sqlite(db) => return sqlite::read_log(&db.read, after, limit).await,
         };
-        let mut last = db.shared.sequenced.lock().await;
-        let appends = db.shared.appended.borrow().total;
-        if last.0 == appends && last.1.elapsed() < SEQUENCE_AT_LEAST_EVERY {
-            drop(last);
-            return postgres::read_log(&db.pool, after, limit, None)
-                .await
-                .map(|(entries, _)| entries);
-        }
-        *last = (appends, std::time::Instant::now());
-        match postgres::read_log(&db.pool, after, limit, Some(MAX_LOG_BATCH)).await {
-            Ok((entries, numbered)) => {
-                // More may be waiting: the next reader runs it again.
-                if numbered >= MAX_LOG_BATCH as u64 {
-                    last.0 = appends.wrapping_sub(1);
-                }
-                Ok(entries)
-            }
-            Err(e) => {
-                last.0 = appends.wrapping_sub(1);
-                Err(e)
-            }
-        }
+        db.sequencing(|due| {
+            postgres::read_log(&db.pool, after, limit, due.then_some(MAX_LOG_BATCH))
+        })
+        .await
     }
 
     /// The log entries of the given aggregates with this id (e.g. an order

@@ -4,7 +4,7 @@
 //! the sequencer, which numbers the committed rows in a commit-safe order
 //! (migration 0005): a log read in the same statement ([`read_log`],
 //! migration 0007), other reads before theirs
-//! (`Store::sequence_for_reading`).
+//! (`Store::sequence_for_reading`); `Pg::sequencing` decides when.
 
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
