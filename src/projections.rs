@@ -22,7 +22,7 @@ use sqlx::{Postgres, Sqlite, Transaction};
 use tokio::sync::{broadcast, watch};
 
 use crate::health::{pause_until_append, Heartbeat, Shutdown, Tasks};
-use crate::store::{LogEntry, Store, StoreError};
+use crate::store::{values_placeholders, LogEntry, Store, StoreError};
 
 /// The checkpoint of the read models.
 pub const CHECKPOINT: &str = "projection.read_models";
@@ -664,26 +664,13 @@ type StockChanges = std::collections::BTreeMap<String, (u32, i64)>;
 /// databases' limits on bound parameters).
 const ROWS_PER_INSERT: usize = 500;
 
-/// `($1, $2, …), (…)`: `rows` groups of `columns` numbered parameters.
-fn placeholders(rows: usize, columns: usize) -> String {
-    (0..rows)
-        .map(|row| {
-            let params: Vec<String> = (1..=columns)
-                .map(|c| format!("${}", row * columns + c))
-                .collect();
-            format!("({})", params.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// A batch's `order_history` rows, a few hundred per statement.
 async fn add_history(tx: &mut Tx, target: Target, history: &[ReadOp]) -> Result<(), StoreError> {
     for chunk in history.chunks(ROWS_PER_INSERT) {
         let sql = target.sql(&format!(
             "INSERT INTO order_history (order_id, position, aggregate_type, sequence, event_type, \
              recorded_at_ms, payload) VALUES {} ON CONFLICT DO NOTHING",
-            placeholders(chunk.len(), 7)
+            values_placeholders(chunk.len(), 7, 0)
         ));
         on_tx!(tx, |conn| {
             let mut query = sqlx::query(&sql);
@@ -719,14 +706,12 @@ async fn add_stock(tx: &mut Tx, target: Target, stock: &StockChanges) -> Result<
     if stock.is_empty() {
         return Ok(());
     }
-    let rows: Vec<String> = (0..stock.len())
-        .map(|i| format!("(${}, NULL, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
-        .collect();
+    // A new row's price stays NULL until the product's price is projected.
     let sql = target.sql(&format!(
-        "INSERT INTO product_views (product_id, price, available, reserved) VALUES {} \
+        "INSERT INTO product_views (product_id, available, reserved) VALUES {} \
          ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, \
          reserved = product_views.reserved + excluded.reserved",
-        rows.join(", ")
+        values_placeholders(stock.len(), 3, 0)
     ));
     on_tx!(tx, |conn| {
         let mut query = sqlx::query(&sql);
@@ -899,7 +884,7 @@ async fn add_stats(tx: &mut Tx, target: Target, stats: &Stats) -> Result<(), Sto
          ON CONFLICT (metric) DO UPDATE SET count = saga_stats.count + excluded.count, \
          total_ms = saga_stats.total_ms + excluded.total_ms, \
          max_ms = CASE WHEN excluded.max_ms > saga_stats.max_ms THEN excluded.max_ms ELSE saga_stats.max_ms END",
-        placeholders(stats.len(), 4)
+        values_placeholders(stats.len(), 4, 0)
     ));
     on_tx!(tx, |conn| {
         let mut query = sqlx::query(&sql);

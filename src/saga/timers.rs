@@ -12,7 +12,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::store::{Store, StoreError};
+use crate::store::{values_placeholders, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TimerKind {
@@ -86,15 +86,10 @@ const SCHEDULE_INTO: &str = "INSERT INTO timers (timer_id, kind, order_id, attem
 /// `rows` timers' VALUES rows and the conflict clause, parameters numbered
 /// after the first `skip`.
 fn schedule_values(rows: usize, skip: usize) -> String {
-    let values: Vec<String> = (0..rows)
-        .map(|row| {
-            let params: Vec<String> = (1..=8)
-                .map(|c| format!("${}", skip + row * 8 + c))
-                .collect();
-            format!("({})", params.join(", "))
-        })
-        .collect();
-    format!("{} ON CONFLICT (timer_id) DO NOTHING", values.join(", "))
+    format!(
+        "{} ON CONFLICT (timer_id) DO NOTHING",
+        values_placeholders(rows, 8, skip)
+    )
 }
 
 fn millis(t: DateTime<Utc>) -> i64 {

@@ -1157,6 +1157,21 @@ impl AggregateCache {
     }
 }
 
+/// `($n, $n+1, …), (…)`: `rows` groups of `columns` numbered parameters,
+/// numbered after the statement's first `skip` — the VALUES of a multi-row
+/// INSERT, for both backends.
+pub fn values_placeholders(rows: usize, columns: usize, skip: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let params: Vec<String> = (1..=columns)
+                .map(|c| format!("${}", skip + row * columns + c))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// An event row as cqrs-es reads it, on either backend.
 fn serialized_event<R: sqlx::Row>(row: &R) -> Result<cqrs_es::persist::SerializedEvent, sqlx::Error>
 where
