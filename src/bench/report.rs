@@ -431,9 +431,12 @@ pub fn markdown(r: &SuiteResults) -> String {
          (PostgreSQL, dropped afterwards), plus a new topic prefix (Kafka). With Kafka the service \
          gets `--kafka-partitions 1` (the test broker answers one request at a time per \
          connection: with 6 partitions on each of the 7 topics a produce round cost ~100 ms at \
-         200 orders/s) and `--kafka-consumer-config fetch.wait.max.ms=10` (the test broker does \
-         not answer a waiting fetch when data arrives; the default 500 ms wait added ~250 ms to \
-         every hop); the producer keeps the service's defaults. Before it is measured, each instance \
+         200 orders/s), `--kafka-consumer-config fetch.wait.max.ms=10` (the test broker holds \
+         every fetch for the whole wait, data or not; the default 500 ms wait added ~250 ms to \
+         every hop) and `--kafka-producer-config linger.ms=10` (the test broker lists every \
+         batch stored in a partition on each fetch that finds data, so its CPU grows with the \
+         batches: with the service's 1 ms linger it took ~75 % of a core 20 s into a run at \
+         200 orders/s); the broker ceiling uses the same settings. Before it is measured, each instance \
          gets 20 warm-up orders (sent in one second, their sagas waited for), so start-up \
          transients — connection pools, Kafka consumer groups joining — stay out of the figures.\n\
          - PostgreSQL is reached with the suite's `--admin-url` (its database name replaced), by the \

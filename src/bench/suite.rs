@@ -19,7 +19,10 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::admin::Admin;
-use super::ceilings::{self, Ceilings, BENCH_KAFKA_CONSUMER_CONFIG, BENCH_KAFKA_PARTITIONS};
+use super::ceilings::{
+    self, Ceilings, BENCH_KAFKA_CONSUMER_CONFIG, BENCH_KAFKA_PARTITIONS,
+    BENCH_KAFKA_PRODUCER_CONFIG,
+};
 use super::child::Service;
 use super::report::{self, Machine, Target};
 use super::{BenchConfig, BenchReport};
@@ -792,6 +795,8 @@ impl Suite {
                 BENCH_KAFKA_PARTITIONS.to_string(),
                 "--kafka-consumer-config".to_string(),
                 BENCH_KAFKA_CONSUMER_CONFIG.to_string(),
+                "--kafka-producer-config".to_string(),
+                BENCH_KAFKA_PRODUCER_CONFIG.to_string(),
             ]);
             topic_prefix = Some(prefix);
         }

@@ -7,10 +7,10 @@
 //!   `schemaFingerprint`.
 //! - The relay's producer is idempotent with `acks=all`; it advances its
 //!   checkpoint (`relay.kafka`) only after the broker acknowledged.
-//! - Consumers (groups `order-saga.stock`, `.order`, `.notifier`) never
-//!   auto-commit: the saga commits offsets after the handler's effects are
-//!   stored. Messages that cannot be handled also go to `<topic>.dlq` with
-//!   the error in a header.
+//! - Consumers (groups `order-saga.stock`, `.order`, `.notifier`) store a
+//!   batch's offsets only after the handlers' effects are stored; librdkafka
+//!   commits the stored offsets every 100 ms. Messages that cannot be
+//!   handled also go to `<topic>.dlq` with the error in a header.
 //!
 //! Every librdkafka property can be overridden (`KAFKA_PRODUCER_CONFIG`,
 //! `KAFKA_CONSUMER_CONFIG`); see ARCHITECTURE.md for the test broker's.
@@ -21,11 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -179,7 +181,11 @@ impl Transport for KafkaTransport {
                 &self.config.consumer,
                 &[
                     ("group.id", &format!("{}{group}", self.config.prefix)),
-                    ("enable.auto.commit", "false"),
+                    // At-least-once: the saga stores a batch's offsets
+                    // once its effects are stored, and librdkafka commits
+                    // what was stored every 100 ms (and on close).
+                    ("enable.auto.commit", "true"),
+                    ("auto.commit.interval.ms", "100"),
                     ("enable.auto.offset.store", "false"),
                     ("auto.offset.reset", "earliest"),
                     ("session.timeout.ms", "10000"),
@@ -277,13 +283,11 @@ impl Subscription for KafkaSubscription {
             list.add_partition_offset(topic, partition, Offset::Offset(offset))
                 .map_err(broker)?;
         }
-        // Asynchronous: a synchronous commit would block a runtime thread
-        // for a broker round trip per batch. A commit lost to a crash only
-        // means the stretch since is delivered again (handlers are
-        // idempotent).
-        self.consumer
-            .commit(&list, CommitMode::Async)
-            .map_err(broker)
+        // Stored, committed by librdkafka within 100 ms: a commit per batch
+        // was most of the broker's work under load (and a synchronous one
+        // would block a runtime thread for a round trip). A crash before the
+        // commit delivers the stretch since again; handlers are idempotent.
+        self.consumer.store_offsets(&list).map_err(broker)
     }
 
     async fn rewind(&mut self) -> Result<(), TransportError> {
@@ -340,32 +344,68 @@ impl DeadLetterSink for KafkaDeadLetters {
 
 /// Publishes the global log's integration events to Kafka.
 ///
-/// The position published so far lives in memory; the durable checkpoint
-/// follows it, written at most every [`RELAY_SAVE_EVERY`] while busy and at
-/// once when the log has nothing new. A batch is published when the broker
-/// acknowledged all of it; a failure starts again from the durable
+/// Stretches of the log are handed to the producer without waiting for the
+/// broker (at most [`RELAY_IN_FLIGHT`] unacknowledged); a stretch counts as
+/// published when the broker acknowledged it and every stretch before it.
+/// The published position lives in memory; the durable checkpoint follows
+/// it, written at most every [`RELAY_SAVE_EVERY`] while busy and at once
+/// when everything is published. A failure starts again from the durable
 /// checkpoint, so messages published since go out again (at-least-once;
-/// handlers are idempotent).
+/// handlers are idempotent). Order within a partition is the producer's:
+/// idempotent, so retries never reorder.
 pub struct Relay {
     store: Store,
     config: KafkaConfig,
     contract: Arc<Contract>,
     producer: FutureProducer,
     heartbeat: Heartbeat,
-    progress: tokio::sync::Mutex<Progress>,
 }
 
 /// How often, at most, a busy relay writes its durable checkpoint.
 pub const RELAY_SAVE_EVERY: Duration = Duration::from_millis(100);
 
+/// Stretches of the log handed to the producer and not yet acknowledged, at
+/// most; then the relay waits for the oldest.
+pub const RELAY_IN_FLIGHT: usize = 32;
+
+/// A busy relay reads the log at most this often: appends in between go
+/// out together (one produce batch per topic instead of one per append).
+pub const RELAY_GATHER: Duration = Duration::from_millis(5);
+
+/// The aggregate types whose events become integration events: appends of
+/// others (products) do not wake the relay.
+const RELAYED: &[&str] = &["Order", "StockReservation"];
+
+/// A stretch's acknowledgements: its last log position and how many
+/// messages it held, once the broker took all of them.
+type Stretch = BoxFuture<'static, Result<(i64, u64), TransportError>>;
+
 #[derive(Default)]
 struct Progress {
-    /// The last log position published (`None`: read the durable
-    /// checkpoint).
-    published: Option<i64>,
+    /// The last log position handed to the producer (`None`: start from
+    /// the durable checkpoint).
+    sent: Option<i64>,
+    /// When the last stretch was sent.
+    sent_at: Option<Instant>,
+    /// Stretches sent and not yet acknowledged, oldest first.
+    in_flight: FuturesOrdered<Stretch>,
+    /// The last position published (acknowledged, with all before it).
+    published: i64,
     /// The last position written to the store, and when.
     saved: i64,
     saved_at: Option<Instant>,
+}
+
+/// What a relay step found.
+enum Step {
+    /// It sent or settled something: look again at once.
+    Busy,
+    /// Nothing new in the log, acknowledgements pending.
+    Waiting,
+    /// Nothing new and everything published.
+    Idle,
+    /// Sent a moment ago: wait this long before reading the log again.
+    Gather(Duration),
 }
 
 impl Relay {
@@ -380,7 +420,6 @@ impl Relay {
             config,
             contract,
             heartbeat: Heartbeat::default(),
-            progress: tokio::sync::Mutex::new(Progress::default()),
         }))
     }
 
@@ -389,33 +428,53 @@ impl Relay {
         self.heartbeat.clone()
     }
 
-    /// Publishes the next batch; when the log has nothing new, writes the
-    /// checkpoint. Returns how many log entries were covered. After a
-    /// failure the next call starts again from the durable checkpoint.
-    pub async fn run_once(&self) -> Result<usize, TransportError> {
-        let mut progress = self.progress.lock().await;
-        let result = self.publish(&mut progress).await;
-        if result.is_err() {
-            *progress = Progress::default();
+    /// Settles what the broker acknowledged meanwhile, then hands the next
+    /// stretch of the log to the producer (after waiting for the oldest
+    /// stretch if too many are in flight).
+    async fn step(&self, progress: &mut Progress) -> Result<Step, TransportError> {
+        while let Some(Some(done)) = progress.in_flight.next().now_or_never() {
+            self.settle(progress, done).await?;
         }
-        result
+        if progress.in_flight.len() >= RELAY_IN_FLIGHT {
+            if let Some(done) = progress.in_flight.next().await {
+                self.settle(progress, done).await?;
+            }
+            return Ok(Step::Busy);
+        }
+        let since = progress.sent_at.map(|at| at.elapsed());
+        if let Some(wait) = since.and_then(|s| RELAY_GATHER.checked_sub(s)) {
+            return Ok(Step::Gather(wait));
+        }
+        if self.send(progress).await? > 0 {
+            return Ok(Step::Busy);
+        }
+        if !progress.in_flight.is_empty() {
+            return Ok(Step::Waiting);
+        }
+        let published = progress.published;
+        self.save(progress, published, true).await?;
+        Ok(Step::Idle)
     }
 
-    async fn publish(&self, progress: &mut Progress) -> Result<usize, TransportError> {
-        let from = match progress.published {
+    /// Produces the integration events of the log's next stretch without
+    /// waiting for their acknowledgements. Returns how many log entries it
+    /// covered.
+    async fn send(&self, progress: &mut Progress) -> Result<usize, TransportError> {
+        let from = match progress.sent {
             Some(position) => position,
             None => {
                 let durable = self.store.load_checkpoint(RELAY_CHECKPOINT).await?;
                 progress.saved = durable;
+                progress.published = durable;
                 durable
             }
         };
         let entries = self.store.read_log(from, 500).await?;
         let Some(last) = entries.last().map(|e| e.position) else {
-            self.save(progress, from, true).await?;
             return Ok(0);
         };
         let mut acks = Vec::new();
+        let mut messages = 0;
         for entry in &entries {
             let event = match IntegrationEvent::from_log(entry) {
                 Ok(Some(event)) => event,
@@ -451,31 +510,55 @@ impl Relay {
                 match self.producer.send_result(record) {
                     Ok(ack) => {
                         acks.push(ack);
+                        messages += 1;
                         break;
                     }
-                    // The producer's queue is full: wait for what is in flight.
+                    // The producer's queue is full: wait for what is in
+                    // flight, the oldest stretch first.
                     Err((
                         rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
                         back,
                     )) => {
                         record = back;
-                        for ack in acks.drain(..) {
-                            ack.await.map_err(broker)?.map_err(|(e, _)| broker(e))?;
+                        match progress.in_flight.next().await {
+                            Some(done) => self.settle(progress, done).await?,
+                            None => {
+                                for ack in acks.drain(..) {
+                                    ack.await.map_err(broker)?.map_err(|(e, _)| broker(e))?;
+                                }
+                            }
                         }
                     }
                     Err((e, _)) => return Err(broker(e)),
                 }
             }
         }
-        let published = acks.len() as u64;
-        for ack in futures_util::future::join_all(acks).await {
-            ack.map_err(broker)?.map_err(|(e, _)| broker(e))?;
-        }
-        progress.published = Some(last);
-        self.heartbeat.beat();
-        metrics::counter!("order_saga_relay_published_total").increment(published);
-        self.save(progress, last, false).await?;
+        progress.in_flight.push_back(
+            async move {
+                for ack in futures_util::future::join_all(acks).await {
+                    ack.map_err(broker)?.map_err(|(e, _)| broker(e))?;
+                }
+                Ok((last, messages))
+            }
+            .boxed(),
+        );
+        progress.sent = Some(last);
+        progress.sent_at = Some(Instant::now());
         Ok(entries.len())
+    }
+
+    /// Counts an acknowledged stretch as published (or fails with its
+    /// error) and writes the checkpoint when due.
+    async fn settle(
+        &self,
+        progress: &mut Progress,
+        done: Result<(i64, u64), TransportError>,
+    ) -> Result<(), TransportError> {
+        let (last, messages) = done?;
+        progress.published = last;
+        self.heartbeat.beat();
+        metrics::counter!("order_saga_relay_published_total").increment(messages);
+        self.save(progress, last, false).await
     }
 
     /// Writes `position` as the checkpoint if it moved, and `now` or enough
@@ -517,18 +600,36 @@ impl Relay {
         let relay = self.clone();
         let mut tasks = Tasks::default();
         tasks.push(tokio::spawn(async move {
+            let mut progress = Progress::default();
             let mut last_check = Instant::now() - Duration::from_secs(60);
             let mut backoff = poll;
-            let mut appends = relay.store.appends();
+            let mut appends = relay.store.appends_of(RELAYED);
             loop {
                 appends.mark();
-                let idle = match relay.run_once().await {
-                    Ok(n) => {
+                let step = match relay.step(&mut progress).await {
+                    // Until an acknowledgement or a new append (or a
+                    // while, to look at the shutdown signal).
+                    Ok(Step::Waiting) => tokio::select! {
+                        Some(done) = progress.in_flight.next() => {
+                            relay.settle(&mut progress, done).await.map(|()| Step::Busy)
+                        }
+                        _ = appends.changed() => Ok(Step::Busy),
+                        _ = tokio::time::sleep(RELAY_SAVE_EVERY) => Ok(Step::Busy),
+                    },
+                    Ok(Step::Gather(wait)) => {
+                        tokio::time::sleep(wait).await;
+                        Ok(Step::Busy)
+                    }
+                    other => other,
+                };
+                let idle = match step {
+                    Ok(step) => {
                         backoff = poll;
-                        n == 0
+                        matches!(step, Step::Idle)
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "relay failed; retrying");
+                        tracing::warn!(error = %e, "relay failed; retrying from its checkpoint");
+                        progress = Progress::default();
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         if pause(backoff, &mut shutdown).await {
                             break;
@@ -547,6 +648,18 @@ impl Relay {
                 {
                     break;
                 }
+            }
+            // Stopping: what is in flight counts if the broker takes it soon
+            // (otherwise it goes out again after a restart).
+            let drain = async {
+                while let Some(done) = progress.in_flight.next().await {
+                    relay.settle(&mut progress, done).await?;
+                }
+                let published = progress.published;
+                relay.save(&mut progress, published, true).await
+            };
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), drain).await {
+                tracing::warn!(error = %e, "relay stopped before everything sent was published");
             }
         }));
         tasks
