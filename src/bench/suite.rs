@@ -649,11 +649,28 @@ impl Suite {
                 );
             }
             (None, Some(ok)) => {
-                result.max_sustainable = Some(ok);
-                result.max_sustainable_how = format!(
-                    "highest ramp step that kept up ({:.0} s); no bisection step above it passed",
-                    self.config.step_duration.as_secs_f64()
-                );
+                // Nothing above the ramp's rate kept up: that rate kept up
+                // only for a ramp step, so it runs again for the full time.
+                let config =
+                    self.load(ok, self.config.sustain_duration, self.config.sustain_settle);
+                let step = self.fresh_run(backend, "sustain", config).await;
+                let kept_up = step.kept_up();
+                result.bisect.push(step);
+                let sustain = self.config.sustain_duration.as_secs_f64();
+                if kept_up {
+                    result.max_sustainable = Some(ok);
+                    result.max_sustainable_how = format!(
+                        "the highest ramp step that kept up, run again for {sustain:.0} s with \
+                         {:.0} s settle (no bisection step above it kept up)",
+                        self.config.sustain_settle.as_secs_f64()
+                    );
+                } else {
+                    result.max_sustainable_how = format!(
+                        "none: the highest ramp step that kept up ({ok:.0}/s for {:.0} s) did \
+                         not keep up for {sustain:.0} s",
+                        self.config.step_duration.as_secs_f64()
+                    );
+                }
             }
             (None, None) => {
                 result.max_sustainable_how = "no run kept up".to_string();
