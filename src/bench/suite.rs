@@ -234,6 +234,15 @@ impl BackendResult {
     pub fn ramp_at(&self, rate: f64) -> Option<&Step> {
         self.ramp.iter().find(|s| (s.rate - rate).abs() < 0.5)
     }
+
+    /// The highest ramp rate that kept up.
+    pub fn highest_kept_up(&self) -> Option<f64> {
+        self.ramp
+            .iter()
+            .filter(|s| s.kept_up())
+            .map(|s| s.rate)
+            .reduce(f64::max)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -598,12 +607,7 @@ impl Suite {
             }
             rate *= 2.0;
         }
-        let highest_ok = result
-            .ramp
-            .iter()
-            .filter(|s| s.kept_up())
-            .map(|s| s.rate)
-            .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
+        let highest_ok = result.highest_kept_up();
         let lowest_saturated = result
             .ramp
             .iter()
