@@ -28,6 +28,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::time::Instant;
 
 use super::admin::Admin;
+use crate::saga::kafka::parse_properties;
 use crate::store::{Store, SNAPSHOT_EVERY};
 
 /// Connections of both event stores' pools (the service's default).
@@ -371,12 +372,12 @@ pub const BENCH_KAFKA_CONSUMER_CONFIG: &str = "fetch.wait.max.ms=10";
 pub const BENCH_KAFKA_PRODUCER_CONFIG: &str = "linger.ms=10";
 
 /// Producer settings of the broker ceiling: the service's producer
-/// defaults (idempotent, acks=all, no compression) with the suite's
-/// linger ([`BENCH_KAFKA_PRODUCER_CONFIG`]).
+/// defaults (idempotent, acks=all, no compression), then the suite's
+/// ([`BENCH_KAFKA_PRODUCER_CONFIG`]).
 pub const BROKER_PRODUCER_CONFIG: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("acks", "all"),
-    ("linger.ms", "10"),
+    ("linger.ms", "1"),
     ("compression.type", "none"),
     ("message.timeout.ms", "120000"),
 ];
@@ -452,10 +453,7 @@ async fn produce_consume(
         .set("group.id", format!("{topic}.consumer"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
-    for (k, v) in BENCH_KAFKA_CONSUMER_CONFIG
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-    {
+    for (k, v) in parse_properties("BENCH_KAFKA_CONSUMER_CONFIG", BENCH_KAFKA_CONSUMER_CONFIG)? {
         config.set(k, v);
     }
     let consumer: StreamConsumer = config.create().map_err(broker)?;
@@ -470,6 +468,9 @@ async fn produce_consume(
     config.set("bootstrap.servers", brokers);
     for (k, v) in BROKER_PRODUCER_CONFIG {
         config.set(*k, *v);
+    }
+    for (k, v) in parse_properties("BENCH_KAFKA_PRODUCER_CONFIG", BENCH_KAFKA_PRODUCER_CONFIG)? {
+        config.set(k, v);
     }
     let producer: FutureProducer = config.create().map_err(broker)?;
 

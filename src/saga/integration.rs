@@ -142,6 +142,11 @@ pub struct IntegrationEvent {
     pub body: Body,
 }
 
+/// The aggregate types whose events publish integration events (see
+/// [`IntegrationEvent::from_log`]); appends of others (products) are
+/// nothing for a reader of the topics.
+pub const SOURCES: &[&str] = &["Order", "StockReservation"];
+
 impl IntegrationEvent {
     pub fn topic(&self) -> Topic {
         self.body.topic()

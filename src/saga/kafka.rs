@@ -34,7 +34,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::avro::Contract;
-use super::integration::{IntegrationEvent, Topic};
+use super::integration::{self, IntegrationEvent, Topic};
 use super::transport::{
     DeadLetterSink, Delivery, Offset as DeliveryOffset, Subscription, Transport, TransportError,
     Undecodable,
@@ -372,10 +372,6 @@ pub const RELAY_IN_FLIGHT: usize = 32;
 /// out together (one produce batch per topic instead of one per append).
 pub const RELAY_GATHER: Duration = Duration::from_millis(5);
 
-/// The aggregate types whose events become integration events: appends of
-/// others (products) do not wake the relay.
-const RELAYED: &[&str] = &["Order", "StockReservation"];
-
 /// A stretch's acknowledgements: its last log position and how many
 /// messages it held, once the broker took all of them.
 type Stretch = BoxFuture<'static, Result<(i64, u64), TransportError>>;
@@ -603,7 +599,7 @@ impl Relay {
             let mut progress = Progress::default();
             let mut last_check = Instant::now() - Duration::from_secs(60);
             let mut backoff = poll;
-            let mut appends = relay.store.appends_of(RELAYED);
+            let mut appends = relay.store.appends_of(integration::SOURCES);
             loop {
                 appends.mark();
                 let step = match relay.step(&mut progress).await {

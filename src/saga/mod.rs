@@ -123,7 +123,7 @@ impl Service {
     pub fn wakes_on(self) -> &'static [&'static str] {
         match self {
             Service::Stock | Service::Notifier => &["Order"],
-            Service::Order => &["Order", "StockReservation"],
+            Service::Order => integration::SOURCES,
         }
     }
 
