@@ -14,6 +14,8 @@ use cqrs_es::Aggregate;
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
+
+use super::group::GroupCommit;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 
@@ -28,7 +30,7 @@ pub(super) struct Lean<R> {
 
 enum Pool {
     Pg(PgPool),
-    Lite(SqlitePool),
+    Lite(GroupCommit),
 }
 
 impl Lean<PostgresEventRepository> {
@@ -41,16 +43,16 @@ impl Lean<PostgresEventRepository> {
 }
 
 impl Lean<SqliteEventRepository> {
-    pub(super) fn sqlite(pool: &SqlitePool) -> Self {
+    pub(super) fn sqlite(pool: &SqlitePool, commits: &GroupCommit) -> Self {
         Lean {
             inner: SqliteEventRepository::new(pool.clone()),
-            pool: Pool::Lite(pool.clone()),
+            pool: Pool::Lite(commits.clone()),
         }
     }
 }
 
 /// `INSERT … VALUES ($1, …, $7), ($8, …)` for `rows` events.
-fn insert_sql(rows: usize) -> String {
+pub(super) fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(INSERT_EVENTS);
     for row in 0..rows {
         let p = row * 7;
@@ -72,26 +74,34 @@ fn insert_sql(rows: usize) -> String {
 }
 
 /// Binds the events' columns, in `insert_sql`'s order.
-macro_rules! bind_events {
-    ($A:ty, $sql:expr, $events:expr) => {{
-        let mut query = sqlx::query($sql);
-        for event in $events {
-            query = query
-                .bind(<$A>::TYPE)
-                .bind(event.aggregate_id.as_str())
-                .bind(event.sequence as i32)
-                .bind(event.event_type.as_str())
-                .bind(event.event_version.as_str())
-                .bind(&event.payload)
-                .bind(&event.metadata);
-        }
-        query
-    }};
+pub(super) fn bind_rows<'q, DB>(
+    sql: &'q str,
+    aggregate_type: &'static str,
+    events: &'q [SerializedEvent],
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q Value: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut query = sqlx::query::<DB>(sql);
+    for event in events {
+        query = query
+            .bind(aggregate_type)
+            .bind(event.aggregate_id.as_str())
+            .bind(event.sequence as i32)
+            .bind(event.event_type.as_str())
+            .bind(event.event_version.as_str())
+            .bind(&event.payload)
+            .bind(&event.metadata);
+    }
+    query
 }
 
 /// The libraries' mapping: a taken sequence is the optimistic-lock failure
 /// (another writer appended first).
-fn persistence_error(e: sqlx::Error) -> PersistenceError {
+pub(super) fn persistence_error(e: sqlx::Error) -> PersistenceError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             PersistenceError::OptimisticLockError
@@ -136,16 +146,13 @@ impl<R: PersistedEventRepository> PersistedEventRepository for Lean<R> {
         }
         let sql = insert_sql(events.len());
         match &self.pool {
-            Pool::Pg(pool) => bind_events!(A, &sql, events)
+            Pool::Pg(pool) => bind_rows(&sql, A::TYPE, events)
                 .execute(pool)
                 .await
-                .map(|_| ()),
-            Pool::Lite(pool) => bind_events!(A, &sql, events)
-                .execute(pool)
-                .await
-                .map(|_| ()),
+                .map(|_| ())
+                .map_err(persistence_error),
+            Pool::Lite(commits) => commits.append(A::TYPE, events.to_vec()).await,
         }
-        .map_err(persistence_error)
     }
 
     async fn stream_events<A: Aggregate>(

@@ -8,6 +8,7 @@
 //! [`Store::read_log`] reads that log from any position. How the position is
 //! made safe on each backend is in ARCHITECTURE.md ("The global log").
 
+mod group;
 mod lean;
 mod postgres;
 mod sqlite;
@@ -133,6 +134,8 @@ impl Pg {
 pub struct Lite {
     pub write: SqlitePool,
     pub read: SqlitePool,
+    /// Event appends, committed in groups on `write`.
+    commits: group::GroupCommit,
     shared: Arc<Shared>,
 }
 
@@ -235,7 +238,7 @@ macro_rules! with_event_store {
                 $body
             }
             Store::Sqlite(db) => {
-                let $es = with_event_store!(@new $mode, $A, lean::Lean::sqlite(&db.$access));
+                let $es = with_event_store!(@new $mode, $A, lean::Lean::sqlite(&db.$access, &db.commits));
                 $body
             }
         }

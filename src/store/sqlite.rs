@@ -67,6 +67,7 @@ pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
         .await
         .map_err(StoreError::Connect)?;
     Ok(Store::Sqlite(Lite {
+        commits: super::group::GroupCommit::start(write.clone()),
         write,
         read,
         shared: Shared::new(),

@@ -15,6 +15,7 @@ use crate::on_both_backends;
 on_both_backends!(
     appended_events_load_back_with_their_log_metadata,
     two_writers_on_one_aggregate_one_wins_the_other_conflicts,
+    many_concurrent_appends_conflict_only_where_they_collide,
     a_command_on_a_stale_remembered_state_sees_the_other_process_writes,
     the_global_log_is_read_exactly_once_under_concurrent_writers,
     a_busy_product_loads_from_its_snapshot_and_reads_its_holds_from_its_events,
@@ -125,6 +126,45 @@ async fn two_writers_on_one_aggregate_one_wins_the_other_conflicts(backend: Back
         .expect("load")
         .expect("exists");
     assert_eq!((product.available, sequence), (winner, 3));
+    t.cleanup().await;
+}
+
+/// Appends arriving together (on SQLite they share one commit): of the ones
+/// that take the same sequence exactly one wins, and the others' failures
+/// undo nothing of the rest.
+async fn many_concurrent_appends_conflict_only_where_they_collide(backend: Backend) {
+    let t = TestStore::new(backend).await;
+    const EACH: u32 = 20;
+    let append = |id: String, sequence: usize, available: u32| {
+        let store = t.store.clone();
+        tokio::spawn(async move {
+            let event = ProductEvent::StockLevelSet {
+                available,
+                previous: 0,
+            };
+            store
+                .append::<Product>(&id, sequence, vec![event], HashMap::new())
+                .await
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..EACH {
+        tasks.push((true, append("contended".into(), 0, i)));
+        tasks.push((false, append(format!("own-{i}"), 0, i)));
+    }
+    let (mut won, mut conflicts) = (0, 0);
+    for (contended, task) in tasks {
+        match (contended, task.await.expect("task")) {
+            (true, Ok(_)) => won += 1,
+            (true, Err(AggregateError::AggregateConflict)) => conflicts += 1,
+            (false, Ok(_)) => {}
+            (c, other) => panic!("contended={c}: {other:?}"),
+        }
+    }
+    assert_eq!((won, conflicts), (1, EACH - 1));
+    let log = t.store.read_log(0, 1000).await.expect("log");
+    let positions: Vec<i64> = log.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=i64::from(EACH) + 1).collect::<Vec<_>>());
     t.cleanup().await;
 }
 
