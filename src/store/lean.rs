@@ -4,8 +4,9 @@
 //! autocommit instead: one statement is atomic on both databases, so the
 //! events are stored together or not at all, with the same optimistic check
 //! (the `(aggregate_type, aggregate_id, sequence)` key) — one round trip
-//! instead of three. Appends that write a snapshot, and every read, go to
-//! the library's repository unchanged.
+//! instead of three (on SQLite, inside the group commit of `group.rs`).
+//! Appends that write a snapshot, and every read, go to the library's
+//! repository unchanged.
 
 use cqrs_es::persist::{
     PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
@@ -14,10 +15,10 @@ use cqrs_es::Aggregate;
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
-
-use super::group::GroupCommit;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
+
+use super::group::GroupCommit;
 
 const INSERT_EVENTS: &str = "INSERT INTO events \
      (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ";
