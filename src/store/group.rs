@@ -84,11 +84,7 @@ async fn write_groups(pool: SqlitePool, mut waiting: mpsc::UnboundedReceiver<App
 /// An append alone is one statement in autocommit (atomic by itself).
 async fn write_group(pool: &SqlitePool, group: &[Append]) -> Vec<Result<(), PersistenceError>> {
     if let [append] = group {
-        let sql = insert_sql(append.events.len());
-        let stored = bind_rows(&sql, append.aggregate_type, &append.events)
-            .execute(pool)
-            .await;
-        return vec![stored.map(|_| ()).map_err(persistence_error)];
+        return vec![insert(append, pool).await.map_err(persistence_error)];
     }
     let fail_all = |why: String| group.iter().map(|_| Err(group_failed(&why))).collect();
     let mut tx = match pool.begin().await {
@@ -97,11 +93,7 @@ async fn write_group(pool: &SqlitePool, group: &[Append]) -> Vec<Result<(), Pers
     };
     let mut results = Vec::with_capacity(group.len());
     for append in group {
-        let sql = insert_sql(append.events.len());
-        let stored = bind_rows(&sql, append.aggregate_type, &append.events)
-            .execute(&mut *tx)
-            .await;
-        match stored {
+        match insert(append, &mut *tx).await {
             Ok(_) => results.push(Ok(())),
             Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
                 results.push(Err(PersistenceError::OptimisticLockError))
@@ -118,4 +110,16 @@ async fn write_group(pool: &SqlitePool, group: &[Append]) -> Vec<Result<(), Pers
         Ok(()) => results,
         Err(e) => fail_all(persistence_error(e).to_string()),
     }
+}
+
+/// The append's one INSERT.
+async fn insert<'e>(
+    append: &Append,
+    on: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
+) -> Result<(), sqlx::Error> {
+    let sql = insert_sql(append.events.len());
+    bind_rows(&sql, append.aggregate_type, &append.events)
+        .execute(on)
+        .await
+        .map(|_| ())
 }
