@@ -464,6 +464,12 @@ pub struct SagaArgs {
     /// Time between notification retries.
     #[arg(long, env = "NOTIFY_RETRY_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub notify_retry_interval: Duration,
+    /// Orders each of the saga's consumers handles at once (one order's
+    /// messages stay in order): more keep the store busier under load, at
+    /// the cost of more optimistic-lock retries on shared products.
+    #[arg(long, env = "HANDLER_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub handler_concurrency: u16,
 }
 
 impl SagaArgs {
@@ -478,6 +484,7 @@ impl SagaArgs {
             payment_wait_retry_interval: self.payment_wait_retry_interval,
             notify_retries: self.notify_retries,
             notify_retry_interval: self.notify_retry_interval,
+            handler_concurrency: usize::from(self.handler_concurrency),
             ..SagaConfig::default()
         }
     }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
+use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -86,8 +87,9 @@ impl<P: ProductStock + ?Sized> ProductStock for Arc<P> {
 }
 
 /// The stock ledger over per-product stock: holds each item on its product
-/// (so orders for different products never contend), and on any shortage
-/// returns what it held, so an order ends with all of its items or none.
+/// (so orders for different products never contend; an order's products all
+/// at once), and on any shortage returns what it held, so an order ends with
+/// all of its items or none.
 pub struct ProductLedger<P> {
     products: P,
 }
@@ -105,18 +107,20 @@ impl<P: ProductStock> StockLedger for ProductLedger<P> {
         order_id: &str,
         items: &[StockItem],
     ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, LedgerError> {
-        let mut lines = Vec::with_capacity(items.len());
-        let mut shortages = Vec::new();
-        for item in items {
+        // Every product at once: each is its own aggregate (its own lock and
+        // append), so an order's holds need not wait for one another.
+        let outcomes = join_all(items.iter().map(|item| {
             let command = ProductCommand::ReserveStock {
                 order_id: order_id.to_string(),
                 quantity: item.quantity,
             };
-            match self
-                .products
-                .product_command(&item.product_id, command)
-                .await?
-            {
+            self.products.product_command(&item.product_id, command)
+        }))
+        .await;
+        let mut lines = Vec::with_capacity(items.len());
+        let mut shortages = Vec::new();
+        for (item, outcome) in items.iter().zip(outcomes) {
+            match outcome? {
                 Ok(product) => lines.push(ReservedLine {
                     product_id: item.product_id.clone(),
                     quantity: item.quantity,
@@ -155,15 +159,15 @@ impl<P: ProductStock> StockLedger for ProductLedger<P> {
     }
 
     async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError> {
-        for item in items {
+        let outcomes = join_all(items.iter().map(|item| {
             let command = ProductCommand::ReleaseStock {
                 order_id: order_id.to_string(),
             };
-            if let Err(e) = self
-                .products
-                .product_command(&item.product_id, command)
-                .await?
-            {
+            self.products.product_command(&item.product_id, command)
+        }))
+        .await;
+        for outcome in outcomes {
+            if let Err(e) = outcome? {
                 return Err(LedgerError(e.to_string()));
             }
         }

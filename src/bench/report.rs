@@ -453,7 +453,9 @@ pub fn markdown(r: &SuiteResults) -> String {
          - Maximum sustainable rate: {} bisection steps between the highest ramp rate that kept up \
          and the lowest that did not, {:.0} s each with {:.0} s to finish, same criterion (no \
          growing backlog: nothing unfinished after the short settle). When none of them keeps up, \
-         the highest ramp rate that kept up runs again as long, and counts only if it keeps up.\n\
+         the highest ramp rate that kept up runs again as long, and counts if it keeps up; if it \
+         does not, it becomes the upper bound and the search goes on between the ramp rate below \
+         it and it.\n\
          - Transactions per order: the run database's `xact_commit` (pg_stat_database) after the \
          service stopped minus before the load, ÷ orders accepted; it includes the service's polling \
          and idle transactions.",

@@ -607,78 +607,76 @@ impl Suite {
             }
             rate *= 2.0;
         }
-        let highest_ok = result.highest_kept_up();
-        let lowest_saturated = result
+        let Some(mut hi) = result
             .ramp
             .iter()
             .filter(|s| !s.kept_up())
             .map(|s| s.rate)
-            .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.min(r))));
-        let Some(hi) = lowest_saturated else {
-            result.max_sustainable = highest_ok;
+            .reduce(f64::min)
+        else {
+            result.max_sustainable = result.highest_kept_up();
             result.max_sustainable_how = format!(
                 "at least this: never saturated up to the ramp's cap (--max-rate {})",
                 self.config.max_rate
             );
             return result;
         };
-        let (mut lo, mut hi) = (highest_ok.unwrap_or(0.0), hi);
-        let mut best = None;
-        for _ in 0..self.config.bisect_steps {
-            let mid = ((lo + hi) / 2.0).round();
-            if mid <= lo || mid >= hi {
+        // The search keeps `hi`, the lowest rate that did not keep up, and
+        // bisects down from the highest ramp step below it, which kept up
+        // only for a ramp step: when nothing in between keeps up for the
+        // full time, that step runs again as long, and when it fails too it
+        // becomes `hi` and the search moves to the interval below it.
+        let mut below: Vec<f64> = result
+            .ramp
+            .iter()
+            .filter(|s| s.kept_up())
+            .map(|s| s.rate)
+            .collect();
+        below.sort_by(f64::total_cmp);
+        let sustain = self.config.sustain_duration.as_secs_f64();
+        let settle = self.config.sustain_settle.as_secs_f64();
+        loop {
+            below.retain(|&r| r < hi);
+            let floor = below.pop().unwrap_or(0.0);
+            let (mut lo, top) = (floor, hi);
+            for _ in 0..self.config.bisect_steps {
+                let mid = ((lo + hi) / 2.0).round();
+                if mid <= lo || mid >= hi {
+                    break;
+                }
+                let step = self.sustain(backend, mid).await;
+                if step.kept_up() {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+                result.bisect.push(step);
+            }
+            if lo > floor {
+                result.max_sustainable = Some(lo);
+                result.max_sustainable_how = format!(
+                    "bisection between {floor:.0}/s and {top:.0}/s: the highest rate that kept up \
+                     for {sustain:.0} s with {settle:.0} s settle"
+                );
                 break;
             }
-            let config = self.load(
-                mid,
-                self.config.sustain_duration,
-                self.config.sustain_settle,
-            );
-            let step = self.fresh_run(backend, "sustain", config).await;
-            if step.kept_up() {
-                lo = mid;
-                best = Some(mid);
-            } else {
-                hi = mid;
+            if floor == 0.0 {
+                result.max_sustainable_how =
+                    format!("none: no rate below {top:.0}/s kept up for {sustain:.0} s");
+                break;
             }
+            let step = self.sustain(backend, floor).await;
+            let kept_up = step.kept_up();
             result.bisect.push(step);
-        }
-        match (best, highest_ok) {
-            (Some(best), _) => {
-                result.max_sustainable = Some(best);
+            if kept_up {
+                result.max_sustainable = Some(floor);
                 result.max_sustainable_how = format!(
-                    "bisection: highest rate that kept up for {:.0} s with {:.0} s settle",
-                    self.config.sustain_duration.as_secs_f64(),
-                    self.config.sustain_settle.as_secs_f64()
+                    "the ramp step {floor:.0}/s, run again for {sustain:.0} s with {settle:.0} s \
+                     settle; nothing bisected between it and {top:.0}/s kept up"
                 );
+                break;
             }
-            (None, Some(ok)) => {
-                // Nothing above the ramp's rate kept up: that rate kept up
-                // only for a ramp step, so it runs again for the full time.
-                let config =
-                    self.load(ok, self.config.sustain_duration, self.config.sustain_settle);
-                let step = self.fresh_run(backend, "sustain", config).await;
-                let kept_up = step.kept_up();
-                result.bisect.push(step);
-                let sustain = self.config.sustain_duration.as_secs_f64();
-                if kept_up {
-                    result.max_sustainable = Some(ok);
-                    result.max_sustainable_how = format!(
-                        "the highest ramp step that kept up, run again for {sustain:.0} s with \
-                         {:.0} s settle (no bisection step above it kept up)",
-                        self.config.sustain_settle.as_secs_f64()
-                    );
-                } else {
-                    result.max_sustainable_how = format!(
-                        "none: the highest ramp step that kept up ({ok:.0}/s for {:.0} s) did \
-                         not keep up for {sustain:.0} s",
-                        self.config.step_duration.as_secs_f64()
-                    );
-                }
-            }
-            (None, None) => {
-                result.max_sustainable_how = "no run kept up".to_string();
-            }
+            hi = floor;
         }
         self.progress(&format!(
             "{}: maximum sustainable rate {} ({})",
@@ -689,6 +687,16 @@ impl Suite {
             result.max_sustainable_how
         ));
         result
+    }
+
+    /// One run of the maximum-rate search: `rate` for the full sustain time.
+    async fn sustain(&self, backend: Backend, rate: f64) -> Step {
+        let config = self.load(
+            rate,
+            self.config.sustain_duration,
+            self.config.sustain_settle,
+        );
+        self.fresh_run(backend, "sustain", config).await
     }
 
     async fn hot(&self, backend: Backend) -> Step {

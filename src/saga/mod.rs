@@ -94,7 +94,7 @@ impl Default for SagaConfig {
             poll_interval: Duration::from_millis(10),
             timer_poll_interval: Duration::from_millis(100),
             batch_size: 256,
-            handler_concurrency: 16,
+            handler_concurrency: 64,
         }
     }
 }

@@ -173,23 +173,21 @@ impl Store {
             Ok(()) => ("delivered", None),
             Err(e) => ("failed", Some(e.as_str())),
         };
-        on_pool!(self, |pool| {
-            sqlx::query(
-                "INSERT INTO notification_attempts \
-                 (event_id, attempt, order_id, kind, outcome, error, attempted_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO NOTHING",
-            )
-            .bind(&notification.event_id)
-            .bind(i64::from(attempt))
-            .bind(&notification.order_id)
-            .bind(notification.kind.as_str())
-            .bind(outcome)
-            .bind(error)
-            .bind(at_ms)
-            .execute(pool)
-            .await
-            .map(|_| ())
-        })?;
+        write_statement!(
+            self,
+            "INSERT INTO notification_attempts \
+             (event_id, attempt, order_id, kind, outcome, error, attempted_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO NOTHING",
+            [
+                notification.event_id.clone(),
+                i64::from(attempt),
+                notification.order_id.clone(),
+                notification.kind.as_str(),
+                outcome,
+                error.map(str::to_string),
+                at_ms,
+            ]
+        )?;
         Ok(())
     }
 

@@ -11,6 +11,8 @@
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sqlx::postgres::PgArguments;
+use sqlx::sqlite::SqliteArguments;
 
 use crate::store::{values_placeholders, Store, StoreError};
 
@@ -146,24 +148,18 @@ impl Store {
         timers: &[Timer],
         cancel: Option<(TimerKind, &str)>,
     ) -> Result<(), StoreError> {
-        on_pool!(self, |pool| {
-            let mut query = sqlx::query(sql);
-            if let Some((kind, order_id)) = cancel {
-                query = query.bind(kind.as_str()).bind(order_id);
+        match self {
+            Store::Postgres(db) => {
+                let arguments = scheduling_arguments::<PgArguments>(timers, cancel)
+                    .map_err(sqlx::Error::Encode)?;
+                sqlx::query_with(sql, arguments).execute(&db.pool).await?;
             }
-            for timer in timers {
-                query = query
-                    .bind(timer.id())
-                    .bind(timer.kind.as_str())
-                    .bind(&timer.order_id)
-                    .bind(i64::from(timer.attempt))
-                    .bind(millis(timer.due_at))
-                    .bind(&timer.causation_id)
-                    .bind(&timer.correlation_id)
-                    .bind(timer.payload.to_string());
+            Store::Sqlite(db) => {
+                let arguments = scheduling_arguments::<SqliteArguments>(timers, cancel)
+                    .map_err(sqlx::Error::Encode)?;
+                db.execute(sql.to_string(), arguments).await?;
             }
-            query.execute(pool).await.map(|_| ())
-        })?;
+        }
         Ok(())
     }
 
@@ -178,14 +174,7 @@ impl Store {
             }
             Store::Sqlite(_) => "DELETE FROM timers WHERE kind = $1 AND order_id = $2",
         };
-        on_pool!(self, |pool| {
-            sqlx::query(sql)
-                .bind(kind.as_str())
-                .bind(order_id)
-                .execute(pool)
-                .await
-                .map(|_| ())
-        })?;
+        write_statement!(self, sql, [kind.as_str(), order_id.to_string()])?;
         Ok(())
     }
 
@@ -199,14 +188,11 @@ impl Store {
             }
             Store::Sqlite(_) => "DELETE FROM timers WHERE order_id = $1 AND kind <> $2",
         };
-        on_pool!(self, |pool| {
-            sqlx::query(sql)
-                .bind(order_id)
-                .bind(TimerKind::NotifyRetry.as_str())
-                .execute(pool)
-                .await
-                .map(|_| ())
-        })?;
+        write_statement!(
+            self,
+            sql,
+            [order_id.to_string(), TimerKind::NotifyRetry.as_str()]
+        )?;
         Ok(())
     }
 
@@ -242,13 +228,7 @@ impl Store {
             }
             Store::Sqlite(_) => "DELETE FROM timers WHERE timer_id = $1",
         };
-        on_pool!(self, |pool| {
-            sqlx::query(sql)
-                .bind(timer.id())
-                .execute(pool)
-                .await
-                .map(|_| ())
-        })?;
+        write_statement!(self, sql, [timer.id()])?;
         Ok(())
     }
 
@@ -296,4 +276,36 @@ impl TimerRow {
             correlation_id: self.correlation_id,
         })
     }
+}
+
+/// The arguments of a scheduling statement: the cancelled kind and order
+/// (if any), then each timer's columns in `SCHEDULE_INTO`'s order. Owned,
+/// so they can travel to SQLite's writer task.
+fn scheduling_arguments<'q, A>(
+    timers: &[Timer],
+    cancel: Option<(TimerKind, &str)>,
+) -> Result<A, sqlx::error::BoxDynError>
+where
+    A: sqlx::Arguments<'q> + Default,
+    &'static str: sqlx::Encode<'q, A::Database> + sqlx::Type<A::Database>,
+    String: sqlx::Encode<'q, A::Database> + sqlx::Type<A::Database>,
+    i64: sqlx::Encode<'q, A::Database> + sqlx::Type<A::Database>,
+    Option<String>: sqlx::Encode<'q, A::Database> + sqlx::Type<A::Database>,
+{
+    let mut arguments = A::default();
+    if let Some((kind, order_id)) = cancel {
+        arguments.add(kind.as_str())?;
+        arguments.add(order_id.to_string())?;
+    }
+    for timer in timers {
+        arguments.add(timer.id())?;
+        arguments.add(timer.kind.as_str())?;
+        arguments.add(timer.order_id.clone())?;
+        arguments.add(i64::from(timer.attempt))?;
+        arguments.add(millis(timer.due_at))?;
+        arguments.add(timer.causation_id.clone())?;
+        arguments.add(timer.correlation_id.clone())?;
+        arguments.add(timer.payload.to_string())?;
+    }
+    Ok(arguments)
 }

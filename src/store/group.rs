@@ -1,31 +1,51 @@
-//! Group commit for the embedded store's event appends: appends waiting for
-//! the single SQLite writer go into one transaction, so they share one
-//! commit (a commit writes every page it touched to the WAL; the inserts
-//! inside one cost a fraction of it). Each append is one INSERT statement;
-//! one that fails on a taken sequence rolls back alone (SQLite undoes the
-//! failed statement, the transaction goes on), so the others still commit.
-//! Any other failure rolls the whole group back, and every append in it
-//! fails (its caller tries again, as after a lost connection).
+//! Group commit for the embedded store's writes: event appends and the
+//! single-statement writes of the saga's bookkeeping (timers, consumer
+//! checkpoints, notification records) waiting for the single SQLite writer
+//! go into one transaction, so they share one commit (a commit writes every
+//! page it touched to the WAL; the statements inside one cost a fraction of
+//! it). Each write is one statement; one that breaks a constraint — an
+//! append's taken sequence — rolls back alone (SQLite undoes the failed
+//! statement, the transaction goes on), so the others still commit. Any
+//! other failure rolls the whole group back, and every write in it fails
+//! (its caller tries again, as after a lost connection). A write is answered
+//! after its group's COMMIT. A write alone is one statement in autocommit.
+//!
+//! Writes that are several statements (the read models' batches) take the
+//! pool's connection themselves, between groups.
 
-use cqrs_es::persist::{PersistenceError, SerializedEvent};
-use sqlx::sqlite::SqlitePool;
+use cqrs_es::persist::SerializedEvent;
+use sqlx::error::ErrorKind;
+use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::lean::{bind_rows, insert_sql, persistence_error};
+use super::lean::{bind_rows, insert_sql};
 
-/// Appends taken into one transaction at most.
+/// Writes taken into one transaction at most.
 const MAX_GROUP: usize = 256;
 
-struct Append {
-    aggregate_type: &'static str,
-    events: Vec<SerializedEvent>,
-    done: oneshot::Sender<Result<(), PersistenceError>>,
+/// One statement for the writer.
+enum Statement {
+    /// The events of one append, as one multi-row INSERT.
+    Append {
+        aggregate_type: &'static str,
+        events: Vec<SerializedEvent>,
+    },
+    /// Any other write, with its arguments bound.
+    Write {
+        sql: String,
+        arguments: SqliteArguments<'static>,
+    },
 }
 
-/// The appends' queue to the writer task. Cheap to clone.
+struct Write {
+    statement: Statement,
+    done: oneshot::Sender<Result<(), sqlx::Error>>,
+}
+
+/// The writes' queue to the writer task. Cheap to clone.
 #[derive(Clone, Debug)]
 pub(super) struct GroupCommit {
-    queue: mpsc::UnboundedSender<Append>,
+    queue: mpsc::UnboundedSender<Write>,
 }
 
 impl GroupCommit {
@@ -36,34 +56,49 @@ impl GroupCommit {
         GroupCommit { queue }
     }
 
-    /// Stores the events, once their group has committed.
+    /// Stores the events, once their group has committed. A taken sequence
+    /// is the statement's unique violation.
     pub(super) async fn append(
         &self,
         aggregate_type: &'static str,
         events: Vec<SerializedEvent>,
-    ) -> Result<(), PersistenceError> {
-        let (done, result) = oneshot::channel();
-        let append = Append {
+    ) -> Result<(), sqlx::Error> {
+        self.send(Statement::Append {
             aggregate_type,
             events,
-            done,
-        };
-        if self.queue.send(append).is_err() {
+        })
+        .await
+    }
+
+    /// Runs one write statement, answered once its group has committed.
+    pub(super) async fn execute(
+        &self,
+        sql: String,
+        arguments: SqliteArguments<'static>,
+    ) -> Result<(), sqlx::Error> {
+        self.send(Statement::Write { sql, arguments }).await
+    }
+
+    async fn send(&self, statement: Statement) -> Result<(), sqlx::Error> {
+        let (done, result) = oneshot::channel();
+        if self.queue.send(Write { statement, done }).is_err() {
             return Err(stopped());
         }
         result.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
 
-fn stopped() -> PersistenceError {
-    PersistenceError::ConnectionError("the store's writer has stopped".into())
+fn stopped() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::other("the store's writer has stopped"))
 }
 
-fn group_failed(why: &str) -> PersistenceError {
-    PersistenceError::ConnectionError(format!("the append's group did not commit: {why}").into())
+fn group_failed(why: &str) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::other(format!(
+        "the write's group did not commit: {why}"
+    )))
 }
 
-async fn write_groups(pool: SqlitePool, mut waiting: mpsc::UnboundedReceiver<Append>) {
+async fn write_groups(pool: SqlitePool, mut waiting: mpsc::UnboundedReceiver<Write>) {
     while let Some(first) = waiting.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -72,54 +107,84 @@ async fn write_groups(pool: SqlitePool, mut waiting: mpsc::UnboundedReceiver<App
                 Err(_) => break,
             }
         }
-        let results = write_group(&pool, &group).await;
-        for (append, result) in group.into_iter().zip(results) {
+        let (statements, answers): (Vec<_>, Vec<_>) =
+            group.into_iter().map(|w| (w.statement, w.done)).unzip();
+        let results = write_group(&pool, statements).await;
+        for (done, result) in answers.into_iter().zip(results) {
             // The caller may have gone (a dropped request): nothing to tell.
-            let _ = append.done.send(result);
+            let _ = done.send(result);
         }
     }
 }
 
-/// One transaction for the whole group; a result per append, in order.
-/// An append alone is one statement in autocommit (atomic by itself).
-async fn write_group(pool: &SqlitePool, group: &[Append]) -> Vec<Result<(), PersistenceError>> {
-    if let [append] = group {
-        return vec![insert(append, pool).await.map_err(persistence_error)];
-    }
-    let fail_all = |why: String| group.iter().map(|_| Err(group_failed(&why))).collect();
-    let mut tx = match pool.begin().await {
-        Ok(tx) => tx,
-        Err(e) => return fail_all(e.to_string()),
+/// One transaction for the whole group; a result per write, in order.
+/// A write alone is one statement in autocommit (atomic by itself).
+async fn write_group(pool: &SqlitePool, group: Vec<Statement>) -> Vec<Result<(), sqlx::Error>> {
+    let count = group.len();
+    let fail_all = |why: &str| (0..count).map(|_| Err(group_failed(why))).collect();
+    let mut conn = match pool.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => return fail_all(&e.to_string()),
     };
-    let mut results = Vec::with_capacity(group.len());
-    for append in group {
-        match insert(append, &mut *tx).await {
-            Ok(_) => results.push(Ok(())),
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                results.push(Err(PersistenceError::OptimisticLockError))
-            }
+    if count == 1 {
+        let mut group = group;
+        return match group.pop() {
+            Some(statement) => vec![run(statement, &mut conn).await],
+            None => Vec::new(),
+        };
+    }
+    if let Err(e) = sqlx::query("BEGIN").execute(&mut *conn).await {
+        return fail_all(&e.to_string());
+    }
+    let mut results = Vec::with_capacity(count);
+    for statement in group {
+        match run(statement, &mut conn).await {
+            Ok(()) => results.push(Ok(())),
+            Err(e) if breaks_constraint(&e) => results.push(Err(e)),
             Err(e) => {
                 let why = e.to_string();
-                let _ = tx.rollback().await;
-                tracing::warn!(error = %why, appends = group.len(), "group append failed");
-                return fail_all(why);
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                tracing::warn!(error = %why, writes = count, "group write failed");
+                return fail_all(&why);
             }
         }
     }
-    match tx.commit().await {
-        Ok(()) => results,
-        Err(e) => fail_all(persistence_error(e).to_string()),
+    match sqlx::query("COMMIT").execute(&mut *conn).await {
+        Ok(_) => results,
+        Err(e) => {
+            // A failed COMMIT can leave the transaction open.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            fail_all(&e.to_string())
+        }
     }
 }
 
-/// The append's one INSERT.
-async fn insert<'e>(
-    append: &Append,
-    on: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
-) -> Result<(), sqlx::Error> {
-    let sql = insert_sql(append.events.len());
-    bind_rows(&sql, append.aggregate_type, &append.events)
-        .execute(on)
-        .await
-        .map(|_| ())
+/// A failure SQLite undoes by itself, statement only: the transaction goes on.
+fn breaks_constraint(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(
+        db.kind(),
+        ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation
+    ))
+}
+
+async fn run(statement: Statement, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    match statement {
+        Statement::Append {
+            aggregate_type,
+            events,
+        } => {
+            let sql = insert_sql(events.len());
+            bind_rows(&sql, aggregate_type, &events)
+                .execute(conn)
+                .await
+                .map(|_| ())
+        }
+        Statement::Write { sql, arguments } => sqlx::query_with(&sql, arguments)
+            .execute(conn)
+            .await
+            .map(|_| ()),
+    }
 }

@@ -102,7 +102,7 @@ where
 
 /// The libraries' mapping: a taken sequence is the optimistic-lock failure
 /// (another writer appended first).
-pub(super) fn persistence_error(e: sqlx::Error) -> PersistenceError {
+fn persistence_error(e: sqlx::Error) -> PersistenceError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             PersistenceError::OptimisticLockError
@@ -152,7 +152,10 @@ impl<R: PersistedEventRepository> PersistedEventRepository for Lean<R> {
                 .await
                 .map(|_| ())
                 .map_err(persistence_error),
-            Pool::Lite(commits) => commits.append(A::TYPE, events.to_vec()).await,
+            Pool::Lite(commits) => commits
+                .append(A::TYPE, events.to_vec())
+                .await
+                .map_err(persistence_error),
         }
     }
 

@@ -134,9 +134,22 @@ impl Pg {
 pub struct Lite {
     pub write: SqlitePool,
     pub read: SqlitePool,
-    /// Event appends, committed in groups on `write`.
+    /// Event appends and single-statement writes, committed in groups on
+    /// `write`.
     commits: group::GroupCommit,
     shared: Arc<Shared>,
+}
+
+impl Lite {
+    /// One write statement in the writer's group commit; see
+    /// [`write_statement!`].
+    pub async fn execute(
+        &self,
+        sql: String,
+        arguments: sqlx::sqlite::SqliteArguments<'static>,
+    ) -> Result<(), sqlx::Error> {
+        self.commits.execute(sql, arguments).await
+    }
 }
 
 /// What every clone of one store shares in this process.
@@ -290,6 +303,35 @@ macro_rules! on_pool {
             Store::Sqlite(db) => {
                 let $pool = &db.$sqlite;
                 $body
+            }
+        }
+    };
+}
+
+/// One write statement, for SQL written once for both dialects, with its
+/// arguments (owned: on SQLite they travel to the writer task): on
+/// PostgreSQL through the pool, on SQLite in the writer's group commit
+/// (`group.rs`: it shares a commit with the writes waiting beside it).
+macro_rules! write_statement {
+    ($store:expr, $sql:expr, [$($value:expr),* $(,)?]) => {
+        match $store {
+            Store::Postgres(db) => sqlx::query(&$sql)
+                $(.bind($value))*
+                .execute(&db.pool)
+                .await
+                .map(|_| ()),
+            Store::Sqlite(db) => {
+                let mut arguments = sqlx::sqlite::SqliteArguments::default();
+                let mut bound: Result<(), sqlx::error::BoxDynError> = Ok(());
+                $(
+                    if bound.is_ok() {
+                        bound = sqlx::Arguments::add(&mut arguments, $value);
+                    }
+                )*
+                match bound {
+                    Ok(()) => db.execute(String::from($sql), arguments).await,
+                    Err(e) => Err(sqlx::Error::Encode(e)),
+                }
             }
         }
     };
@@ -870,14 +912,7 @@ impl Store {
             Store::Postgres(_) => include_str!("sql/pg_save_checkpoint.sql"),
             Store::Sqlite(_) => include_str!("sql/save_checkpoint.sql"),
         };
-        on_pool!(self, |pool| {
-            sqlx::query(sql)
-                .bind(name)
-                .bind(position)
-                .execute(pool)
-                .await
-                .map(|_| ())
-        })?;
+        write_statement!(self, sql, [name.to_string(), position])?;
         Ok(())
     }
 

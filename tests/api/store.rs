@@ -16,6 +16,7 @@ on_both_backends!(
     appended_events_load_back_with_their_log_metadata,
     two_writers_on_one_aggregate_one_wins_the_other_conflicts,
     many_concurrent_appends_conflict_only_where_they_collide,
+    bookkeeping_writes_beside_appends_are_stored_when_answered,
     a_command_on_a_stale_remembered_state_sees_the_other_process_writes,
     the_global_log_is_read_exactly_once_under_concurrent_writers,
     a_busy_product_loads_from_its_snapshot_and_reads_its_holds_from_its_events,
@@ -165,6 +166,61 @@ async fn many_concurrent_appends_conflict_only_where_they_collide(backend: Backe
     let log = t.store.read_log(0, 1000).await.expect("log");
     let positions: Vec<i64> = log.iter().map(|e| e.position).collect();
     assert_eq!(positions, (1..=i64::from(EACH) + 1).collect::<Vec<_>>());
+    t.cleanup().await;
+}
+
+/// Appends, checkpoints and timer changes arriving together (on SQLite they
+/// share commits): each is stored, and readable from every connection, once
+/// it has answered.
+async fn bookkeeping_writes_beside_appends_are_stored_when_answered(backend: Backend) {
+    use order_saga::saga::timers::{Timer, TimerKind};
+    let t = TestStore::new(backend).await;
+    const EACH: i64 = 20;
+    let timer = |i: i64| Timer {
+        kind: TimerKind::SagaTimeout,
+        subject: format!("o-{i}"),
+        order_id: format!("o-{i}"),
+        attempt: 0,
+        due_at: chrono::Utc::now(),
+        causation_id: format!("cause-{i}"),
+        correlation_id: Some(format!("corr-{i}")),
+        payload: serde_json::json!({ "i": i }),
+    };
+    let mut tasks = Vec::new();
+    for i in 0..EACH {
+        let store = t.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let event = ProductEvent::StockLevelSet {
+                available: 1,
+                previous: 0,
+            };
+            let (product, reader, timer) = (format!("p-{i}"), format!("reader-{i}"), timer(i));
+            let (appended, saved, scheduled) = tokio::join!(
+                store.append::<Product>(&product, 0, vec![event], HashMap::new()),
+                store.save_checkpoint(&reader, i + 1),
+                store.schedule_timer(&timer),
+            );
+            appended.expect("append");
+            saved.expect("checkpoint");
+            scheduled.expect("timer");
+            // Answered: stored and visible to the readers.
+            assert_eq!(store.load_checkpoint(&reader).await.expect("load"), i + 1);
+            // Half of the orders drop their timer again, beside the others'
+            // writes.
+            if i % 2 == 0 {
+                store
+                    .cancel_timers(TimerKind::SagaTimeout, &format!("o-{i}"))
+                    .await
+                    .expect("cancel");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    assert_eq!(t.store.pending_timers().await.expect("timers"), EACH / 2);
+    let log = t.store.read_log(0, 1000).await.expect("log");
+    assert_eq!(log.len(), EACH as usize);
     t.cleanup().await;
 }
 
