@@ -34,6 +34,17 @@ const READERS: u32 = 4;
 const WRITER_CACHE: &str = "-8192";
 const READER_CACHE: &str = "-1024";
 
+/// WAL pages after which a commit copies the WAL back into the database
+/// file (SQLite's default is 1,000, ~4 MiB). The copy, with its fsync, runs
+/// in the committing writer's path, so fewer, larger ones keep the single
+/// writer free: warmed 20 s runs at 800 orders/s had saga p99 156 and
+/// 137 ms against 3.8 s with the default (1.2 s at 4,000 pages). The price
+/// is a longer stall when one runs — acceptance p99 at 200/s 27 ms against
+/// 6 ms (13 ms at 4,000) — and a WAL file of up to ~40 MiB. A checkpoint on
+/// a connection of its own every 200 ms, beside the writer, was slower
+/// still on 2 cores (900/s: 3.5 s against 2.0 s).
+const WAL_AUTOCHECKPOINT: &str = "10000";
+
 pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
         path: data_dir.to_path_buf(),
@@ -56,7 +67,8 @@ pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
             options
                 .clone()
                 .journal_mode(SqliteJournalMode::Wal)
-                .pragma("cache_size", WRITER_CACHE),
+                .pragma("cache_size", WRITER_CACHE)
+                .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT),
         )
         .await
         .map_err(StoreError::Connect)?;
