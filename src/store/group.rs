@@ -176,7 +176,7 @@ async fn run(statement: Statement, conn: &mut SqliteConnection) -> Result<(), sq
             aggregate_type,
             events,
         } => {
-            let sql = insert_sql(events.len());
+            let sql = insert_sql(events.len(), "");
             bind_rows(&sql, aggregate_type, &events)
                 .execute(conn)
                 .await

@@ -17,11 +17,16 @@ use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
+use uuid::Uuid;
 
 use super::group::GroupCommit;
 
 const INSERT_EVENTS: &str = "INSERT INTO events \
-     (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ";
+     (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
+     event_id) VALUES ";
+
+/// Columns bound per event by `bind_rows`.
+const COLUMNS: usize = 8;
 
 /// A library repository plus the pool its plain appends go to.
 pub(super) struct Lean<R> {
@@ -52,29 +57,30 @@ impl Lean<SqliteEventRepository> {
     }
 }
 
-/// `INSERT … VALUES ($1, …, $7), ($8, …)` for `rows` events.
-pub(super) fn insert_sql(rows: usize) -> String {
+/// `INSERT … VALUES ($1, …, $8), ($9, …)` for `rows` events; `uuid_cast`
+/// follows the event id's placeholder (`::uuid` on PostgreSQL, whose column
+/// is a uuid; nothing on SQLite, where it is text).
+pub(super) fn insert_sql(rows: usize, uuid_cast: &str) -> String {
     let mut sql = String::from(INSERT_EVENTS);
     for row in 0..rows {
-        let p = row * 7;
+        let p = row * COLUMNS;
         if row > 0 {
             sql.push_str(", ");
         }
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7
-        ));
+        sql.push('(');
+        for column in 1..COLUMNS {
+            sql.push_str(&format!("${}, ", p + column));
+        }
+        sql.push_str(&format!("${}{uuid_cast})", p + COLUMNS));
     }
     sql
 }
 
-/// Binds the events' columns, in `insert_sql`'s order.
+/// Binds the events' columns, in `insert_sql`'s order. Each event gets a
+/// new time-ordered (version 7) id: the `events_event_id` index (and the
+/// notification records keyed by event id) then grow at their end, where a
+/// random id lands on any page of an index that keeps growing — more pages
+/// read and written per commit the longer the store runs.
 pub(super) fn bind_rows<'q, DB>(
     sql: &'q str,
     aggregate_type: &'static str,
@@ -83,6 +89,7 @@ pub(super) fn bind_rows<'q, DB>(
 where
     DB: sqlx::Database,
     &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     &'q Value: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
 {
@@ -95,7 +102,8 @@ where
             .bind(event.event_type.as_str())
             .bind(event.event_version.as_str())
             .bind(&event.payload)
-            .bind(&event.metadata);
+            .bind(&event.metadata)
+            .bind(Uuid::now_v7().to_string());
     }
     query
 }
@@ -145,9 +153,8 @@ impl<R: PersistedEventRepository> PersistedEventRepository for Lean<R> {
         if snapshot_update.is_some() || events.is_empty() {
             return self.inner.persist::<A>(events, snapshot_update).await;
         }
-        let sql = insert_sql(events.len());
         match &self.pool {
-            Pool::Pg(pool) => bind_rows(&sql, A::TYPE, events)
+            Pool::Pg(pool) => bind_rows(&insert_sql(events.len(), "::uuid"), A::TYPE, events)
                 .execute(pool)
                 .await
                 .map(|_| ())
@@ -178,9 +185,10 @@ mod tests {
     #[test]
     fn one_placeholder_per_column_and_row() {
         assert_eq!(
-            insert_sql(2),
+            insert_sql(2, "::uuid"),
             format!(
-                "{}($1, $2, $3, $4, $5, $6, $7), ($8, $9, $10, $11, $12, $13, $14)",
+                "{}($1, $2, $3, $4, $5, $6, $7, $8::uuid), \
+                 ($9, $10, $11, $12, $13, $14, $15, $16::uuid)",
                 super::INSERT_EVENTS
             )
         );

@@ -72,6 +72,10 @@ async fn appended_events_load_back_with_their_log_metadata(backend: Backend) {
     assert_eq!(log[1].event_type, "StockLevelSet");
     assert_eq!((log[0].sequence, log[1].sequence), (1, 2));
     assert_ne!(log[0].event_id, log[1].event_id);
+    // Time-ordered ids (UUID v7), in log order: indexes keyed by event id
+    // grow at their end.
+    assert!(log.iter().all(|e| e.event_id.get_version_num() == 7));
+    assert!(log[0].event_id < log[1].event_id);
     assert!(log
         .iter()
         .all(|e| e.recorded_at > before && e.aggregate_id == "p-1"));
