@@ -9,6 +9,8 @@
 //! other failure rolls the whole group back, and every write in it fails
 //! (its caller tries again, as after a lost connection). A write is answered
 //! after its group's COMMIT. A write alone is one statement in autocommit.
+//! A group's appends share one INSERT; if one of them finds its sequence
+//! taken, SQLite undoes that statement and each append runs again alone.
 //!
 //! Writes that are several statements (the read models' batches) take the
 //! pool's connection themselves, between groups.
@@ -18,7 +20,7 @@ use sqlx::error::ErrorKind;
 use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::lean::{bind_rows, insert_sql};
+use super::lean::{bind_events, bind_rows, insert_sql};
 
 /// Writes taken into one transaction at most.
 const MAX_GROUP: usize = 256;
@@ -136,27 +138,76 @@ async fn write_group(pool: &SqlitePool, group: Vec<Statement>) -> Vec<Result<(),
     if let Err(e) = sqlx::query("BEGIN").execute(&mut *conn).await {
         return fail_all(&e.to_string());
     }
-    let mut results = Vec::with_capacity(count);
-    for statement in group {
-        match run(statement, &mut conn).await {
-            Ok(()) => results.push(Ok(())),
-            Err(e) if breaks_constraint(&e) => results.push(Err(e)),
-            Err(e) => {
-                let why = e.to_string();
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                tracing::warn!(error = %why, writes = count, "group write failed");
-                return fail_all(&why);
+    let mut results: Vec<Option<Result<(), sqlx::Error>>> = (0..count).map(|_| None).collect();
+    // The group's appends first, as one INSERT: a write waits for its
+    // group's COMMIT anyway, so the order inside a group is free. If one
+    // of them finds its sequence taken, SQLite undoes the whole statement
+    // and each append runs again alone below, to fail alone.
+    let appends: Vec<(&'static str, &[SerializedEvent])> = group
+        .iter()
+        .filter_map(|statement| match statement {
+            Statement::Append {
+                aggregate_type,
+                events,
+            } => Some((*aggregate_type, events.as_slice())),
+            Statement::Write { .. } => None,
+        })
+        .collect();
+    if appends.len() > 1 {
+        let rows = appends.iter().map(|(_, events)| events.len()).sum();
+        let sql = insert_sql(rows, "");
+        let query = appends
+            .iter()
+            .fold(sqlx::query(&sql), |query, &(aggregate_type, events)| {
+                bind_events(query, aggregate_type, events)
+            });
+        match query.execute(&mut *conn).await {
+            Ok(_) => {
+                for (result, statement) in results.iter_mut().zip(&group) {
+                    if matches!(statement, Statement::Append { .. }) {
+                        *result = Some(Ok(()));
+                    }
+                }
             }
+            Err(e) if breaks_constraint(&e) => {}
+            Err(e) => return roll_back(&mut conn, count, &e).await,
+        }
+    }
+    drop(appends);
+    for (result, statement) in results.iter_mut().zip(group) {
+        if result.is_some() {
+            continue;
+        }
+        match run(statement, &mut conn).await {
+            Ok(()) => *result = Some(Ok(())),
+            Err(e) if breaks_constraint(&e) => *result = Some(Err(e)),
+            Err(e) => return roll_back(&mut conn, count, &e).await,
         }
     }
     match sqlx::query("COMMIT").execute(&mut *conn).await {
-        Ok(_) => results,
+        Ok(_) => results
+            .into_iter()
+            .map(|result| result.unwrap_or_else(|| Err(group_failed("not run"))))
+            .collect(),
         Err(e) => {
             // A failed COMMIT can leave the transaction open.
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
             fail_all(&e.to_string())
         }
     }
+}
+
+/// Undoes the group after a failure other than a broken constraint: every
+/// write in it fails.
+async fn roll_back(
+    conn: &mut SqliteConnection,
+    count: usize,
+    e: &sqlx::Error,
+) -> Vec<Result<(), sqlx::Error>> {
+    let why = e.to_string();
+    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    tracing::warn!(error = %why, writes = count, "group write failed");
+    (0..count).map(|_| Err(group_failed(&why))).collect()
 }
 
 /// A failure SQLite undoes by itself, statement only: the transaction goes on.
@@ -186,5 +237,63 @@ async fn run(statement: Statement, conn: &mut SqliteConnection) -> Result<(), sq
             .execute(conn)
             .await
             .map(|_| ()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::SqlitePoolOptions;
+
+    fn event(aggregate_id: &str, sequence: usize) -> Vec<SerializedEvent> {
+        vec![SerializedEvent::new(
+            aggregate_id.to_string(),
+            sequence,
+            "Thing".to_string(),
+            "Happened".to_string(),
+            "1".to_string(),
+            serde_json::json!({}),
+            serde_json::json!({}),
+        )]
+    }
+
+    /// Three appends in one group, the middle one on a taken sequence: the
+    /// shared INSERT fails, and each append then runs alone — the conflict
+    /// fails by itself, the others are stored, positions stay dense.
+    #[tokio::test]
+    async fn a_conflict_in_a_shared_insert_fails_alone() {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .expect("in-memory database");
+        sqlx::raw_sql(include_str!("../../migrations/sqlite/0001_event_store.sql"))
+            .execute(&pool)
+            .await
+            .expect("schema");
+        let commits = GroupCommit::start(pool.clone());
+        commits.append("Thing", event("a", 1)).await.expect("first");
+
+        // On this single-threaded runtime all three are queued before the
+        // writer task runs, so they form one group.
+        let (b, a, c) = tokio::join!(
+            commits.append("Thing", event("b", 1)),
+            commits.append("Thing", event("a", 1)),
+            commits.append("Thing", event("c", 1)),
+        );
+        assert!(b.is_ok() && c.is_ok(), "{b:?} {c:?}");
+        assert!(
+            matches!(&a, Err(sqlx::Error::Database(db)) if db.is_unique_violation()),
+            "{a:?}"
+        );
+        let stored: Vec<(String, i64)> =
+            sqlx::query_as("SELECT aggregate_id, position FROM events ORDER BY position")
+                .fetch_all(&pool)
+                .await
+                .expect("events");
+        assert_eq!(
+            stored,
+            vec![("a".into(), 1), ("b".into(), 2), ("c".into(), 3)]
+        );
     }
 }

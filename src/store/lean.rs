@@ -76,11 +76,7 @@ pub(super) fn insert_sql(rows: usize, uuid_cast: &str) -> String {
     sql
 }
 
-/// Binds the events' columns, in `insert_sql`'s order. Each event gets a
-/// new time-ordered (version 7) id: the `events_event_id` index (and the
-/// notification records keyed by event id) then grow at their end, where a
-/// random id lands on any page of an index that keeps growing — more pages
-/// read and written per commit the longer the store runs.
+/// Binds the events' columns, in `insert_sql`'s order.
 pub(super) fn bind_rows<'q, DB>(
     sql: &'q str,
     aggregate_type: &'static str,
@@ -93,9 +89,29 @@ where
     i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     &'q Value: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
 {
-    let mut query = sqlx::query::<DB>(sql);
-    for event in events {
-        query = query
+    bind_events(sqlx::query::<DB>(sql), aggregate_type, events)
+}
+
+/// Adds the events' rows to `query`'s arguments (several appends share one
+/// INSERT in the embedded group commit). Each event gets a new
+/// time-ordered (version 7) id: the `events_event_id` index (and the
+/// notification records keyed by event id) then grow at their end, where a
+/// random id lands on any page of an index that keeps growing — more pages
+/// read and written per commit the longer the store runs.
+pub(super) fn bind_events<'q, DB>(
+    query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    aggregate_type: &'static str,
+    events: &'q [SerializedEvent],
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q Value: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    events.iter().fold(query, |query, event| {
+        query
             .bind(aggregate_type)
             .bind(event.aggregate_id.as_str())
             .bind(event.sequence as i32)
@@ -103,9 +119,8 @@ where
             .bind(event.event_version.as_str())
             .bind(&event.payload)
             .bind(&event.metadata)
-            .bind(Uuid::now_v7().to_string());
-    }
-    query
+            .bind(Uuid::now_v7().to_string())
+    })
 }
 
 /// The libraries' mapping: a taken sequence is the optimistic-lock failure
