@@ -118,22 +118,21 @@ impl Store {
     }
 
     /// Drops the order's pending timers of kind `cancel` and schedules
-    /// `timer`: on PostgreSQL one statement (durable, as the schedule must
-    /// be).
+    /// `timer`, in one round trip: on PostgreSQL one statement (durable, as
+    /// the schedule must be); on SQLite two statements sent as one query
+    /// (their `$n` count over both), in the same group commit.
     pub async fn cancel_and_schedule(
         &self,
         cancel: TimerKind,
         timer: &Timer,
     ) -> Result<(), StoreError> {
-        let Store::Postgres(_) = self else {
-            self.cancel_timers(cancel, &timer.order_id).await?;
-            return self.schedule_timer(timer).await;
+        let cancel_sql = match self {
+            Store::Postgres(_) => {
+                "WITH cancelled AS (DELETE FROM timers WHERE kind = $1 AND order_id = $2)"
+            }
+            Store::Sqlite(_) => "DELETE FROM timers WHERE kind = $1 AND order_id = $2;",
         };
-        let sql = format!(
-            "WITH cancelled AS (DELETE FROM timers WHERE kind = $1 AND order_id = $2) {} {}",
-            SCHEDULE_INTO,
-            schedule_values(1, 2)
-        );
+        let sql = format!("{cancel_sql} {SCHEDULE_INTO} {}", schedule_values(1, 2));
         self.execute_scheduling(
             &sql,
             std::slice::from_ref(timer),

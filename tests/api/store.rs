@@ -180,7 +180,7 @@ async fn bookkeeping_writes_beside_appends_are_stored_when_answered(backend: Bac
     use order_saga::saga::timers::{Timer, TimerKind};
     let t = TestStore::new(backend).await;
     const EACH: i64 = 20;
-    let timer = |i: i64| Timer {
+    let timer_of = |i: i64| Timer {
         kind: TimerKind::SagaTimeout,
         subject: format!("o-{i}"),
         order_id: format!("o-{i}"),
@@ -198,7 +198,7 @@ async fn bookkeeping_writes_beside_appends_are_stored_when_answered(backend: Bac
                 available: 1,
                 previous: 0,
             };
-            let (product, reader, timer) = (format!("p-{i}"), format!("reader-{i}"), timer(i));
+            let (product, reader, timer) = (format!("p-{i}"), format!("reader-{i}"), timer_of(i));
             let (appended, saved, scheduled) = tokio::join!(
                 store.append::<Product>(&product, 0, vec![event], HashMap::new()),
                 store.save_checkpoint(&reader, i + 1),
@@ -210,12 +210,21 @@ async fn bookkeeping_writes_beside_appends_are_stored_when_answered(backend: Bac
             // Answered: stored and visible to the readers.
             assert_eq!(store.load_checkpoint(&reader).await.expect("load"), i + 1);
             // Half of the orders drop their timer again, beside the others'
-            // writes.
+            // writes; the other half replace it by a deadline.
             if i % 2 == 0 {
                 store
                     .cancel_timers(TimerKind::SagaTimeout, &format!("o-{i}"))
                     .await
                     .expect("cancel");
+            } else {
+                let deadline = Timer {
+                    kind: TimerKind::ConfirmationDeadline,
+                    ..timer_of(i)
+                };
+                store
+                    .cancel_and_schedule(TimerKind::SagaTimeout, &deadline)
+                    .await
+                    .expect("replace");
             }
         }));
     }
@@ -223,6 +232,22 @@ async fn bookkeeping_writes_beside_appends_are_stored_when_answered(backend: Bac
         task.await.expect("task");
     }
     assert_eq!(t.store.pending_timers().await.expect("timers"), EACH / 2);
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut due: Vec<(String, TimerKind)> = t
+        .store
+        .claim_due_timers(later, later, 1000)
+        .await
+        .expect("claim")
+        .into_iter()
+        .map(|timer| (timer.order_id, timer.kind))
+        .collect();
+    due.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut expected: Vec<(String, TimerKind)> = (0..EACH)
+        .filter(|i| i % 2 == 1)
+        .map(|i| (format!("o-{i}"), TimerKind::ConfirmationDeadline))
+        .collect();
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(due, expected);
     let log = t.store.read_log(0, 1000).await.expect("log");
     assert_eq!(log.len(), EACH as usize);
     t.cleanup().await;
