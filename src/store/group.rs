@@ -20,10 +20,14 @@ use sqlx::error::ErrorKind;
 use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::lean::{bind_events, bind_rows, insert_sql};
+use super::lean::{bind_events, insert_sql, COLUMNS};
 
 /// Writes taken into one transaction at most.
 const MAX_GROUP: usize = 256;
+
+/// SQLite's limit on a statement's parameters (SQLITE_MAX_VARIABLE_NUMBER):
+/// appends with more rows than fit are not shared in one INSERT.
+const MAX_PARAMETERS: usize = 32_766;
 
 /// One statement for the writer.
 enum Statement {
@@ -153,8 +157,8 @@ async fn write_group(pool: &SqlitePool, group: Vec<Statement>) -> Vec<Result<(),
             Statement::Write { .. } => None,
         })
         .collect();
-    if appends.len() > 1 {
-        let rows = appends.iter().map(|(_, events)| events.len()).sum();
+    let rows: usize = appends.iter().map(|(_, events)| events.len()).sum();
+    if appends.len() > 1 && rows * COLUMNS <= MAX_PARAMETERS {
         let sql = insert_sql(rows, "");
         let query = appends
             .iter()
@@ -228,7 +232,7 @@ async fn run(statement: Statement, conn: &mut SqliteConnection) -> Result<(), sq
             events,
         } => {
             let sql = insert_sql(events.len(), "");
-            bind_rows(&sql, aggregate_type, &events)
+            bind_events(sqlx::query(&sql), aggregate_type, &events)
                 .execute(conn)
                 .await
                 .map(|_| ())

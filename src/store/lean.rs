@@ -25,8 +25,8 @@ const INSERT_EVENTS: &str = "INSERT INTO events \
      (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
      event_id) VALUES ";
 
-/// Columns bound per event by `bind_rows`.
-const COLUMNS: usize = 8;
+/// Columns bound per event by `bind_events`.
+pub(super) const COLUMNS: usize = 8;
 
 /// A library repository plus the pool its plain appends go to.
 pub(super) struct Lean<R> {
@@ -76,24 +76,8 @@ pub(super) fn insert_sql(rows: usize, uuid_cast: &str) -> String {
     sql
 }
 
-/// Binds the events' columns, in `insert_sql`'s order.
-pub(super) fn bind_rows<'q, DB>(
-    sql: &'q str,
-    aggregate_type: &'static str,
-    events: &'q [SerializedEvent],
-) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
-where
-    DB: sqlx::Database,
-    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    &'q Value: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    bind_events(sqlx::query::<DB>(sql), aggregate_type, events)
-}
-
-/// Adds the events' rows to `query`'s arguments (several appends share one
-/// INSERT in the embedded group commit). Each event gets a new
+/// Adds the events' rows to `query`'s arguments, in `insert_sql`'s order
+/// (several appends share one INSERT in the embedded group commit). Each event gets a new
 /// time-ordered (version 7) id: the `events_event_id` index (and the
 /// notification records keyed by event id) then grow at their end, where a
 /// random id lands on any page of an index that keeps growing — more pages
@@ -169,11 +153,14 @@ impl<R: PersistedEventRepository> PersistedEventRepository for Lean<R> {
             return self.inner.persist::<A>(events, snapshot_update).await;
         }
         match &self.pool {
-            Pool::Pg(pool) => bind_rows(&insert_sql(events.len(), "::uuid"), A::TYPE, events)
-                .execute(pool)
-                .await
-                .map(|_| ())
-                .map_err(persistence_error),
+            Pool::Pg(pool) => {
+                let sql = insert_sql(events.len(), "::uuid");
+                bind_events(sqlx::query(&sql), A::TYPE, events)
+                    .execute(pool)
+                    .await
+                    .map(|_| ())
+                    .map_err(persistence_error)
+            }
             Pool::Lite(commits) => commits
                 .append(A::TYPE, events.to_vec())
                 .await

@@ -13,7 +13,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::{ConnectOptions, Row};
 use uuid::Uuid;
 
 use super::{corrupt, Lite, LogEntry, Shared, Store, StoreError};
@@ -35,15 +35,16 @@ const WRITER_CACHE: &str = "-8192";
 const READER_CACHE: &str = "-1024";
 
 /// WAL pages after which a commit copies the WAL back into the database
-/// file (SQLite's default is 1,000, ~4 MiB). The copy, with its fsync, runs
-/// in the committing writer's path, so fewer, larger ones keep the single
-/// writer free: warmed 20 s runs at 800 orders/s had saga p99 156 and
-/// 137 ms against 3.8 s with the default (1.2 s at 4,000 pages). The price
-/// is a longer stall when one runs — acceptance p99 at 200/s 27 ms against
-/// 6 ms (13 ms at 4,000) — and a WAL file of up to ~40 MiB. A checkpoint on
-/// a connection of its own every 200 ms, beside the writer, was slower
-/// still on 2 cores (900/s: 3.5 s against 2.0 s).
+/// file (SQLite's default is 1,000, ~4 MiB). That copy, with its fsync,
+/// runs in the committing writer's path: every write waits for it. Here it
+/// is only the fallback; the copies are made by `checkpoints` below.
 const WAL_AUTOCHECKPOINT: &str = "10000";
+
+/// How often a connection of its own copies the WAL back into the database
+/// file: a PASSIVE checkpoint, which waits for no one, while the writer
+/// goes on appending to the WAL. Measurements: ARCHITECTURE.md,
+/// "Performance" (fewer, larger WAL checkpoints, off the writer's path).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
@@ -75,15 +76,48 @@ pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
     let read = SqlitePoolOptions::new()
         .max_connections(READERS)
         .test_before_acquire(false)
-        .connect_with(options.read_only(true).pragma("cache_size", READER_CACHE))
+        .connect_with(
+            options
+                .clone()
+                .read_only(true)
+                .pragma("cache_size", READER_CACHE),
+        )
         .await
         .map_err(StoreError::Connect)?;
+    tokio::spawn(checkpoints(options.clone(), write.clone()));
     Ok(Store::Sqlite(Lite {
         commits: super::group::GroupCommit::start(write.clone()),
         write,
         read,
         shared: Shared::new(),
     }))
+}
+
+/// Copies the WAL back into the database file every `CHECKPOINT_EVERY`,
+/// on a connection of its own, until the writer's pool closes. Without it
+/// (it could not connect) the writer's automatic checkpoints still run.
+async fn checkpoints(options: SqliteConnectOptions, write: SqlitePool) {
+    let mut conn = match options.connect().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(error = %e, "no WAL checkpoint connection: the writer checkpoints");
+            return;
+        }
+    };
+    let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if write.is_closed() {
+            break;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
 }
 
 pub(super) async fn read_log(
