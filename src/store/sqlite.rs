@@ -43,7 +43,7 @@ const WAL_AUTOCHECKPOINT: &str = "10000";
 /// How often a connection of its own copies the WAL back into the database
 /// file: a PASSIVE checkpoint, which waits for no one, while the writer
 /// goes on appending to the WAL. Measurements: ARCHITECTURE.md,
-/// "Performance" (fewer, larger WAL checkpoints, off the writer's path).
+/// "Performance", "WAL checkpoints off the writer's path".
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
