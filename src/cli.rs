@@ -161,7 +161,7 @@ pub struct BenchArgs {
 
 /// The benchmark suite (`--suite`): starts `order-saga serve` itself, on a
 /// fresh store for every run, and writes BENCHMARKS.md. Full suite: about
-/// 30 minutes; --quick: about 10.
+/// 35 minutes; --quick: about 10.
 #[derive(Debug, Args)]
 pub struct SuiteArgs {
     /// Run the benchmark suite (ramp, maximum sustainable rate, hot product,
