@@ -159,13 +159,7 @@ async fn write_group(pool: &SqlitePool, group: Vec<Statement>) -> Vec<Result<(),
         .collect();
     let rows: usize = appends.iter().map(|(_, events)| events.len()).sum();
     if appends.len() > 1 && rows * COLUMNS <= MAX_PARAMETERS {
-        let sql = insert_sql(rows, "");
-        let query = appends
-            .iter()
-            .fold(sqlx::query(&sql), |query, &(aggregate_type, events)| {
-                bind_events(query, aggregate_type, events)
-            });
-        match query.execute(&mut *conn).await {
+        match insert(&mut conn, &appends).await {
             Ok(_) => {
                 for (result, statement) in results.iter_mut().zip(&group) {
                     if matches!(statement, Statement::Append { .. }) {
@@ -230,18 +224,29 @@ async fn run(statement: Statement, conn: &mut SqliteConnection) -> Result<(), sq
         Statement::Append {
             aggregate_type,
             events,
-        } => {
-            let sql = insert_sql(events.len(), "");
-            bind_events(sqlx::query(&sql), aggregate_type, &events)
-                .execute(conn)
-                .await
-                .map(|_| ())
-        }
+        } => insert(conn, &[(aggregate_type, &events)]).await,
         Statement::Write { sql, arguments } => sqlx::query_with(&sql, arguments)
             .execute(conn)
             .await
             .map(|_| ()),
     }
+}
+
+/// The rows of these appends as one multi-row INSERT.
+async fn insert(
+    conn: &mut SqliteConnection,
+    appends: &[(&'static str, &[SerializedEvent])],
+) -> Result<(), sqlx::Error> {
+    let rows = appends.iter().map(|(_, events)| events.len()).sum();
+    let sql = insert_sql(rows, "");
+    appends
+        .iter()
+        .fold(sqlx::query(&sql), |query, &(aggregate_type, events)| {
+            bind_events(query, aggregate_type, events)
+        })
+        .execute(conn)
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]
