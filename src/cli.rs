@@ -467,7 +467,7 @@ pub struct SagaArgs {
     /// Orders each of the saga's consumers handles at once (one order's
     /// messages stay in order): more keep the store busier under load, at
     /// the cost of more optimistic-lock retries on shared products.
-    #[arg(long, env = "HANDLER_CONCURRENCY", default_value_t = 64,
+    #[arg(long, env = "HANDLER_CONCURRENCY", default_value_t = 256,
           value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub handler_concurrency: u16,
 }

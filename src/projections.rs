@@ -18,11 +18,11 @@ use order_saga_projections::{
     project, HistoryRecord, OrderFilter, OrderRecord, OrderTime, ProductRecord, ReadOp, StageStart,
     StatRecord, StatusChange, StoredEvent,
 };
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{Postgres, Row, Sqlite, Transaction};
 use tokio::sync::{broadcast, watch};
 
 use crate::health::{pause_until_append, Heartbeat, Shutdown, Tasks};
-use crate::store::{values_placeholders, LogEntry, Store, StoreError};
+use crate::store::{bind_params, values_placeholders, Lite, LogEntry, Param, Store, StoreError};
 
 /// The checkpoint of the read models.
 pub const CHECKPOINT: &str = "projection.read_models";
@@ -72,22 +72,16 @@ impl Target {
 enum Tx {
     Pg(Transaction<'static, Postgres>),
     Lite(Transaction<'static, Sqlite>),
-}
-
-/// Runs `$body` with `$conn` bound to the transaction's connection.
-macro_rules! on_tx {
-    ($tx:expr, |$conn:ident| $body:expr) => {
-        match $tx {
-            Tx::Pg(t) => {
-                let $conn = &mut **t;
-                $body
-            }
-            Tx::Lite(t) => {
-                let $conn = &mut **t;
-                $body
-            }
-        }
-    };
+    /// A live batch on SQLite: its statements are gathered, then written
+    /// at commit as one write of the store's group commit, guarded by the
+    /// checkpoint's claim. No connection is held while the batch is worked
+    /// out: on the single writer, a transaction held across a round trip
+    /// per statement kept every other write waiting.
+    Gathered {
+        db: Lite,
+        guard: Option<(String, Vec<Param>)>,
+        statements: Vec<(String, Vec<Param>)>,
+    },
 }
 
 impl Tx {
@@ -104,12 +98,90 @@ impl Tx {
         })
     }
 
-    async fn commit(self) -> Result<(), StoreError> {
+    /// A transaction for one live batch: on SQLite, gathered.
+    async fn begin_batch(store: &Store) -> Result<Self, StoreError> {
+        match store {
+            Store::Sqlite(db) => Ok(Tx::Gathered {
+                db: db.clone(),
+                guard: None,
+                statements: Vec::new(),
+            }),
+            Store::Postgres(_) => Tx::begin(store).await,
+        }
+    }
+
+    /// Runs a write statement; returns the rows it changed (0 when it is
+    /// gathered for the commit).
+    async fn run(&mut self, sql: String, params: Vec<Param>) -> Result<u64, StoreError> {
+        Ok(match self {
+            Tx::Pg(t) => bind_params(sqlx::query(&sql), params)
+                .execute(&mut **t)
+                .await?
+                .rows_affected(),
+            Tx::Lite(t) => bind_params(sqlx::query(&sql), params)
+                .execute(&mut **t)
+                .await?
+                .rows_affected(),
+            Tx::Gathered { statements, .. } => {
+                statements.push((sql, params));
+                0
+            }
+        })
+    }
+
+    /// The first column of the first row, an integer or NULL (none without
+    /// a row). A gathered batch reads what is committed.
+    async fn read_i64(
+        &mut self,
+        sql: &str,
+        params: Vec<Param>,
+    ) -> Result<Option<Option<i64>>, StoreError> {
+        let row = match self {
+            Tx::Pg(t) => bind_params(sqlx::query(sql), params)
+                .fetch_optional(&mut **t)
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?,
+            Tx::Lite(t) => bind_params(sqlx::query(sql), params)
+                .fetch_optional(&mut **t)
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?,
+            Tx::Gathered { db, .. } => bind_params(sqlx::query(sql), params)
+                .fetch_optional(&db.read)
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?,
+        };
+        Ok(row)
+    }
+
+    /// Commits; false when a gathered batch's claim failed (another
+    /// instance moved the checkpoint first) and nothing was written.
+    async fn commit(self) -> Result<bool, StoreError> {
         match self {
             Tx::Pg(t) => t.commit().await?,
             Tx::Lite(t) => t.commit().await?,
+            Tx::Gathered {
+                db,
+                guard,
+                mut statements,
+            } => {
+                let guarded = guard.is_some();
+                if let Some(guard) = guard {
+                    statements.insert(0, guard);
+                }
+                if statements.is_empty() {
+                    return Ok(true);
+                }
+                return match db.execute(statements, guarded).await {
+                    Ok(()) => Ok(true),
+                    Err(sqlx::Error::RowNotFound) => Ok(false),
+                    Err(e) => Err(e.into()),
+                };
+            }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -235,18 +307,22 @@ impl Projections {
         let Some(last) = entries.last().map(|e| e.position) else {
             return Ok((None, Vec::new()));
         };
-        let mut tx = Tx::begin(&self.store).await?;
+        let mut tx = Tx::begin_batch(&self.store).await?;
         if !claim(&mut tx, target.checkpoint(), from, last).await? {
             self.forget_claimed(target);
             return Ok((None, Vec::new()));
         }
         let changes = apply_entries(&mut tx, &entries, target, &self.starts).await;
         let committed = match changes {
-            Ok(changes) => tx.commit().await.map(|()| changes),
+            Ok(changes) => tx.commit().await.map(|applied| applied.then_some(changes)),
             Err(e) => Err(e),
         };
         match committed {
-            Ok(changes) => {
+            Ok(None) => {
+                self.forget_claimed(target);
+                Ok((None, Vec::new()))
+            }
+            Ok(Some(changes)) => {
                 self.claimed_position(target, Some(last));
                 Ok((Some(last), changes))
             }
@@ -565,31 +641,33 @@ fn statements(ddl: &str) -> impl Iterator<Item = &str> {
 }
 
 async fn exec(tx: &mut Tx, sql: &str) -> Result<(), StoreError> {
-    on_tx!(tx, |conn| sqlx::query(sql).execute(conn).await.map(|_| ()))?;
+    tx.run(sql.to_string(), Vec::new()).await?;
     Ok(())
 }
 
 async fn set_checkpoint(tx: &mut Tx, name: &str, position: i64) -> Result<(), StoreError> {
-    on_tx!(tx, |conn| sqlx::query(include_str!(
-        "store/sql/save_checkpoint.sql"
-    ))
-    .bind(name)
-    .bind(position)
-    .execute(conn)
-    .await
-    .map(|_| ()))?;
+    tx.run(
+        include_str!("store/sql/save_checkpoint.sql").to_string(),
+        vec![name.into(), position.into()],
+    )
+    .await?;
     Ok(())
 }
 
-/// Creates the named checkpoint's row, at 0, unless it exists.
+/// Creates the named checkpoint's row, at 0, unless it exists (in a
+/// gathered batch at once: the batch's claim needs the row).
 async fn ensure_checkpoint(tx: &mut Tx, name: &str) -> Result<(), StoreError> {
-    on_tx!(tx, |conn| sqlx::query(
-        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING"
-    )
-    .bind(name)
-    .execute(&mut *conn)
-    .await
-    .map(|_| ()))?;
+    let sql =
+        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING";
+    match tx {
+        Tx::Gathered { db, .. } => {
+            db.execute(vec![(sql.to_string(), vec![name.into()])], false)
+                .await?;
+        }
+        _ => {
+            tx.run(sql.to_string(), vec![name.into()]).await?;
+        }
+    }
     Ok(())
 }
 
@@ -597,19 +675,19 @@ async fn ensure_checkpoint(tx: &mut Tx, name: &str) -> Result<(), StoreError> {
 /// returns its position.
 async fn lock_checkpoint(tx: &mut Tx, name: &str) -> Result<i64, StoreError> {
     ensure_checkpoint(tx, name).await?;
-    on_tx!(tx, |conn| sqlx::query(
-        "UPDATE checkpoints SET position = position WHERE name = $1"
+    tx.run(
+        "UPDATE checkpoints SET position = position WHERE name = $1".to_string(),
+        vec![name.into()],
     )
-    .bind(name)
-    .execute(&mut *conn)
-    .await
-    .map(|_| ()))?;
-    let position = on_tx!(tx, |conn| sqlx::query_scalar(
-        "SELECT position FROM checkpoints WHERE name = $1"
-    )
-    .bind(name)
-    .fetch_one(conn)
-    .await)?;
+    .await?;
+    let position = tx
+        .read_i64(
+            "SELECT position FROM checkpoints WHERE name = $1",
+            vec![name.into()],
+        )
+        .await?
+        .flatten()
+        .ok_or_else(|| StoreError::CorruptRow(format!("checkpoint {name} has no position")))?;
     Ok(position)
 }
 
@@ -672,31 +750,30 @@ async fn add_history(tx: &mut Tx, target: Target, history: &[ReadOp]) -> Result<
              recorded_at_ms, payload) VALUES {} ON CONFLICT DO NOTHING",
             values_placeholders(chunk.len(), 7, 0)
         ));
-        on_tx!(tx, |conn| {
-            let mut query = sqlx::query(&sql);
-            for op in chunk {
-                if let ReadOp::History {
-                    order_id,
-                    position,
-                    aggregate_type,
-                    sequence,
-                    event_type,
-                    at_ms,
-                    payload,
-                } = op
-                {
-                    query = query
-                        .bind(order_id)
-                        .bind(position)
-                        .bind(aggregate_type)
-                        .bind(sequence)
-                        .bind(event_type)
-                        .bind(at_ms)
-                        .bind(payload.to_string());
-                }
+        let mut params = Vec::with_capacity(chunk.len() * 7);
+        for op in chunk {
+            if let ReadOp::History {
+                order_id,
+                position,
+                aggregate_type,
+                sequence,
+                event_type,
+                at_ms,
+                payload,
+            } = op
+            {
+                params.extend([
+                    order_id.as_str().into(),
+                    (*position).into(),
+                    aggregate_type.as_str().into(),
+                    (*sequence).into(),
+                    event_type.as_str().into(),
+                    (*at_ms).into(),
+                    payload.to_string().into(),
+                ]);
             }
-            query.execute(conn).await.map(|_| ())
-        })?;
+        }
+        tx.run(sql, params).await?;
     }
     Ok(())
 }
@@ -713,16 +790,15 @@ async fn add_stock(tx: &mut Tx, target: Target, stock: &StockChanges) -> Result<
          reserved = product_views.reserved + excluded.reserved",
         values_placeholders(stock.len(), 3, 0)
     ));
-    on_tx!(tx, |conn| {
-        let mut query = sqlx::query(&sql);
-        for (product_id, (available, reserved_delta)) in stock {
-            query = query
-                .bind(product_id)
-                .bind(i64::from(*available))
-                .bind(reserved_delta);
-        }
-        query.execute(conn).await.map(|_| ())
-    })?;
+    let mut params = Vec::with_capacity(stock.len() * 3);
+    for (product_id, (available, reserved_delta)) in stock {
+        params.extend([
+            product_id.as_str().into(),
+            i64::from(*available).into(),
+            (*reserved_delta).into(),
+        ]);
+    }
+    tx.run(sql, params).await?;
     Ok(())
 }
 
@@ -744,16 +820,14 @@ async fn claim(tx: &mut Tx, name: &str, from: i64, to: i64) -> Result<bool, Stor
     if from == 0 {
         ensure_checkpoint(tx, name).await?;
     }
-    let moved = on_tx!(tx, |conn| sqlx::query(
-        "UPDATE checkpoints SET position = $3 WHERE name = $1 AND position = $2"
-    )
-    .bind(name)
-    .bind(from)
-    .bind(to)
-    .execute(conn)
-    .await
-    .map(|r| r.rows_affected()))?;
-    Ok(moved == 1)
+    let sql = "UPDATE checkpoints SET position = $3 WHERE name = $1 AND position = $2".to_string();
+    let params = vec![name.into(), from.into(), to.into()];
+    if let Tx::Gathered { guard, .. } = tx {
+        // Decided at commit, where it guards the batch's writes.
+        *guard = Some((sql, params));
+        return Ok(true);
+    }
+    Ok(tx.run(sql, params).await? == 1)
 }
 
 async fn apply(
@@ -777,22 +851,25 @@ async fn apply(
             let items =
                 serde_json::to_string(items).map_err(|e| StoreError::CorruptRow(e.to_string()))?;
             starts.remember(target, order_id, StageStart::Created, *at_ms);
-            on_tx!(tx, |conn| {
-                sqlx::query(&target.sql("INSERT INTO order_views (order_id, created_position, user_id, store_id, status, items, \
-                 total_amount, created_at_ms, version) VALUES ($1, $2, $3, $4, 'ORDER_CREATED', $5, $6, $7, $8) \
-                 ON CONFLICT (order_id) DO NOTHING"))
-            .bind(order_id)
-            .bind(position)
-            .bind(user_id)
-            .bind(store_id)
-            .bind(&items)
-            .bind(total_amount.to_string())
-            .bind(at_ms)
-            .bind(version)
-            .execute(conn)
-            .await
-            .map(|_| ())
-            })?;
+            tx.run(
+                target.sql(
+                    "INSERT INTO order_views (order_id, created_position, user_id, store_id, \
+                     status, items, total_amount, created_at_ms, version) \
+                     VALUES ($1, $2, $3, $4, 'ORDER_CREATED', $5, $6, $7, $8) \
+                     ON CONFLICT (order_id) DO NOTHING",
+                ),
+                vec![
+                    order_id.as_str().into(),
+                    (*position).into(),
+                    user_id.as_str().into(),
+                    store_id.as_str().into(),
+                    items.into(),
+                    total_amount.to_string().into(),
+                    (*at_ms).into(),
+                    (*version).into(),
+                ],
+            )
+            .await?;
         }
         ReadOp::SetStatus {
             order_id,
@@ -809,37 +886,36 @@ async fn apply(
             if matches!(time, OrderTime::Confirmed) {
                 starts.remember(target, order_id, StageStart::Confirmed, *at_ms);
             }
-            on_tx!(tx, |conn| sqlx::query(&target.sql(&sql))
-                .bind(order_id)
-                .bind(status.as_str())
-                .bind(cancel_reason.map(CancelReason::as_str))
-                .bind(version)
-                .bind(at_ms)
-                .execute(conn)
-                .await
-                .map(|_| ()))?;
+            tx.run(
+                target.sql(&sql),
+                vec![
+                    order_id.as_str().into(),
+                    status.as_str().into(),
+                    cancel_reason.map(CancelReason::as_str).into(),
+                    (*version).into(),
+                    (*at_ms).into(),
+                ],
+            )
+            .await?;
         }
         ReadOp::StockReplied { order_id, at_ms } => {
             starts.remember(target, order_id, StageStart::StockReplied, *at_ms);
-            on_tx!(tx, |conn| sqlx::query(&target.sql(
-                "UPDATE order_views SET stock_replied_at_ms = $2 WHERE order_id = $1"
-            ))
-            .bind(order_id)
-            .bind(at_ms)
-            .execute(conn)
-            .await
-            .map(|_| ()))?;
+            tx.run(
+                target.sql("UPDATE order_views SET stock_replied_at_ms = $2 WHERE order_id = $1"),
+                vec![order_id.as_str().into(), (*at_ms).into()],
+            )
+            .await?;
         }
         ReadOp::ProductPrice { product_id, price } => {
-            on_tx!(tx, |conn| {
-                sqlx::query(&target.sql("INSERT INTO product_views (product_id, price, available, reserved) VALUES ($1, $2, 0, 0) \
-                 ON CONFLICT (product_id) DO UPDATE SET price = excluded.price"))
-            .bind(product_id)
-            .bind(price.to_string())
-            .execute(conn)
-            .await
-            .map(|_| ())
-            })?;
+            tx.run(
+                target.sql(
+                    "INSERT INTO product_views (product_id, price, available, reserved) \
+                     VALUES ($1, $2, 0, 0) \
+                     ON CONFLICT (product_id) DO UPDATE SET price = excluded.price",
+                ),
+                vec![product_id.as_str().into(), price.to_string().into()],
+            )
+            .await?;
         }
         // Batched by `apply_entries`.
         ReadOp::History { .. } | ReadOp::ProductStock { .. } => {}
@@ -857,12 +933,9 @@ async fn apply(
                         "SELECT {} FROM order_views WHERE order_id = $1",
                         start_column(*from)
                     );
-                    let stored: Option<Option<i64>> =
-                        on_tx!(tx, |conn| sqlx::query_scalar(&target.sql(&sql))
-                            .bind(order_id)
-                            .fetch_optional(conn)
-                            .await)?;
-                    stored.flatten()
+                    tx.read_i64(&target.sql(&sql), vec![order_id.as_str().into()])
+                        .await?
+                        .flatten()
                 }
             };
             if let Some(started) = started {
@@ -886,13 +959,16 @@ async fn add_stats(tx: &mut Tx, target: Target, stats: &Stats) -> Result<(), Sto
          max_ms = CASE WHEN excluded.max_ms > saga_stats.max_ms THEN excluded.max_ms ELSE saga_stats.max_ms END",
         values_placeholders(stats.len(), 4, 0)
     ));
-    on_tx!(tx, |conn| {
-        let mut query = sqlx::query(&sql);
-        for (metric, (n, total_ms, max_ms)) in stats {
-            query = query.bind(metric).bind(n).bind(total_ms).bind(max_ms);
-        }
-        query.execute(conn).await.map(|_| ())
-    })?;
+    let mut params = Vec::with_capacity(stats.len() * 4);
+    for (metric, (n, total_ms, max_ms)) in stats {
+        params.extend([
+            metric.as_str().into(),
+            (*n).into(),
+            (*total_ms).into(),
+            (*max_ms).into(),
+        ]);
+    }
+    tx.run(sql, params).await?;
     Ok(())
 }
 

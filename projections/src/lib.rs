@@ -160,7 +160,7 @@ pub fn project(event: &StoredEvent) -> Result<Vec<ReadOp>, ProjectionError> {
     match event.aggregate_type.as_str() {
         "Order" => {
             ops.push(history(event));
-            match serde_json::from_value::<OrderEvent>(event.payload.clone()).map_err(bad)? {
+            match OrderEvent::deserialize(&event.payload).map_err(bad)? {
                 OrderEvent::OrderCreated {
                     user_id,
                     store_id,
@@ -244,9 +244,7 @@ pub fn project(event: &StoredEvent) -> Result<Vec<ReadOp>, ProjectionError> {
         }
         "StockReservation" => {
             ops.push(history(event));
-            match serde_json::from_value::<StockReservationEvent>(event.payload.clone())
-                .map_err(bad)?
-            {
+            match StockReservationEvent::deserialize(&event.payload).map_err(bad)? {
                 StockReservationEvent::StockReserved { .. } => {
                     ops.push(ReadOp::Count {
                         metric: RESERVATIONS_OK.into(),
@@ -266,7 +264,7 @@ pub fn project(event: &StoredEvent) -> Result<Vec<ReadOp>, ProjectionError> {
         "Product" => {
             let product_id = event.aggregate_id.clone();
             ops.push(
-                match serde_json::from_value::<ProductEvent>(event.payload.clone()).map_err(bad)? {
+                match ProductEvent::deserialize(&event.payload).map_err(bad)? {
                     ProductEvent::PriceSet { price } => ReadOp::ProductPrice { product_id, price },
                     ProductEvent::StockLevelSet { available, .. } => ReadOp::ProductStock {
                         product_id,

@@ -156,7 +156,7 @@ impl IntegrationEvent {
     /// events and voided reservations stay inside their service).
     pub fn from_log(entry: &LogEntry) -> Result<Option<Self>, String> {
         let body = match entry.aggregate_type.as_str() {
-            "Order" => match serde_json::from_value::<OrderEvent>(entry.payload.clone())
+            "Order" => match OrderEvent::deserialize(&entry.payload)
                 .map_err(|e| format!("Order event at {}: {e}", entry.position))?
             {
                 OrderEvent::OrderCreated {
@@ -198,7 +198,7 @@ impl IntegrationEvent {
                 },
             },
             "StockReservation" => {
-                match serde_json::from_value::<StockReservationEvent>(entry.payload.clone())
+                match StockReservationEvent::deserialize(&entry.payload)
                     .map_err(|e| format!("StockReservation event at {}: {e}", entry.position))?
                 {
                     StockReservationEvent::StockReserved { lines, .. } => Body::StockReserved {

@@ -94,7 +94,7 @@ impl Default for SagaConfig {
             poll_interval: Duration::from_millis(10),
             timer_poll_interval: Duration::from_millis(100),
             batch_size: 256,
-            handler_concurrency: 64,
+            handler_concurrency: 256,
         }
     }
 }
@@ -759,9 +759,11 @@ impl Saga {
             Ok(()) => match self.order_command(order_id, command, cause).await {
                 Ok(Ok(())) => {
                     if step == Step::PaymentWait {
+                        // Counted once its timers are gone: a finished saga
+                        // leaves nothing pending.
+                        self.store.cancel_saga_timers(order_id).await?;
                         metrics::counter!("order_saga_sagas_completed_total", "outcome" => "PAYMENT_WAIT")
                             .increment(1);
-                        self.store.cancel_saga_timers(order_id).await?;
                     }
                     return Ok(());
                 }
@@ -804,8 +806,8 @@ impl Saga {
             Ok(()) => {
                 metrics::counter!("order_saga_compensations_total", "reason" => reason.as_str())
                     .increment(1);
-                metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1);
                 self.store.cancel_saga_timers(order_id).await?;
+                metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1);
                 Ok(())
             }
             Err(OrderError::InvalidTransition { .. }) => Ok(()),

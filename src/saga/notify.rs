@@ -212,15 +212,18 @@ impl Store {
     /// Attempts made so far for one event's notification, and whether one
     /// of them delivered it.
     pub async fn notification_progress(&self, event_id: &str) -> Result<(u32, bool), StoreError> {
-        let (attempts, delivered): (i64, i64) = on_read_pool!(self, |pool| {
-            sqlx::query_as(
-                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN outcome = 'delivered' THEN 1 ELSE 0 END), 0) \
-                 FROM notification_attempts WHERE event_id = $1",
-            )
-            .bind(event_id)
-            .fetch_one(pool)
-            .await
-        })?;
+        let sql = "SELECT COUNT(*), \
+                   COALESCE(SUM(CASE WHEN outcome = 'delivered' THEN 1 ELSE 0 END), 0) \
+                   FROM notification_attempts WHERE event_id = $1";
+        let (attempts, delivered): (i64, i64) = match self {
+            Store::Postgres(db) => {
+                sqlx::query_as(sql)
+                    .bind(event_id)
+                    .fetch_one(&db.pool)
+                    .await?
+            }
+            Store::Sqlite(db) => db.notification_progress(sql, event_id)?,
+        };
         Ok((u32::try_from(attempts).unwrap_or(u32::MAX), delivered > 0))
     }
 }

@@ -8,13 +8,10 @@
 //! action is idempotent, so firing twice is harmless. Times come from the
 //! saga's [`Clock`](super::clock::Clock), never from the database.
 
+use crate::store::{bind_params, values_placeholders, Param, Store, StoreError};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::postgres::PgArguments;
-use sqlx::sqlite::SqliteArguments;
-
-use crate::store::{values_placeholders, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TimerKind {
@@ -114,7 +111,7 @@ impl Store {
             return Ok(());
         }
         let sql = format!("{} {}", SCHEDULE_INTO, schedule_values(timers.len(), 0));
-        self.execute_scheduling(&sql, timers, None).await
+        self.execute_scheduling(vec![sql], timers, None).await
     }
 
     /// Drops the order's pending timers of kind `cancel` and schedules
@@ -126,37 +123,47 @@ impl Store {
         cancel: TimerKind,
         timer: &Timer,
     ) -> Result<(), StoreError> {
-        let cancel_sql = match self {
-            Store::Postgres(_) => {
-                "WITH cancelled AS (DELETE FROM timers WHERE kind = $1 AND order_id = $2)"
-            }
-            Store::Sqlite(_) => "DELETE FROM timers WHERE kind = $1 AND order_id = $2;",
+        let schedule = format!("{SCHEDULE_INTO} {}", schedule_values(1, 2));
+        let statements = match self {
+            Store::Postgres(_) => vec![format!(
+                "WITH cancelled AS (DELETE FROM timers WHERE kind = $1 AND order_id = $2) \
+                 {schedule}"
+            )],
+            Store::Sqlite(_) => vec![
+                "DELETE FROM timers WHERE kind = $1 AND order_id = $2".to_string(),
+                schedule,
+            ],
         };
-        let sql = format!("{cancel_sql} {SCHEDULE_INTO} {}", schedule_values(1, 2));
         self.execute_scheduling(
-            &sql,
+            statements,
             std::slice::from_ref(timer),
             Some((cancel, &timer.order_id)),
         )
         .await
     }
 
+    /// Runs a scheduling write: on PostgreSQL one statement, on SQLite its
+    /// statements in order as one write of the group commit.
     async fn execute_scheduling(
         &self,
-        sql: &str,
+        statements: Vec<String>,
         timers: &[Timer],
         cancel: Option<(TimerKind, &str)>,
     ) -> Result<(), StoreError> {
+        let params = scheduling_params(timers, cancel);
         match self {
             Store::Postgres(db) => {
-                let arguments = scheduling_arguments::<PgArguments>(timers, cancel)
-                    .map_err(sqlx::Error::Encode)?;
-                sqlx::query_with(sql, arguments).execute(&db.pool).await?;
+                let sql = statements.concat();
+                bind_params(sqlx::query(&sql), params)
+                    .execute(&db.pool)
+                    .await?;
             }
             Store::Sqlite(db) => {
-                let arguments = scheduling_arguments::<SqliteArguments>(timers, cancel)
-                    .map_err(sqlx::Error::Encode)?;
-                db.execute(sql.to_string(), arguments).await?;
+                let statements = statements
+                    .into_iter()
+                    .map(|sql| (sql, params.clone()))
+                    .collect();
+                db.execute(statements, false).await?
             }
         }
         Ok(())
@@ -277,34 +284,26 @@ impl TimerRow {
     }
 }
 
-/// The arguments of a scheduling statement: the cancelled kind and order
-/// (if any), then each timer's columns in `SCHEDULE_INTO`'s order. Owned,
-/// so they can travel to SQLite's writer task.
-fn scheduling_arguments<'q, A>(
-    timers: &[Timer],
-    cancel: Option<(TimerKind, &str)>,
-) -> Result<A, sqlx::error::BoxDynError>
-where
-    A: sqlx::Arguments<'q> + Default,
-    &'static str: sqlx::Encode<'q, A::Database> + sqlx::Type<A::Database>,
-    String: sqlx::Encode<'q, A::Database> + sqlx::Type<A::Database>,
-    i64: sqlx::Encode<'q, A::Database> + sqlx::Type<A::Database>,
-    Option<String>: sqlx::Encode<'q, A::Database> + sqlx::Type<A::Database>,
-{
-    let mut arguments = A::default();
+/// The values of a scheduling statement: the cancelled kind and order (if
+/// any), then each timer's columns in `SCHEDULE_INTO`'s order. Owned, so
+/// they can travel to SQLite's writer task.
+fn scheduling_params(timers: &[Timer], cancel: Option<(TimerKind, &str)>) -> Vec<Param> {
+    let mut params = Vec::with_capacity(2 + timers.len() * 8);
     if let Some((kind, order_id)) = cancel {
-        arguments.add(kind.as_str())?;
-        arguments.add(order_id.to_string())?;
+        params.push(kind.as_str().into());
+        params.push(order_id.into());
     }
     for timer in timers {
-        arguments.add(timer.id())?;
-        arguments.add(timer.kind.as_str())?;
-        arguments.add(timer.order_id.clone())?;
-        arguments.add(i64::from(timer.attempt))?;
-        arguments.add(millis(timer.due_at))?;
-        arguments.add(timer.causation_id.clone())?;
-        arguments.add(timer.correlation_id.clone())?;
-        arguments.add(timer.payload.to_string())?;
+        params.extend([
+            timer.id().into(),
+            timer.kind.as_str().into(),
+            timer.order_id.clone().into(),
+            i64::from(timer.attempt).into(),
+            millis(timer.due_at).into(),
+            timer.causation_id.clone().into(),
+            timer.correlation_id.clone().into(),
+            timer.payload.to_string().into(),
+        ]);
     }
-    Ok(arguments)
+    params
 }

@@ -77,8 +77,8 @@ pub(super) fn insert_sql(rows: usize, uuid_cast: &str) -> String {
 }
 
 /// Adds the events' rows to `query`'s arguments, in `insert_sql`'s order
-/// (several appends share one INSERT in the embedded group commit). Each
-/// event gets a new time-ordered (version 7) id: the `events_event_id`
+/// (PostgreSQL; the embedded group commit binds the same values through
+/// rusqlite, `group.rs`). Each event gets a new time-ordered (version 7) id: the `events_event_id`
 /// index (and the notification records keyed by event id) then grow at
 /// their end, where a random id lands on any page of an index that keeps
 /// growing — more pages read and written per commit the longer the store

@@ -9,10 +9,13 @@
 //! made safe on each backend is in ARCHITECTURE.md ("The global log").
 
 mod group;
+mod inline;
 mod lean;
 mod postgres;
 mod sqlite;
 mod tail;
+
+pub use group::Param;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -127,28 +130,44 @@ impl Pg {
     }
 }
 
-/// SQLite: one connection writes (SQLite has a single writer; queuing for
-/// it in-process is far cheaper than SQLite's sleeping busy handler) and a
-/// few read-only connections read beside it (WAL: readers never wait).
+/// SQLite: one writer at a time — the group writer's connection, which
+/// holds sqlx's one writing connection while it writes (SQLite has a single
+/// writer; queuing for it in-process is far cheaper than SQLite's sleeping
+/// busy handler) — and read-only connections beside it (WAL: readers never
+/// wait): sqlx's pool for the longer reads, rusqlite's for the hot ones.
 #[derive(Clone, Debug)]
 pub struct Lite {
     pub write: SqlitePool,
     pub read: SqlitePool,
-    /// Event appends and single-statement writes, committed in groups on
-    /// `write`.
+    /// Event appends, the saga's bookkeeping and the read models' batches,
+    /// committed in groups by the writer task on a rusqlite connection of
+    /// its own, while it holds `write` (`group.rs`).
     commits: group::GroupCommit,
+    /// The hot reads, run in place (`inline.rs`).
+    readers: Arc<inline::Readers>,
     shared: Arc<Shared>,
 }
 
 impl Lite {
-    /// One write statement in the writer's group commit; see
-    /// [`write_statement!`].
+    /// One write — its statements, all or none; with `guarded`, only if
+    /// the first changes a row (else `RowNotFound`) — in the writer's group
+    /// commit; see [`write_statement!`].
     pub async fn execute(
         &self,
-        sql: String,
-        arguments: sqlx::sqlite::SqliteArguments<'static>,
+        statements: Vec<(String, Vec<Param>)>,
+        guarded: bool,
     ) -> Result<(), sqlx::Error> {
-        self.commits.execute(sql, arguments).await
+        self.commits.execute(statements, guarded).await
+    }
+
+    /// Attempts at one event's notification and how many delivered it, by
+    /// `sql` (one row of two counts), read in place (`inline.rs`).
+    pub fn notification_progress(
+        &self,
+        sql: &str,
+        event_id: &str,
+    ) -> Result<(i64, i64), StoreError> {
+        sqlite::notification_progress(&self.readers, sql, event_id)
     }
 }
 
@@ -321,17 +340,8 @@ macro_rules! write_statement {
                 .await
                 .map(|_| ()),
             Store::Sqlite(db) => {
-                let mut arguments = sqlx::sqlite::SqliteArguments::default();
-                let mut bound: Result<(), sqlx::error::BoxDynError> = Ok(());
-                $(
-                    if bound.is_ok() {
-                        bound = sqlx::Arguments::add(&mut arguments, $value);
-                    }
-                )*
-                match bound {
-                    Ok(()) => db.execute(String::from($sql), arguments).await,
-                    Err(e) => Err(sqlx::Error::Encode(e)),
-                }
+                let params = vec![$($crate::store::Param::from($value)),*];
+                db.execute(vec![(String::from($sql), params)], false).await
             }
         }
     };
@@ -765,7 +775,16 @@ impl Store {
         }
         let events = match self {
             Store::Postgres(db) => newer!(&db.pool),
-            Store::Sqlite(db) => newer!(&db.read),
+            Store::Sqlite(db) => {
+                return sqlite::newer_events(&db.readers, &sql, aggregate_type, after).map_err(
+                    |e| match e {
+                        StoreError::CorruptRow(_) => {
+                            AggregateError::DeserializationError(Box::new(e))
+                        }
+                        e => AggregateError::DatabaseConnectionError(Box::new(e)),
+                    },
+                );
+            }
         };
         events.map_err(|e| AggregateError::DeserializationError(Box::new(e)))
     }
@@ -852,7 +871,7 @@ impl Store {
     async fn read_log_directly(&self, after: i64, limit: i64) -> Result<Vec<LogEntry>, StoreError> {
         let db = match self {
             Store::Postgres(db) => db,
-            Store::Sqlite(db) => return sqlite::read_log(&db.read, after, limit).await,
+            Store::Sqlite(db) => return sqlite::read_log(&db.readers, after, limit),
         };
         db.sequencing(|due| {
             postgres::read_log(&db.pool, after, limit, due.then_some(MAX_LOG_BATCH))
@@ -875,7 +894,7 @@ impl Store {
                     postgres::read_aggregate(&db.pool, aggregate_type, aggregate_id).await?
                 }
                 Store::Sqlite(db) => {
-                    sqlite::read_aggregate(&db.read, aggregate_type, aggregate_id).await?
+                    sqlite::read_aggregate(&db.readers, aggregate_type, aggregate_id)?
                 }
             });
         }
@@ -924,17 +943,16 @@ impl Store {
         product_id: &str,
         order_id: &str,
     ) -> Result<Option<u32>, StoreError> {
-        let sql = match self {
-            Store::Postgres(_) => include_str!("sql/pg_held_for_order.sql"),
-            Store::Sqlite(_) => include_str!("sql/sqlite_held_for_order.sql"),
+        let quantity: Option<Option<i64>> = match self {
+            Store::Postgres(db) => {
+                sqlx::query_scalar(include_str!("sql/pg_held_for_order.sql"))
+                    .bind(product_id)
+                    .bind(order_id)
+                    .fetch_optional(&db.pool)
+                    .await?
+            }
+            Store::Sqlite(db) => sqlite::held_for_order(&db.readers, product_id, order_id)?,
         };
-        let quantity: Option<Option<i64>> = on_read_pool!(self, |pool| {
-            sqlx::query_scalar(sql)
-                .bind(product_id)
-                .bind(order_id)
-                .fetch_optional(pool)
-                .await
-        })?;
         quantity
             .flatten()
             .map(|q| {
@@ -1193,6 +1211,25 @@ impl AggregateCache {
         generations.young.remove(&key);
         generations.old.remove(&key);
     }
+}
+
+/// Binds [`Param`]s to a statement through sqlx as the values they were
+/// made from: an integer as a 64-bit integer, text and NULL as text.
+pub fn bind_params<'q, DB>(
+    query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    params: Vec<Param>,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    params.into_iter().fold(query, |query, param| match param {
+        Param::Null => query.bind(None::<String>),
+        Param::Int(i) => query.bind(i),
+        Param::Text(s) => query.bind(s),
+    })
 }
 
 /// `($n, $n+1, …), (…)`: `rows` groups of `columns` numbered parameters,

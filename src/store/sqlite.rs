@@ -6,17 +6,24 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use cqrs_es::persist::SerializedEvent;
+use rusqlite::OptionalExtension;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Row};
+use sqlx::ConnectOptions;
 use uuid::Uuid;
 
+use super::inline::Readers;
 use super::{corrupt, Lite, LogEntry, Shared, Store, StoreError};
+
+/// How long a write waits for another process's (a second instance, the
+/// CLI) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "order-saga.sqlite";
@@ -57,9 +64,7 @@ pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
         // With WAL, NORMAL survives a crash of the process (kill -9); only
         // an OS crash or power loss can lose the last commits.
         .synchronous(SqliteSynchronous::Normal)
-        // Another process writing the same file (a second instance, the
-        // CLI) is waited for.
-        .busy_timeout(Duration::from_secs(10))
+        .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true);
     let write = SqlitePoolOptions::new()
         .max_connections(1)
@@ -84,9 +89,16 @@ pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
         )
         .await
         .map_err(StoreError::Connect)?;
+    let writer = super::group::open_writer(&data_dir.join(DB_FILE), BUSY_TIMEOUT, WRITER_CACHE)
+        .map_err(StoreError::Connect)?;
     tokio::spawn(checkpoints(options.clone(), write.clone()));
     Ok(Store::Sqlite(Lite {
-        commits: super::group::GroupCommit::start(write.clone()),
+        commits: super::group::GroupCommit::start(write.clone(), writer),
+        readers: Arc::new(Readers::new(
+            &data_dir.join(DB_FILE),
+            BUSY_TIMEOUT,
+            READER_CACHE,
+        )),
         write,
         read,
         shared: Shared::new(),
@@ -120,51 +132,165 @@ async fn checkpoints(options: SqliteConnectOptions, write: SqlitePool) {
     }
 }
 
-pub(super) async fn read_log(
-    pool: &SqlitePool,
+pub(super) fn read_log(
+    readers: &Readers,
     after: i64,
     limit: i64,
 ) -> Result<Vec<LogEntry>, StoreError> {
-    let rows = sqlx::query(include_str!("sql/sqlite_read_log.sql"))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
-    rows.iter().map(entry).collect()
+    read_entries(
+        readers,
+        include_str!("sql/sqlite_read_log.sql"),
+        (after, limit),
+    )
 }
 
 /// One aggregate's stored events, with their log metadata, oldest first.
-pub(super) async fn read_aggregate(
-    pool: &SqlitePool,
+pub(super) fn read_aggregate(
+    readers: &Readers,
     aggregate_type: &str,
     aggregate_id: &str,
 ) -> Result<Vec<LogEntry>, StoreError> {
-    let rows = sqlx::query(include_str!("sql/read_aggregate.sql"))
-        .bind(aggregate_type)
-        .bind(aggregate_id)
-        .fetch_all(pool)
-        .await?;
-    rows.iter().map(entry).collect()
+    read_entries(
+        readers,
+        include_str!("sql/read_aggregate.sql"),
+        (aggregate_type, aggregate_id),
+    )
 }
 
-fn entry(row: &SqliteRow) -> Result<LogEntry, StoreError> {
-    let position: i64 = row.try_get("position")?;
-    let event_id: String = row.try_get("event_id")?;
-    let recorded_at: String = row.try_get("recorded_at")?;
-    let payload: String = row.try_get("payload")?;
-    let metadata: String = row.try_get("metadata")?;
-    Ok(LogEntry {
-        position,
-        event_id: Uuid::from_str(&event_id).map_err(|e| corrupt(position, e))?,
-        recorded_at: DateTime::parse_from_rfc3339(&recorded_at)
-            .map_err(|e| corrupt(position, e))?
-            .with_timezone(&Utc),
-        aggregate_type: row.try_get("aggregate_type")?,
-        aggregate_id: row.try_get("aggregate_id")?,
-        sequence: row.try_get("sequence")?,
-        event_type: row.try_get("event_type")?,
-        event_version: row.try_get("event_version")?,
-        payload: serde_json::from_str(&payload).map_err(|e| corrupt(position, e))?,
-        metadata: serde_json::from_str(&metadata).map_err(|e| corrupt(position, e))?,
-    })
+/// The log entries a statement selects (the log's columns, by name).
+fn read_entries(
+    readers: &Readers,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<LogEntry>, StoreError> {
+    let rows = readers.read(|conn| {
+        conn.prepare_cached(sql)?
+            .query_map(params, Row::read)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+    })?;
+    rows.into_iter().map(Row::entry).collect()
+}
+
+/// The events of the given aggregates stored after the given sequences,
+/// oldest first per aggregate, by the statement `sql` (parameters: the
+/// type, then each aggregate's id and sequence).
+pub(super) fn newer_events(
+    readers: &Readers,
+    sql: &str,
+    aggregate_type: &str,
+    after: &[(&str, usize)],
+) -> Result<Vec<SerializedEvent>, StoreError> {
+    let mut params: Vec<Box<dyn rusqlite::ToSql + '_>> = vec![Box::new(aggregate_type)];
+    for (id, sequence) in after {
+        params.push(Box::new(*id));
+        params.push(Box::new(i64::try_from(*sequence).unwrap_or(i64::MAX)));
+    }
+    let rows = readers.read(|conn| {
+        conn.prepare_cached(sql)?
+            .query_map(rusqlite::params_from_iter(params), |row| {
+                Ok((
+                    row.get::<_, String>("aggregate_type")?,
+                    row.get::<_, String>("aggregate_id")?,
+                    row.get::<_, i64>("sequence")?,
+                    row.get::<_, String>("event_type")?,
+                    row.get::<_, String>("event_version")?,
+                    row.get::<_, String>("payload")?,
+                    row.get::<_, String>("metadata")?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+    })?;
+    rows.into_iter()
+        .map(
+            |(kind, id, sequence, event_type, version, payload, metadata)| {
+                let unreadable = |e: serde_json::Error| {
+                    StoreError::CorruptRow(format!("{kind} {id} event {sequence}: {e}"))
+                };
+                Ok(SerializedEvent::new(
+                    id.clone(),
+                    usize::try_from(sequence).unwrap_or_default(),
+                    kind.clone(),
+                    event_type,
+                    version,
+                    serde_json::from_str(&payload).map_err(unreadable)?,
+                    serde_json::from_str(&metadata).map_err(unreadable)?,
+                ))
+            },
+        )
+        .collect()
+}
+
+/// The quantity `held_for_order` reads (`sqlite_held_for_order.sql`): no
+/// row when the order never held, NULL when it gave the units back.
+pub(super) fn held_for_order(
+    readers: &Readers,
+    product_id: &str,
+    order_id: &str,
+) -> Result<Option<Option<i64>>, StoreError> {
+    Ok(readers.read(|conn| {
+        conn.prepare_cached(include_str!("sql/sqlite_held_for_order.sql"))?
+            .query_row((product_id, order_id), |row| row.get(0))
+            .optional()
+    })?)
+}
+
+/// Attempts at one event's notification, and how many delivered it.
+pub(super) fn notification_progress(
+    readers: &Readers,
+    sql: &str,
+    event_id: &str,
+) -> Result<(i64, i64), StoreError> {
+    Ok(readers.read(|conn| {
+        conn.prepare_cached(sql)?
+            .query_row([event_id], |row| Ok((row.get(0)?, row.get(1)?)))
+    })?)
+}
+
+/// A log row as SQLite stores it, before its text is parsed.
+struct Row {
+    position: i64,
+    event_id: String,
+    recorded_at: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: String,
+    metadata: String,
+}
+
+impl Row {
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Row {
+            position: row.get("position")?,
+            event_id: row.get("event_id")?,
+            recorded_at: row.get("recorded_at")?,
+            aggregate_type: row.get("aggregate_type")?,
+            aggregate_id: row.get("aggregate_id")?,
+            sequence: row.get("sequence")?,
+            event_type: row.get("event_type")?,
+            event_version: row.get("event_version")?,
+            payload: row.get("payload")?,
+            metadata: row.get("metadata")?,
+        })
+    }
+
+    fn entry(self) -> Result<LogEntry, StoreError> {
+        let position = self.position;
+        Ok(LogEntry {
+            position,
+            event_id: Uuid::from_str(&self.event_id).map_err(|e| corrupt(position, e))?,
+            recorded_at: DateTime::parse_from_rfc3339(&self.recorded_at)
+                .map_err(|e| corrupt(position, e))?
+                .with_timezone(&Utc),
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            payload: serde_json::from_str(&self.payload).map_err(|e| corrupt(position, e))?,
+            metadata: serde_json::from_str(&self.metadata).map_err(|e| corrupt(position, e))?,
+        })
+    }
 }
