@@ -26,12 +26,15 @@
 //! read models) never runs beside a group.
 
 use std::borrow::Cow;
+use std::time::{Duration, Instant};
 
 use cqrs_es::persist::SerializedEvent;
 use rusqlite::ffi;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use sqlx::error::{DatabaseError, ErrorKind};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqlitePool;
+use sqlx::Sqlite;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -43,6 +46,10 @@ const MAX_GROUP: usize = 256;
 /// SQLite's limit on a statement's parameters (SQLITE_MAX_VARIABLE_NUMBER):
 /// appends with more rows than fit are not shared in one INSERT.
 const MAX_PARAMETERS: usize = 32_766;
+
+/// How long the writer keeps sqlx's writing connection while writes keep
+/// coming, before it lets the others writing through sqlx have it.
+const HOLD: Duration = Duration::from_millis(10);
 
 /// Prepared statements the writer keeps: one per shape of write, and one
 /// per row count of the shared INSERT.
@@ -182,6 +189,12 @@ async fn write_groups(
     mut conn: rusqlite::Connection,
     mut waiting: mpsc::UnboundedReceiver<Write>,
 ) {
+    // sqlx's one writing connection, held (unused) while groups are
+    // written: the single writer. Kept from group to group while writes
+    // keep coming, for at most `HOLD`: handing it back costs a round trip
+    // to its thread (sqlx pings a connection it takes back), which once
+    // per group had put two thread switches between every two groups.
+    let mut held: Option<(PoolConnection<Sqlite>, Instant)> = None;
     while let Some(first) = waiting.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -194,17 +207,31 @@ async fn write_groups(
         metrics::counter!("order_saga_group_commit_writes_total").increment(group.len() as u64);
         let (statements, answers): (Vec<_>, Vec<_>) =
             group.into_iter().map(|w| (w.statement, w.done)).unzip();
-        let results = match pool.acquire().await {
-            // Held, unused, while the group is written: the single writer.
-            Ok(_writer) => write_group(&mut conn, statements),
-            Err(e) => {
-                let why = e.to_string();
-                statements.iter().map(|_| Err(group_failed(&why))).collect()
-            }
-        };
+        if held.is_none() {
+            held = match pool.acquire().await {
+                Ok(writer) => Some((writer, Instant::now())),
+                Err(e) => {
+                    let why = e.to_string();
+                    for done in answers {
+                        let _ = done.send(Err(group_failed(&why)));
+                    }
+                    continue;
+                }
+            };
+        }
+        let results = write_group(&mut conn, statements);
         for (done, result) in answers.into_iter().zip(results) {
             // The caller may have gone (a dropped request): nothing to tell.
             let _ = done.send(result);
+        }
+        if waiting.is_empty()
+            || held
+                .as_ref()
+                .is_some_and(|(_, since)| since.elapsed() >= HOLD)
+        {
+            // Others writing through sqlx (migrations, a rebuild, timer
+            // claims) get their turn.
+            held = None;
         }
     }
 }
