@@ -46,7 +46,9 @@ pub struct StoreArgs {
     #[arg(long, env = "DATA_DIR", default_value = "./data", global = true)]
     pub data_dir: PathBuf,
 
-    /// Most connections held open to PostgreSQL.
+    /// Most connections held open to PostgreSQL: a quarter (at least 2) for
+    /// transactions and the event libraries' queries, the rest (at least 2)
+    /// for single statements.
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16, global = true,
           value_parser = clap::value_parser!(u32).range(2..=1000))]
     pub pool_size: u32,

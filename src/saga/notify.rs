@@ -219,7 +219,7 @@ impl Store {
             Store::Postgres(db) => {
                 sqlx::query_as(sql)
                     .bind(event_id)
-                    .fetch_one(&db.pool)
+                    .fetch_one(&*db.statements)
                     .await?
             }
             Store::Sqlite(db) => db.notification_progress(sql, event_id)?,

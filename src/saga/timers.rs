@@ -155,7 +155,7 @@ impl Store {
             Store::Postgres(db) => {
                 let sql = statements.concat();
                 bind_params(sqlx::query(&sql), params)
-                    .execute(&db.pool)
+                    .execute(&*db.statements)
                     .await?;
             }
             Store::Sqlite(db) => {

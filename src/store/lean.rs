@@ -16,6 +16,9 @@ use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use sqlx::postgres::PgPool;
+use std::sync::Arc;
+
+use super::Statements;
 use sqlx::sqlite::SqlitePool;
 use uuid::Uuid;
 
@@ -35,15 +38,15 @@ pub(super) struct Lean<R> {
 }
 
 enum Pool {
-    Pg(PgPool),
+    Pg(Arc<Statements>),
     Lite(GroupCommit),
 }
 
 impl Lean<PostgresEventRepository> {
-    pub(super) fn postgres(pool: &PgPool) -> Self {
+    pub(super) fn postgres(pool: &PgPool, statements: &Arc<Statements>) -> Self {
         Lean {
             inner: PostgresEventRepository::new(pool.clone()),
-            pool: Pool::Pg(pool.clone()),
+            pool: Pool::Pg(statements.clone()),
         }
     }
 }
@@ -157,7 +160,7 @@ impl<R: PersistedEventRepository> PersistedEventRepository for Lean<R> {
             Pool::Pg(pool) => {
                 let sql = insert_sql(events.len(), "::uuid");
                 bind_events(sqlx::query(&sql), A::TYPE, events)
-                    .execute(pool)
+                    .execute(&**pool)
                     .await
                     .map(|_| ())
                     .map_err(persistence_error)

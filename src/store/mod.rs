@@ -13,6 +13,7 @@ mod inline;
 mod lean;
 mod postgres;
 mod sqlite;
+mod statements;
 mod tail;
 
 pub use group::Param;
@@ -32,6 +33,7 @@ use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::SqlitePool;
+pub use statements::Statements;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -96,10 +98,13 @@ pub enum Store {
     Sqlite(Lite),
 }
 
-/// PostgreSQL: one pool for everything.
+/// PostgreSQL: single statements on connections of their own (no ping
+/// after each, `statements.rs`); transactions, migrations and the event
+/// libraries' queries on sqlx's pool.
 #[derive(Clone, Debug)]
 pub struct Pg {
     pub pool: PgPool,
+    pub statements: Arc<Statements>,
     shared: Arc<Shared>,
 }
 
@@ -266,7 +271,7 @@ macro_rules! with_event_store {
     ($store:expr, $A:ty, $mode:ident, $access:ident, |$es:ident| $body:expr) => {
         match $store {
             Store::Postgres(db) => {
-                let $es = with_event_store!(@new $mode, $A, lean::Lean::postgres(&db.pool));
+                let $es = with_event_store!(@new $mode, $A, lean::Lean::postgres(&db.pool, &db.statements));
                 $body
             }
             Store::Sqlite(db) => {
@@ -316,7 +321,7 @@ macro_rules! on_pool {
     (@ $store:expr, $sqlite:ident, |$pool:ident| $body:expr) => {
         match $store {
             Store::Postgres(db) => {
-                let $pool = &db.pool;
+                let $pool = &*db.statements;
                 $body
             }
             Store::Sqlite(db) => {
@@ -336,7 +341,7 @@ macro_rules! write_statement {
         match $store {
             Store::Postgres(db) => sqlx::query(&$sql)
                 $(.bind($value))*
-                .execute(&db.pool)
+                .execute(&*db.statements)
                 .await
                 .map(|_| ()),
             Store::Sqlite(db) => {
@@ -374,17 +379,25 @@ impl Store {
         options: PgConnectOptions,
         pool_size: u32,
     ) -> Result<Self, StoreError> {
+        // A quarter of the connections (at least 2) for transactions and
+        // the libraries' queries, the rest (at least 2) for single
+        // statements, which are most of the traffic.
+        let libraries = (pool_size / 4).max(2);
         let pool = PgPoolOptions::new()
-            .max_connections(pool_size.max(2))
+            .max_connections(libraries)
             .acquire_timeout(Duration::from_secs(10))
             // A broken connection fails its statement, which is retried;
             // pinging before every use would double the round trips.
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(StoreError::Connect)?;
         Ok(Store::Postgres(Pg {
             pool,
+            statements: Arc::new(Statements::new(
+                options,
+                pool_size.saturating_sub(libraries).max(2),
+            )),
             shared: Shared::new(),
         }))
     }
@@ -421,7 +434,10 @@ impl Store {
 
     pub async fn close(&self) {
         match self {
-            Store::Postgres(db) => db.pool.close().await,
+            Store::Postgres(db) => {
+                db.statements.close().await;
+                db.pool.close().await;
+            }
             Store::Sqlite(db) => {
                 db.read.close().await;
                 db.write.close().await;
@@ -774,7 +790,7 @@ impl Store {
             }};
         }
         let events = match self {
-            Store::Postgres(db) => newer!(&db.pool),
+            Store::Postgres(db) => newer!(&*db.statements),
             Store::Sqlite(db) => {
                 return sqlite::newer_events(&db.readers, &sql, aggregate_type, after).map_err(
                     |e| match e {
@@ -804,7 +820,7 @@ impl Store {
     /// insert. Returns how many events were numbered.
     pub async fn sequence_pending(&self) -> Result<u64, StoreError> {
         match self {
-            Store::Postgres(db) => postgres::sequence(&db.pool, MAX_LOG_BATCH).await,
+            Store::Postgres(db) => postgres::sequence(&db.statements, MAX_LOG_BATCH).await,
             Store::Sqlite(_) => Ok(0),
         }
     }
@@ -818,7 +834,7 @@ impl Store {
         };
         db.sequencing(|due| async move {
             match due {
-                true => postgres::sequence(&db.pool, MAX_LOG_BATCH)
+                true => postgres::sequence(&db.statements, MAX_LOG_BATCH)
                     .await
                     .map(|n| ((), n)),
                 false => Ok(((), 0)),
@@ -874,7 +890,7 @@ impl Store {
             Store::Sqlite(db) => return sqlite::read_log(&db.readers, after, limit),
         };
         db.sequencing(|due| {
-            postgres::read_log(&db.pool, after, limit, due.then_some(MAX_LOG_BATCH))
+            postgres::read_log(&db.statements, after, limit, due.then_some(MAX_LOG_BATCH))
         })
         .await
     }
@@ -891,7 +907,7 @@ impl Store {
         for aggregate_type in aggregate_types {
             entries.extend(match self {
                 Store::Postgres(db) => {
-                    postgres::read_aggregate(&db.pool, aggregate_type, aggregate_id).await?
+                    postgres::read_aggregate(&db.statements, aggregate_type, aggregate_id).await?
                 }
                 Store::Sqlite(db) => {
                     sqlite::read_aggregate(&db.readers, aggregate_type, aggregate_id)?
@@ -948,7 +964,7 @@ impl Store {
                 sqlx::query_scalar(include_str!("sql/pg_held_for_order.sql"))
                     .bind(product_id)
                     .bind(order_id)
-                    .fetch_optional(&db.pool)
+                    .fetch_optional(&*db.statements)
                     .await?
             }
             Store::Sqlite(db) => sqlite::held_for_order(&db.readers, product_id, order_id)?,

@@ -6,17 +6,17 @@
 //! migration 0007), other reads before theirs
 //! (`Store::sequence_for_reading`); `Pg::sequencing` decides when.
 
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::PgRow;
 use sqlx::Row;
 
-use super::{corrupt, LogEntry, StoreError};
+use super::{corrupt, LogEntry, Statements, StoreError};
 
 /// Numbers up to `limit` committed events; returns how many. Waits while
 /// another session runs the sequencer, so that everything committed before
 /// the call is numbered when it returns (up to `limit`). One statement: the
 /// run is the function `order_saga_sequence` (migration 0005, which says
 /// why it never lets a reader skip an event).
-pub(super) async fn sequence(pool: &PgPool, limit: i64) -> Result<u64, StoreError> {
+pub(super) async fn sequence(pool: &Statements, limit: i64) -> Result<u64, StoreError> {
     let numbered: i64 = sqlx::query_scalar("SELECT order_saga_sequence($1)")
         .bind(limit)
         .fetch_one(pool)
@@ -29,7 +29,7 @@ pub(super) async fn sequence(pool: &PgPool, limit: i64) -> Result<u64, StoreErro
 /// (`order_saga_read_log`, migration 0007). Returns the entries and how
 /// many events were numbered.
 pub(super) async fn read_log(
-    pool: &PgPool,
+    pool: &Statements,
     after: i64,
     limit: i64,
     sequence_limit: Option<i64>,
@@ -54,7 +54,7 @@ pub(super) async fn read_log(
 
 /// One aggregate's stored events, with their log metadata, oldest first.
 pub(super) async fn read_aggregate(
-    pool: &PgPool,
+    pool: &Statements,
     aggregate_type: &str,
     aggregate_id: &str,
 ) -> Result<Vec<LogEntry>, StoreError> {
