@@ -5,6 +5,7 @@
 //! consumer holding the schema files can decode them without a registry.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use apache_avro::schema::Schema;
 use apache_avro::types::Value;
@@ -56,10 +57,24 @@ const CANCELLATION_REASONS: [&str; 4] = [
     "SYSTEM_ERROR",
 ];
 
+/// The schemas of our topics, each with what encoding and decoding it
+/// needs made once (resolving a schema's names and computing its
+/// fingerprint for every message had cost the relay and the consumers a
+/// few per cent of their time).
 pub struct Contract {
-    schemas: HashMap<Topic, Schema>,
-    /// Each schema's single-object header: `C3 01` + fingerprint.
-    headers: HashMap<Topic, Vec<u8>>,
+    codecs: HashMap<Topic, Codec>,
+}
+
+struct Codec {
+    schema: Schema,
+    /// The record's full name.
+    record_name: String,
+    /// The fingerprint as hex, bytes in header (little-endian) order.
+    fingerprint: String,
+    reader: GenericSingleObjectReader,
+    /// Writes the single-object header (`C3 01` + fingerprint) and the
+    /// datum; it keeps a buffer, so one message at a time.
+    writer: Mutex<GenericSingleObjectWriter>,
 }
 
 /// The Avro spec's Parsing Canonical Form of a schema. apache-avro 0.22
@@ -241,45 +256,64 @@ impl Fields {
 impl Contract {
     /// Parses the schema files.
     pub fn load() -> Result<Self, String> {
-        let mut schemas = HashMap::new();
-        let mut headers = HashMap::new();
+        let mut codecs = HashMap::new();
         for (topic, text) in SCHEMA_FILES {
             let schema = Schema::parse_str(text).map_err(|e| format!("schema of {topic}: {e}"))?;
+            let fingerprint = fingerprint(&schema);
             let mut header = vec![0xC3, 0x01];
-            header.extend_from_slice(&fingerprint(&schema));
-            headers.insert(topic, header);
-            schemas.insert(topic, schema);
+            header.extend_from_slice(&fingerprint);
+            let reader = GenericSingleObjectReader::builder()
+                .schema(schema.clone())
+                .header(header.clone())
+                .build()
+                .map_err(|e| format!("schema of {topic}: {e}"))?;
+            let writer = GenericSingleObjectWriter::new_with_capacity_and_header_builder(
+                &schema,
+                512,
+                &SpecHeader(header),
+            )
+            .map_err(|e| format!("schema of {topic}: {e}"))?;
+            let record_name = match &schema {
+                Schema::Record(r) => r.name.fullname(None),
+                _ => topic.as_str().to_string(),
+            };
+            codecs.insert(
+                topic,
+                Codec {
+                    record_name,
+                    fingerprint: fingerprint.iter().map(|b| format!("{b:02x}")).collect(),
+                    schema,
+                    reader,
+                    writer: Mutex::new(writer),
+                },
+            );
         }
-        Ok(Contract { schemas, headers })
+        Ok(Contract { codecs })
     }
 
-    fn header(&self, topic: Topic) -> Result<&Vec<u8>, String> {
-        self.headers
+    fn codec(&self, topic: Topic) -> Result<&Codec, String> {
+        self.codecs
             .get(&topic)
             .ok_or_else(|| format!("no schema for {topic}"))
     }
 
     pub fn schema(&self, topic: Topic) -> Result<&Schema, String> {
-        self.schemas
-            .get(&topic)
-            .ok_or_else(|| format!("no schema for {topic}"))
+        self.codec(topic).map(|c| &c.schema)
     }
 
     /// The record's full name (e.g. `com.groom.ecommerce.order.event.avro.OrderCreated`).
-    pub fn record_name(&self, topic: Topic) -> String {
-        match self.schemas.get(&topic) {
-            Some(Schema::Record(r)) => r.name.fullname(None),
-            _ => topic.as_str().to_string(),
-        }
+    pub fn record_name(&self, topic: Topic) -> &str {
+        self.codecs
+            .get(&topic)
+            .map_or(topic.as_str(), |c| c.record_name.as_str())
     }
 
     /// The schema's CRC-64-AVRO fingerprint as hex, bytes in header
     /// (little-endian) order, as fastavro prints it.
-    pub fn fingerprint(&self, topic: Topic) -> String {
-        self.schemas
+    pub fn fingerprint(&self, topic: Topic) -> &str {
+        self.codecs
             .get(&topic)
-            .map(|s| fingerprint(s).iter().map(|b| format!("{b:02x}")).collect())
-            .unwrap_or_default()
+            .map_or("", |c| c.fingerprint.as_str())
     }
 
     /// The event as an Avro value of its topic's schema.
@@ -415,11 +449,11 @@ impl Contract {
 
     /// Single-object encoding of the event with its topic's schema.
     pub fn encode(&self, event: &IntegrationEvent) -> Result<Vec<u8>, String> {
-        let schema = self.schema(event.topic())?;
-        let header = SpecHeader(self.header(event.topic())?.clone());
-        let mut writer =
-            GenericSingleObjectWriter::new_with_capacity_and_header_builder(schema, 512, &header)
-                .map_err(|e| format!("{}: {e}", event.topic()))?;
+        let codec = self.codec(event.topic())?;
+        let mut writer = codec
+            .writer
+            .lock()
+            .map_err(|_| format!("{}: the encoder failed before", event.topic()))?;
         let mut bytes = Vec::with_capacity(512);
         writer
             .write_value(Self::to_value(event), &mut bytes)
@@ -430,12 +464,9 @@ impl Contract {
     /// Decodes a single-object message of `topic` (checking its header and
     /// fingerprint) back into an integration event.
     pub fn decode(&self, topic: Topic, mut bytes: &[u8]) -> Result<IntegrationEvent, String> {
-        let reader = GenericSingleObjectReader::builder()
-            .schema(self.schema(topic)?.clone())
-            .header(self.header(topic)?.clone())
-            .build()
-            .map_err(|e| e.to_string())?;
-        let value = reader
+        let value = self
+            .codec(topic)?
+            .reader
             .read_value(&mut bytes)
             .map_err(|e| format!("{topic}: {e}"))?;
         Self::from_value(topic, value)

@@ -492,11 +492,11 @@ impl Relay {
                 })
                 .insert(Header {
                     key: "eventType",
-                    value: Some(&record_name),
+                    value: Some(record_name),
                 })
                 .insert(Header {
                     key: "schemaFingerprint",
-                    value: Some(&fingerprint),
+                    value: Some(fingerprint),
                 });
             let mut record = FutureRecord::to(&topic)
                 .key(&event.order_id)
