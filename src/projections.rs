@@ -239,14 +239,6 @@ fn stored(entry: &LogEntry) -> StoredEvent {
     }
 }
 
-fn time_column(time: OrderTime) -> &'static str {
-    match time {
-        OrderTime::Confirmed => "confirmed_at_ms",
-        OrderTime::PaymentWait => "payment_wait_at_ms",
-        OrderTime::Cancelled => "cancelled_at_ms",
-    }
-}
-
 fn start_column(start: StageStart) -> &'static str {
     match start {
         StageStart::Created => "created_at_ms",
@@ -702,6 +694,7 @@ async fn apply_entries(
     let mut stats = Stats::new();
     let mut history = Vec::new();
     let mut stock = StockChanges::new();
+    let mut orders = OrderChanges::default();
     for entry in entries {
         match project(&stored(entry)) {
             Ok(ops) => {
@@ -720,13 +713,17 @@ async fn apply_entries(
                             change.0 = available;
                             change.1 += reserved_delta;
                         }
-                        op => apply(tx, &op, target, &mut stats, starts).await?,
+                        ReadOp::InsertOrder { .. }
+                        | ReadOp::SetStatus { .. }
+                        | ReadOp::StockReplied { .. } => orders.add(op, target, starts)?,
+                        op => apply(tx, &op, target, &mut stats, starts, &orders).await?,
                     }
                 }
             }
             Err(e) => tracing::error!(error = %e, "projection skipped an unreadable event"),
         }
     }
+    add_orders(tx, target, &orders).await?;
     add_history(tx, target, &history).await?;
     add_stock(tx, target, &stock).await?;
     add_stats(tx, target, &stats).await?;
@@ -741,6 +738,197 @@ type StockChanges = std::collections::BTreeMap<String, (u32, i64)>;
 /// Rows per multi-row INSERT (7 parameters each, well under both
 /// databases' limits on bound parameters).
 const ROWS_PER_INSERT: usize = 500;
+
+/// A batch's changes to `order_views`: the new rows, and per order what
+/// its later events set — written as one multi-row INSERT and one
+/// multi-row UPDATE for the whole batch (a statement per event before).
+/// Applying an order's changes in event order gives the same row as
+/// applying only the last value of each column, which is what is kept.
+#[derive(Default)]
+struct OrderChanges {
+    new: Vec<NewOrder>,
+    set: std::collections::BTreeMap<String, OrderPatch>,
+}
+
+struct NewOrder {
+    order_id: String,
+    position: i64,
+    user_id: String,
+    store_id: String,
+    items: String,
+    total_amount: String,
+    at_ms: i64,
+    version: i64,
+}
+
+/// The last value each column got in the batch; `None`: unchanged.
+#[derive(Default)]
+struct OrderPatch {
+    /// Status, cancel reason (set together: NULL unless cancelled) and version.
+    status: Option<(&'static str, Option<&'static str>, i64)>,
+    stock_replied_at_ms: Option<i64>,
+    confirmed_at_ms: Option<i64>,
+    payment_wait_at_ms: Option<i64>,
+    cancelled_at_ms: Option<i64>,
+}
+
+impl OrderChanges {
+    fn add(&mut self, op: ReadOp, target: Target, starts: &StageStarts) -> Result<(), StoreError> {
+        match op {
+            ReadOp::InsertOrder {
+                order_id,
+                position,
+                user_id,
+                store_id,
+                items,
+                total_amount,
+                at_ms,
+                version,
+            } => {
+                let items = serde_json::to_string(&items)
+                    .map_err(|e| StoreError::CorruptRow(e.to_string()))?;
+                starts.remember(target, &order_id, StageStart::Created, at_ms);
+                self.new.push(NewOrder {
+                    order_id,
+                    position,
+                    user_id,
+                    store_id,
+                    items,
+                    total_amount: total_amount.to_string(),
+                    at_ms,
+                    version,
+                });
+            }
+            ReadOp::SetStatus {
+                order_id,
+                status,
+                time,
+                cancel_reason,
+                at_ms,
+                version,
+            } => {
+                if matches!(time, OrderTime::Confirmed) {
+                    starts.remember(target, &order_id, StageStart::Confirmed, at_ms);
+                }
+                let patch = self.set.entry(order_id).or_default();
+                patch.status = Some((
+                    status.as_str(),
+                    cancel_reason.map(CancelReason::as_str),
+                    version,
+                ));
+                *match time {
+                    OrderTime::Confirmed => &mut patch.confirmed_at_ms,
+                    OrderTime::PaymentWait => &mut patch.payment_wait_at_ms,
+                    OrderTime::Cancelled => &mut patch.cancelled_at_ms,
+                } = Some(at_ms);
+            }
+            ReadOp::StockReplied { order_id, at_ms } => {
+                starts.remember(target, &order_id, StageStart::StockReplied, at_ms);
+                self.set.entry(order_id).or_default().stock_replied_at_ms = Some(at_ms);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A stage's start set earlier in this batch, not yet written.
+    fn start(&self, order_id: &str, from: StageStart) -> Option<i64> {
+        match from {
+            StageStart::Created => self
+                .new
+                .iter()
+                .find(|o| o.order_id == order_id)
+                .map(|o| o.at_ms),
+            StageStart::StockReplied => self.set.get(order_id)?.stock_replied_at_ms,
+            StageStart::Confirmed => self.set.get(order_id)?.confirmed_at_ms,
+        }
+    }
+}
+
+/// A batch's `order_views` changes: new rows first, then every order's
+/// changes in one UPDATE (SQLite and PostgreSQL name a VALUES list's
+/// columns `column1`, `column2`, …; the casts give every row's NULLs one type).
+async fn add_orders(tx: &mut Tx, target: Target, orders: &OrderChanges) -> Result<(), StoreError> {
+    for chunk in orders.new.chunks(ROWS_PER_INSERT) {
+        let rows = (0..chunk.len())
+            .map(|row| {
+                let p: Vec<String> = (1..=8).map(|c| format!("${}", row * 8 + c)).collect();
+                format!(
+                    "({}, 'ORDER_CREATED', {})",
+                    p[..4].join(", "),
+                    p[4..].join(", ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = target.sql(&format!(
+            "INSERT INTO order_views (order_id, created_position, user_id, store_id, status, \
+             items, total_amount, created_at_ms, version) VALUES {rows} \
+             ON CONFLICT (order_id) DO NOTHING"
+        ));
+        let mut params = Vec::with_capacity(chunk.len() * 8);
+        for o in chunk {
+            params.extend([
+                o.order_id.as_str().into(),
+                o.position.into(),
+                o.user_id.as_str().into(),
+                o.store_id.as_str().into(),
+                o.items.as_str().into(),
+                o.total_amount.as_str().into(),
+                o.at_ms.into(),
+                o.version.into(),
+            ]);
+        }
+        tx.run(sql, params).await?;
+    }
+    let set: Vec<_> = orders.set.iter().collect();
+    for chunk in set.chunks(ROWS_PER_INSERT) {
+        let rows = (0..chunk.len())
+            .map(|row| {
+                let p = |c: usize| row * 8 + c;
+                format!(
+                    "(CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS BIGINT), \
+                     CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                    p(1), p(2), p(3), p(4), p(5), p(6), p(7), p(8)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = target.sql(&format!(
+            "UPDATE order_views SET \
+             status = COALESCE(v.column2, order_views.status), \
+             cancel_reason = CASE WHEN v.column2 IS NULL THEN order_views.cancel_reason ELSE v.column3 END, \
+             version = COALESCE(v.column4, order_views.version), \
+             stock_replied_at_ms = COALESCE(v.column5, order_views.stock_replied_at_ms), \
+             confirmed_at_ms = COALESCE(v.column6, order_views.confirmed_at_ms), \
+             payment_wait_at_ms = COALESCE(v.column7, order_views.payment_wait_at_ms), \
+             cancelled_at_ms = COALESCE(v.column8, order_views.cancelled_at_ms) \
+             FROM (VALUES {rows}) AS v WHERE order_views.order_id = v.column1"
+        ));
+        let mut params = Vec::with_capacity(chunk.len() * 8);
+        for (order_id, patch) in chunk {
+            let (status, reason, version) = match patch.status {
+                Some((status, reason, version)) => (Some(status), reason, Some(version)),
+                None => (None, None, None),
+            };
+            // Numbers travel as text too: PostgreSQL keeps the parameter
+            // types of a statement's first run, and a NULL is bound as text.
+            let number = |n: Option<i64>| Param::from(n.map(|n| n.to_string()));
+            params.extend([
+                order_id.as_str().into(),
+                status.into(),
+                reason.into(),
+                number(version),
+                number(patch.stock_replied_at_ms),
+                number(patch.confirmed_at_ms),
+                number(patch.payment_wait_at_ms),
+                number(patch.cancelled_at_ms),
+            ]);
+        }
+        tx.run(sql, params).await?;
+    }
+    Ok(())
+}
 
 /// A batch's `order_history` rows, a few hundred per statement.
 async fn add_history(tx: &mut Tx, target: Target, history: &[ReadOp]) -> Result<(), StoreError> {
@@ -836,76 +1024,11 @@ async fn apply(
     target: Target,
     stats: &mut Stats,
     starts: &StageStarts,
+    pending: &OrderChanges,
 ) -> Result<(), StoreError> {
     match op {
-        ReadOp::InsertOrder {
-            order_id,
-            position,
-            user_id,
-            store_id,
-            items,
-            total_amount,
-            at_ms,
-            version,
-        } => {
-            let items =
-                serde_json::to_string(items).map_err(|e| StoreError::CorruptRow(e.to_string()))?;
-            starts.remember(target, order_id, StageStart::Created, *at_ms);
-            tx.run(
-                target.sql(
-                    "INSERT INTO order_views (order_id, created_position, user_id, store_id, \
-                     status, items, total_amount, created_at_ms, version) \
-                     VALUES ($1, $2, $3, $4, 'ORDER_CREATED', $5, $6, $7, $8) \
-                     ON CONFLICT (order_id) DO NOTHING",
-                ),
-                vec![
-                    order_id.as_str().into(),
-                    (*position).into(),
-                    user_id.as_str().into(),
-                    store_id.as_str().into(),
-                    items.into(),
-                    total_amount.to_string().into(),
-                    (*at_ms).into(),
-                    (*version).into(),
-                ],
-            )
-            .await?;
-        }
-        ReadOp::SetStatus {
-            order_id,
-            status,
-            time,
-            cancel_reason,
-            at_ms,
-            version,
-        } => {
-            let sql = format!(
-                "UPDATE order_views SET status = $2, cancel_reason = $3, version = $4, {} = $5 WHERE order_id = $1",
-                time_column(*time)
-            );
-            if matches!(time, OrderTime::Confirmed) {
-                starts.remember(target, order_id, StageStart::Confirmed, *at_ms);
-            }
-            tx.run(
-                target.sql(&sql),
-                vec![
-                    order_id.as_str().into(),
-                    status.as_str().into(),
-                    cancel_reason.map(CancelReason::as_str).into(),
-                    (*version).into(),
-                    (*at_ms).into(),
-                ],
-            )
-            .await?;
-        }
-        ReadOp::StockReplied { order_id, at_ms } => {
-            starts.remember(target, order_id, StageStart::StockReplied, *at_ms);
-            tx.run(
-                target.sql("UPDATE order_views SET stock_replied_at_ms = $2 WHERE order_id = $1"),
-                vec![order_id.as_str().into(), (*at_ms).into()],
-            )
-            .await?;
-        }
+        // Gathered by `apply_entries` into `OrderChanges`.
+        ReadOp::InsertOrder { .. } | ReadOp::SetStatus { .. } | ReadOp::StockReplied { .. } => {}
         ReadOp::ProductPrice { product_id, price } => {
             tx.run(
                 target.sql(
@@ -926,7 +1049,10 @@ async fn apply(
             from,
             at_ms,
         } => {
-            let started = match starts.recall(target, order_id, *from) {
+            let started = match starts
+                .recall(target, order_id, *from)
+                .or_else(|| pending.start(order_id, *from))
+            {
                 Some(started) => Some(started),
                 None => {
                     let sql = format!(
