@@ -114,7 +114,8 @@ pub enum Command {
     #[command(subcommand)]
     Projections(ProjectionsCommand),
     /// Open-loop load generator against a running instance (HTTP):
-    /// acceptance and saga latency percentiles, throughput. With --suite,
+    /// acceptance and saga latency percentiles, the generator's own send
+    /// lag, throughput. With --suite,
     /// the whole benchmark suite on instances it starts itself.
     ///
     /// Example: order-saga bench --url http://127.0.0.1:8080 --setup --rate 200 --duration 60s

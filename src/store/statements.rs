@@ -3,7 +3,7 @@
 //!
 //! sqlx 0.8's pool tests every connection it takes back: it sends a Sync
 //! and waits for the server's ReadyForQuery — a round trip after every
-//! statement run `&pool`, which PostgreSQL answers with a wake-up, a read
+//! statement run on `&pool`, which PostgreSQL answers with a wake-up, a read
 //! and a write of its own. Under load that doubled the round trips of the
 //! saga's statements (ARCHITECTURE.md, "Performance", "No ping after every
 //! statement"). [`Statements`] is an executor (`.execute(&*statements)`,
