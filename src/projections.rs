@@ -850,29 +850,20 @@ impl OrderChanges {
 /// columns `column1`, `column2`, …; the casts give every row's NULLs one type).
 async fn add_orders(tx: &mut Tx, target: Target, orders: &OrderChanges) -> Result<(), StoreError> {
     for chunk in orders.new.chunks(ROWS_PER_INSERT) {
-        let rows = (0..chunk.len())
-            .map(|row| {
-                let p: Vec<String> = (1..=8).map(|c| format!("${}", row * 8 + c)).collect();
-                format!(
-                    "({}, 'ORDER_CREATED', {})",
-                    p[..4].join(", "),
-                    p[4..].join(", ")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
         let sql = target.sql(&format!(
             "INSERT INTO order_views (order_id, created_position, user_id, store_id, status, \
-             items, total_amount, created_at_ms, version) VALUES {rows} \
-             ON CONFLICT (order_id) DO NOTHING"
+             items, total_amount, created_at_ms, version) VALUES {} \
+             ON CONFLICT (order_id) DO NOTHING",
+            values_placeholders(chunk.len(), 9, 0)
         ));
-        let mut params = Vec::with_capacity(chunk.len() * 8);
+        let mut params = Vec::with_capacity(chunk.len() * 9);
         for o in chunk {
             params.extend([
                 o.order_id.as_str().into(),
                 o.position.into(),
                 o.user_id.as_str().into(),
                 o.store_id.as_str().into(),
+                "ORDER_CREATED".into(),
                 o.items.as_str().into(),
                 o.total_amount.as_str().into(),
                 o.at_ms.into(),
