@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::integration::{IntegrationEvent, Topic};
-use crate::store::{Store, StoreError};
+use crate::store::{LogEntry, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -148,7 +148,42 @@ struct LogSubscription {
 /// under steady load: it was a write for every event in the log).
 const SAVE_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// Log entries with nothing for a group that one poll reads past at most
+/// before it returns empty-handed (the consumer loop then pauses briefly and
+/// beats its heartbeat before it polls again).
+const MAX_SKIPPED_PER_POLL: usize = 20_000;
+
 impl LogSubscription {
+    /// The delivery `entry` makes for this group: `None` if it is not one
+    /// of its topics' events.
+    fn delivery(&self, entry: &LogEntry) -> Option<Delivery> {
+        let offset = Offset {
+            partition: 0,
+            offset: entry.position,
+        };
+        match IntegrationEvent::from_log(entry) {
+            Ok(Some(event)) if self.topics.contains(&event.topic()) => Some(Delivery {
+                topic: event.topic().as_str().to_string(),
+                key: event.order_id.clone(),
+                offset,
+                event: Ok(event),
+                raw: Vec::new(),
+            }),
+            Ok(_) => None,
+            Err(error) => Some(Delivery {
+                topic: format!("{}.{}", entry.aggregate_type, entry.event_type),
+                key: entry.aggregate_id.clone(),
+                offset,
+                event: Err(Undecodable {
+                    error,
+                    payload: entry.payload.to_string(),
+                    event_id: Some(entry.event_id.to_string()),
+                }),
+                raw: entry.payload.to_string().into_bytes(),
+            }),
+        }
+    }
+
     fn committed_to(&mut self, position: i64) {
         self.committed = self.committed.max(position);
     }
@@ -170,51 +205,34 @@ impl LogSubscription {
 #[async_trait]
 impl Subscription for LogSubscription {
     async fn poll(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
-        let entries = self.store.read_log(self.cursor, max.max(1) as i64).await?;
-        if entries.is_empty() {
-            self.save(true).await?;
-        }
-        let mut deliveries = Vec::new();
-        let mut skipped_to = None;
-        for entry in entries {
-            self.cursor = entry.position;
-            let offset = Offset {
-                partition: 0,
-                offset: entry.position,
+        let mut skipped = 0;
+        loop {
+            let entries = self.store.read_log(self.cursor, max.max(1) as i64).await?;
+            let Some(last) = entries.last().map(|entry| entry.position) else {
+                self.save(true).await?;
+                return Ok(Vec::new());
             };
-            match IntegrationEvent::from_log(&entry) {
-                Ok(Some(event)) if self.topics.contains(&event.topic()) => {
-                    deliveries.push(Delivery {
-                        topic: event.topic().as_str().to_string(),
-                        key: event.order_id.clone(),
-                        offset,
-                        event: Ok(event),
-                        raw: Vec::new(),
-                    })
-                }
-                Ok(_) => skipped_to = Some(entry.position),
-                Err(error) => deliveries.push(Delivery {
-                    topic: format!("{}.{}", entry.aggregate_type, entry.event_type),
-                    key: entry.aggregate_id.clone(),
-                    offset,
-                    event: Err(Undecodable {
-                        error,
-                        payload: entry.payload.to_string(),
-                        event_id: Some(entry.event_id.to_string()),
-                    }),
-                    raw: entry.payload.to_string().into_bytes(),
-                }),
+            skipped += entries.len();
+            self.cursor = last;
+            let deliveries: Vec<Delivery> = entries
+                .iter()
+                .filter_map(|entry| self.delivery(entry))
+                .collect();
+            if !deliveries.is_empty() {
+                return Ok(deliveries);
+            }
+            // Nothing for us in this stretch of the log: move the checkpoint
+            // past it so a restart does not read it again, and read on — a
+            // consumer behind a long stretch of other groups' events (the
+            // stock service after a burst) would otherwise pause between
+            // stretches as if idle, and the first new order would wait for
+            // all of them.
+            self.committed_to(last);
+            self.save(false).await?;
+            if skipped >= MAX_SKIPPED_PER_POLL {
+                return Ok(Vec::new());
             }
         }
-        // Nothing for us in this stretch of the log: move the checkpoint past
-        // it so a restart does not read it again.
-        if deliveries.is_empty() {
-            if let Some(position) = skipped_to {
-                self.committed_to(position);
-                self.save(false).await?;
-            }
-        }
-        Ok(deliveries)
     }
 
     async fn commit(&mut self, handled: &[Delivery]) -> Result<(), TransportError> {

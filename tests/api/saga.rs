@@ -37,6 +37,7 @@ on_both_backends!(
     a_cancellation_reaching_the_stock_side_before_the_order_leaves_no_stock_held,
     every_message_delivered_twice_changes_nothing_the_second_time,
     replaying_every_consumer_from_checkpoint_0_changes_nothing,
+    a_poll_reads_past_a_stretch_with_nothing_for_its_group,
     an_undecodable_message_is_dead_lettered_and_the_saga_goes_on,
     the_webhook_is_retried_and_every_attempt_recorded_without_holding_up_the_saga,
     deadlines_survive_a_restart,
@@ -606,6 +607,43 @@ async fn every_message_delivered_twice_changes_nothing_the_second_time(backend: 
         "one notification per event: {:?}",
         h.notified()
     );
+    h.finish().await;
+}
+
+/// A group's poll does not come back empty-handed from a stretch of the
+/// log that holds only other groups' events while the log goes on: after a
+/// burst, the stock service's first new order waited for every such
+/// stretch, a pause between each.
+async fn a_poll_reads_past_a_stretch_with_nothing_for_its_group(backend: Backend) {
+    let h = harness(backend, vec![]).await;
+    h.order(&[("p-1", 1)]).await;
+    h.order(&[("p-1", 1)]).await;
+    h.run().await;
+    let log = h.t.store.read_log(0, 10_000).await.expect("log");
+    let waiting: Vec<_> = log
+        .iter()
+        .filter(|e| e.event_type == "PaymentWaitStarted")
+        .map(|e| (e.position, e.aggregate_id.clone()))
+        .collect();
+    assert_eq!(waiting.len(), 2, "{log:?}");
+    let before = log.iter().filter(|e| e.position < waiting[0].0).count();
+    assert!(
+        before > 1,
+        "nothing to read past before the first payment wait"
+    );
+
+    let mut subscription = LogTransport::new(h.t.store.clone())
+        .subscribe("late-reader", &[Topic::PaymentWaiting])
+        .await
+        .expect("subscribe");
+    // One entry at a time: every stretch before the first payment wait
+    // holds nothing for this group.
+    let polled = subscription.poll(1).await.expect("poll");
+    let polled: Vec<_> = polled
+        .iter()
+        .map(|d| (d.offset.offset, d.key.clone()))
+        .collect();
+    assert_eq!(polled, [waiting[0].clone()]);
     h.finish().await;
 }
 
