@@ -134,6 +134,9 @@ pub const KEEP_UP: f64 = 0.95;
 pub const SAGA_P99_LIMIT_MS: f64 = 1000.0;
 /// Settle time after each long-run phase.
 const LONG_SETTLE: Duration = Duration::from_secs(60);
+/// How long the long run's soak goes on sending after its last memory
+/// sample.
+const SOAK_OVERRUN: Duration = Duration::from_secs(5);
 
 /// One run of the load generator on a fresh instance.
 #[derive(Debug, Clone, Serialize)]
@@ -906,7 +909,7 @@ impl Suite {
             probe_rate,
             probe_s: long.probe.as_secs_f64(),
             soak_rate: long.rate,
-            soak_s: long.duration.as_secs_f64(),
+            soak_s: (long.duration + SOAK_OVERRUN).as_secs_f64(),
             rss_early_at_s: long.duration.as_secs_f64() / 10.0,
             rss_late_at_s: long.duration.as_secs_f64(),
             ..LongRun::default()
@@ -957,12 +960,12 @@ impl Suite {
 
         self.progress(&format!(
             "long run: {:.0}/s for {:.0}s, resident memory at {:.0}s and {:.0}s",
-            long.rate,
-            long.duration.as_secs_f64(),
-            run.rss_early_at_s,
-            run.rss_late_at_s
+            long.rate, run.soak_s, run.rss_early_at_s, run.rss_late_at_s
         ));
-        let soak_config = phase(long.rate, long.duration);
+        // The soak sends a little past the last sample, so that the sample
+        // sees the service at the soak's rate, not answering the listing
+        // of the orders that follows the sending.
+        let soak_config = phase(long.rate, long.duration + SOAK_OVERRUN);
         let service = &instance.service;
         let sampler = async {
             let start = Instant::now();
