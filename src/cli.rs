@@ -231,7 +231,9 @@ pub struct SuiteArgs {
     /// orders).
     #[arg(long, requires = "enabled")]
     pub skip_long: bool,
-    /// The long run's soak at 200 orders/s [default: 10m; --quick: 60s].
+    /// The long run's soak at 200 orders/s, resident memory sampled at a
+    /// tenth of it and at its end (it sends 5 s longer) [default: 10m;
+    /// --quick: 60s].
     #[arg(long, requires = "enabled", value_parser = humantime::parse_duration)]
     pub long_duration: Option<Duration>,
     /// Orders that exist before the long run's second throughput probe
