@@ -213,6 +213,8 @@ impl Subscription for LogSubscription {
                 return Ok(Vec::new());
             };
             skipped += entries.len();
+            // A stretch shorter than asked for ends at the head of the log.
+            let at_head = entries.len() < max.max(1);
             self.cursor = last;
             let deliveries: Vec<Delivery> = entries
                 .iter()
@@ -222,14 +224,15 @@ impl Subscription for LogSubscription {
                 return Ok(deliveries);
             }
             // Nothing for us in this stretch of the log: move the checkpoint
-            // past it so a restart does not read it again, and read on — a
-            // consumer behind a long stretch of other groups' events (the
-            // stock service after a burst) would otherwise pause between
-            // stretches as if idle, and the first new order would wait for
-            // all of them.
+            // past it so a restart does not read it again, and, unless the
+            // stretch reached the head, read on — a consumer behind a long
+            // stretch of other groups' events (the stock service after a
+            // burst) would otherwise pause between stretches as if idle, and
+            // the first new order would wait for all of them. At the head it
+            // returns as before, without another read.
             self.committed_to(last);
             self.save(false).await?;
-            if skipped >= MAX_SKIPPED_PER_POLL {
+            if at_head || skipped >= MAX_SKIPPED_PER_POLL {
                 return Ok(Vec::new());
             }
         }
