@@ -205,16 +205,17 @@ impl LogSubscription {
 #[async_trait]
 impl Subscription for LogSubscription {
     async fn poll(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
-        let mut skipped = 0;
+        let batch = max.max(1);
+        let mut read = 0;
         loop {
-            let entries = self.store.read_log(self.cursor, max.max(1) as i64).await?;
+            let entries = self.store.read_log(self.cursor, batch as i64).await?;
             let Some(last) = entries.last().map(|entry| entry.position) else {
                 self.save(true).await?;
                 return Ok(Vec::new());
             };
-            skipped += entries.len();
+            read += entries.len();
             // A stretch shorter than asked for ends at the head of the log.
-            let at_head = entries.len() < max.max(1);
+            let at_head = entries.len() < batch;
             self.cursor = last;
             let deliveries: Vec<Delivery> = entries
                 .iter()
@@ -232,7 +233,7 @@ impl Subscription for LogSubscription {
             // returns as before, without another read.
             self.committed_to(last);
             self.save(false).await?;
-            if at_head || skipped >= MAX_SKIPPED_PER_POLL {
+            if at_head || read >= MAX_SKIPPED_PER_POLL {
                 return Ok(Vec::new());
             }
         }
