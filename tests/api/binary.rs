@@ -143,3 +143,21 @@ async fn the_binary_serves_orders_priced_by_product_set_across_a_restart(backend
     assert!(String::from_utf8_lossy(&output.stderr).contains("DATABASE_URL"));
     t.cleanup().await;
 }
+
+/// The service runs without transparent huge pages: with them, the kernel
+/// refilled the memory mimalloc had handed back, 2 MiB at a time, minutes
+/// after a burst (ARCHITECTURE.md, "No transparent huge pages").
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_runs_without_transparent_huge_pages() {
+    let t = TestStore::new(Backend::Sqlite).await;
+    let (mut server, _url) = serve(&t).await;
+    let pid = server.id().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    server.kill().await.expect("kill the service");
+    let thp = status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "{status}");
+}
