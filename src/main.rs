@@ -34,7 +34,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// starts). mimalloc asks for them on its arena; the memory it hands back
 /// is then refilled, 2 MiB at a time, when the kernel's khugepaged gets
 /// round to the arena minutes later: the resident memory of a service
-/// that had a burst grew by a third, ten minutes after it. See
+/// that had a burst grew by 10–30 %, ten minutes after it. See
 /// ARCHITECTURE.md, "Performance", "No transparent huge pages".
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]

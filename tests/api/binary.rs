@@ -160,4 +160,5 @@ async fn the_service_runs_without_transparent_huge_pages() {
         .find_map(|line| line.strip_prefix("THP_enabled:"))
         .map(str::trim);
     assert_eq!(thp, Some("0"), "{status}");
+    t.cleanup().await;
 }
