@@ -229,8 +229,9 @@ impl Subscription for LogSubscription {
             // stretch reached the head, read on — a consumer behind a long
             // stretch of other groups' events (the stock service after a
             // burst) would otherwise pause between stretches as if idle, and
-            // the first new order would wait for all of them. At the head it
-            // returns as before, without another read.
+            // the first new order would wait for all of them. A stretch that
+            // reached the head ends the poll: another read would find little
+            // and cost a checkpoint write.
             self.committed_to(last);
             self.save(false).await?;
             if at_head || read >= MAX_SKIPPED_PER_POLL {
