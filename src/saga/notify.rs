@@ -10,7 +10,7 @@ use order_saga_domain::{CancelReason, Money};
 use serde::{Deserialize, Serialize};
 
 use super::integration::{Body, IntegrationEvent};
-use crate::store::{Store, StoreError};
+use crate::store::{AttemptRow, Param, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -173,21 +173,35 @@ impl Store {
             Ok(()) => ("delivered", None),
             Err(e) => ("failed", Some(e.as_str())),
         };
-        write_statement!(
-            self,
-            "INSERT INTO notification_attempts \
-             (event_id, attempt, order_id, kind, outcome, error, attempted_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO NOTHING",
-            [
-                notification.event_id.clone(),
-                i64::from(attempt),
-                notification.order_id.clone(),
-                notification.kind.as_str(),
-                outcome,
-                error.map(str::to_string),
-                at_ms,
-            ]
-        )?;
+        match self {
+            Store::Postgres(db) => {
+                db.record_notification_attempt(AttemptRow {
+                    event_id: notification.event_id.clone(),
+                    attempt: i64::from(attempt),
+                    order_id: notification.order_id.clone(),
+                    kind: notification.kind.as_str(),
+                    outcome,
+                    error: error.map(str::to_string),
+                    attempted_at_ms: at_ms,
+                })
+                .await?
+            }
+            Store::Sqlite(db) => {
+                let params = vec![
+                    Param::from(notification.event_id.clone()),
+                    Param::from(i64::from(attempt)),
+                    Param::from(notification.order_id.clone()),
+                    Param::from(notification.kind.as_str()),
+                    Param::from(outcome),
+                    error.map_or(Param::Null, Param::from),
+                    Param::from(at_ms),
+                ];
+                let sql = "INSERT INTO notification_attempts \
+                     (event_id, attempt, order_id, kind, outcome, error, attempted_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO NOTHING";
+                db.execute(vec![(sql.to_string(), params)], false).await?
+            }
+        }
         Ok(())
     }
 
@@ -212,17 +226,14 @@ impl Store {
     /// Attempts made so far for one event's notification, and whether one
     /// of them delivered it.
     pub async fn notification_progress(&self, event_id: &str) -> Result<(u32, bool), StoreError> {
-        let sql = "SELECT COUNT(*), \
-                   COALESCE(SUM(CASE WHEN outcome = 'delivered' THEN 1 ELSE 0 END), 0) \
-                   FROM notification_attempts WHERE event_id = $1";
-        let (attempts, delivered): (i64, i64) = match self {
-            Store::Postgres(db) => {
-                sqlx::query_as(sql)
-                    .bind(event_id)
-                    .fetch_one(&*db.statements)
-                    .await?
-            }
-            Store::Sqlite(db) => db.notification_progress(sql, event_id)?,
+        let (attempts, delivered) = match self {
+            Store::Postgres(db) => db.notification_progress(event_id).await?,
+            Store::Sqlite(db) => db.notification_progress(
+                "SELECT COUNT(*), \
+                 COALESCE(SUM(CASE WHEN outcome = 'delivered' THEN 1 ELSE 0 END), 0) \
+                 FROM notification_attempts WHERE event_id = $1",
+                event_id,
+            )?,
         };
         Ok((u32::try_from(attempts).unwrap_or(u32::MAX), delivered > 0))
     }

@@ -18,7 +18,7 @@ use sqlite_es::SqliteEventRepository;
 use sqlx::postgres::PgPool;
 use std::sync::Arc;
 
-use super::Statements;
+use super::postgres::{Append, Batched};
 use sqlx::sqlite::SqlitePool;
 use uuid::Uuid;
 
@@ -38,15 +38,15 @@ pub(super) struct Lean<R> {
 }
 
 enum Pool {
-    Pg(Arc<Statements>),
+    Pg(Arc<Batched>),
     Lite(GroupCommit),
 }
 
 impl Lean<PostgresEventRepository> {
-    pub(super) fn postgres(pool: &PgPool, statements: &Arc<Statements>) -> Self {
+    pub(super) fn postgres(pool: &PgPool, batched: &Arc<Batched>) -> Self {
         Lean {
             inner: PostgresEventRepository::new(pool.clone()),
-            pool: Pool::Pg(statements.clone()),
+            pool: Pool::Pg(batched.clone()),
         }
     }
 }
@@ -157,14 +157,15 @@ impl<R: PersistedEventRepository> PersistedEventRepository for Lean<R> {
             return self.inner.persist::<A>(events, snapshot_update).await;
         }
         match &self.pool {
-            Pool::Pg(pool) => {
-                let sql = insert_sql(events.len(), "::uuid");
-                bind_events(sqlx::query(&sql), A::TYPE, events)
-                    .execute(&**pool)
-                    .await
-                    .map(|_| ())
-                    .map_err(persistence_error)
-            }
+            Pool::Pg(batched) => batched
+                .appends
+                .run(Append {
+                    aggregate_type: A::TYPE,
+                    events: events.to_vec(),
+                })
+                .await
+                .map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?
+                .map_err(persistence_error),
             Pool::Lite(commits) => commits
                 .append(A::TYPE, events.to_vec())
                 .await

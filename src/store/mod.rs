@@ -8,6 +8,7 @@
 //! [`Store::read_log`] reads that log from any position. How the position is
 //! made safe on each backend is in ARCHITECTURE.md ("The global log").
 
+mod batch;
 mod group;
 mod inline;
 mod lean;
@@ -28,6 +29,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventRepository, PersistedEventStore};
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
+pub use postgres::AttemptRow;
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
@@ -66,6 +68,10 @@ pub enum StoreError {
     Corrupt { position: i64, message: String },
     #[error("stored row is unreadable: {0}")]
     CorruptRow(String),
+    /// A statement run for a batch of callers failed (`batch.rs`): every
+    /// caller in the batch gets its error, as text.
+    #[error("database error: {0}")]
+    Batched(String),
 }
 
 /// One entry of the global log: a stored event with its metadata.
@@ -106,9 +112,25 @@ pub struct Pg {
     pub pool: PgPool,
     pub statements: Arc<Statements>,
     shared: Arc<Shared>,
+    batched: Arc<postgres::Batched>,
 }
 
 impl Pg {
+    /// Attempts made so far for one event's notification, and how many of
+    /// them delivered it (a batched statement: `batch.rs`).
+    pub async fn notification_progress(&self, event_id: &str) -> Result<(i64, i64), StoreError> {
+        self.batched
+            .notification_progress
+            .run(event_id.to_string())
+            .await
+    }
+
+    /// Records one notification attempt (a batched statement: `batch.rs`);
+    /// an attempt already recorded stays as it is.
+    pub async fn record_notification_attempt(&self, row: AttemptRow) -> Result<(), StoreError> {
+        self.batched.notification_attempts.run(row).await
+    }
+
     /// Runs `work`, telling it whether to run the sequencer first: not if a
     /// run from this process started after its last append and less than
     /// [`SEQUENCE_AT_LEAST_EVERY`] ago. Runs are one at a time per process,
@@ -271,7 +293,7 @@ macro_rules! with_event_store {
     ($store:expr, $A:ty, $mode:ident, $access:ident, |$es:ident| $body:expr) => {
         match $store {
             Store::Postgres(db) => {
-                let $es = with_event_store!(@new $mode, $A, lean::Lean::postgres(&db.pool, &db.statements));
+                let $es = with_event_store!(@new $mode, $A, lean::Lean::postgres(&db.pool, &db.batched));
                 $body
             }
             Store::Sqlite(db) => {
@@ -392,12 +414,14 @@ impl Store {
             .connect_with(options.clone())
             .await
             .map_err(StoreError::Connect)?;
+        let statements = Arc::new(Statements::new(
+            options,
+            pool_size.saturating_sub(libraries).max(2),
+        ));
         Ok(Store::Postgres(Pg {
             pool,
-            statements: Arc::new(Statements::new(
-                options,
-                pool_size.saturating_sub(libraries).max(2),
-            )),
+            batched: Arc::new(postgres::Batched::spawn(&statements)),
+            statements,
             shared: Shared::new(),
         }))
     }
@@ -959,18 +983,18 @@ impl Store {
         product_id: &str,
         order_id: &str,
     ) -> Result<Option<u32>, StoreError> {
-        let quantity: Option<Option<i64>> = match self {
+        let quantity: Option<i64> = match self {
             Store::Postgres(db) => {
-                sqlx::query_scalar(include_str!("sql/pg_held_for_order.sql"))
-                    .bind(product_id)
-                    .bind(order_id)
-                    .fetch_optional(&*db.statements)
+                db.batched
+                    .holds
+                    .run((product_id.to_string(), order_id.to_string()))
                     .await?
             }
-            Store::Sqlite(db) => sqlite::held_for_order(&db.readers, product_id, order_id)?,
+            Store::Sqlite(db) => {
+                sqlite::held_for_order(&db.readers, product_id, order_id)?.flatten()
+            }
         };
         quantity
-            .flatten()
             .map(|q| {
                 u32::try_from(q).map_err(|_| {
                     StoreError::CorruptRow(format!(

@@ -5,11 +5,203 @@
 //! (migration 0005): a log read in the same statement ([`read_log`],
 //! migration 0007), other reads before theirs
 //! (`Store::sequence_for_reading`); `Pg::sequencing` decides when.
+//!
+//! And the statements many saga handlers make at once, each run for a
+//! batch of callers ([`Batched`], `batch.rs`).
 
+use std::sync::Arc;
+
+use cqrs_es::persist::SerializedEvent;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
+use super::batch::Batcher;
+use super::lean::{bind_events, insert_sql, COLUMNS};
 use super::{corrupt, LogEntry, Statements, StoreError};
+
+/// Requests one batched statement takes at most.
+const MAX_BATCH: usize = 256;
+
+/// Rows one batched INSERT of appends takes at most (PostgreSQL binds at
+/// most 65,535 parameters, [`COLUMNS`] per row); a batch with more runs its
+/// appends one by one.
+const MAX_BATCH_ROWS: usize = 4_096;
+
+/// One append without a snapshot: an aggregate's new events, stored
+/// together or not at all.
+#[derive(Debug)]
+pub(super) struct Append {
+    pub aggregate_type: &'static str,
+    pub events: Vec<SerializedEvent>,
+}
+
+/// One notification attempt to record.
+#[derive(Debug)]
+pub struct AttemptRow {
+    pub event_id: String,
+    pub attempt: i64,
+    pub order_id: String,
+    pub kind: &'static str,
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    pub attempted_at_ms: i64,
+}
+
+/// The batched statements (`batch.rs`): hold lookups, made for every item
+/// of every order the stock side reserves or releases; and a
+/// notification's progress check and attempt record, made for every
+/// notification.
+#[derive(Debug)]
+pub(super) struct Batched {
+    /// Appends, each answered with its own statement's outcome.
+    pub appends: Batcher<Append, Result<(), sqlx::Error>>,
+    /// (product, order) → the units the order holds on the product.
+    pub holds: Batcher<(String, String), Option<i64>>,
+    /// Event id → (attempts made, attempts that delivered).
+    pub notification_progress: Batcher<String, (i64, i64)>,
+    pub notification_attempts: Batcher<AttemptRow, ()>,
+}
+
+impl Batched {
+    /// Starts the batching tasks on the current runtime.
+    pub(super) fn spawn(statements: &Arc<Statements>) -> Self {
+        let pool = statements.clone();
+        let appends = Batcher::spawn(MAX_BATCH, move |appends: Vec<Append>| {
+            let pool = pool.clone();
+            async move { Ok(append_batch(&pool, appends).await) }
+        });
+        let pool = statements.clone();
+        let holds = Batcher::spawn(MAX_BATCH, move |pairs: Vec<(String, String)>| {
+            let pool = pool.clone();
+            async move {
+                let (products, orders): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+                let held: Vec<Option<i64>> =
+                    sqlx::query_scalar(include_str!("sql/pg_held_for_orders.sql"))
+                        .bind(products)
+                        .bind(orders)
+                        .fetch_all(&*pool)
+                        .await?;
+                Ok(held)
+            }
+        });
+        let pool = statements.clone();
+        let notification_progress = Batcher::spawn(MAX_BATCH, move |event_ids: Vec<String>| {
+            let pool = pool.clone();
+            async move {
+                let progress: Vec<(i64, i64)> =
+                    sqlx::query_as(include_str!("sql/pg_notification_progress.sql"))
+                        .bind(event_ids)
+                        .fetch_all(&*pool)
+                        .await?;
+                Ok(progress)
+            }
+        });
+        let pool = statements.clone();
+        let notification_attempts = Batcher::spawn(MAX_BATCH, move |rows: Vec<AttemptRow>| {
+            let pool = pool.clone();
+            async move {
+                let count = rows.len();
+                let mut columns = AttemptColumns::default();
+                for row in rows {
+                    columns.push(row);
+                }
+                sqlx::query(include_str!("sql/pg_record_notification_attempts.sql"))
+                    .bind(columns.event_ids)
+                    .bind(columns.attempts)
+                    .bind(columns.order_ids)
+                    .bind(columns.kinds)
+                    .bind(columns.outcomes)
+                    .bind(columns.errors)
+                    .bind(columns.attempted_at_ms)
+                    .execute(&*pool)
+                    .await?;
+                Ok(vec![(); count])
+            }
+        });
+        Batched {
+            appends,
+            holds,
+            notification_progress,
+            notification_attempts,
+        }
+    }
+}
+
+/// Stores a batch of appends: all of them in one multi-row INSERT, one
+/// implicit transaction and one commit. The statement is atomic, so a
+/// failure stores none of them; then — a sequence taken by another writer,
+/// a lost connection, anything — each append runs again alone and gets its
+/// own outcome, as it would have without the batch (a conflict between two
+/// instances is rare: within one, an aggregate's commands take turns). Rows
+/// go in key order, so two instances' batches cannot deadlock on each
+/// other's keys.
+async fn append_batch(pool: &Statements, mut appends: Vec<Append>) -> Vec<Result<(), sqlx::Error>> {
+    let rows: usize = appends.iter().map(|a| a.events.len()).sum();
+    if appends.len() > 1 && rows <= MAX_BATCH_ROWS {
+        let mut order: Vec<usize> = (0..appends.len()).collect();
+        order.sort_by(|&a, &b| append_key(&appends[a]).cmp(&append_key(&appends[b])));
+        let sql = insert_sql(rows, "::uuid");
+        let query = order.iter().fold(sqlx::query(&sql), |query, &i| {
+            bind_events(query, appends[i].aggregate_type, &appends[i].events)
+        });
+        if query.execute(pool).await.is_ok() {
+            return appends.iter().map(|_| Ok(())).collect();
+        }
+    }
+    let mut outcomes = Vec::with_capacity(appends.len());
+    for append in appends.drain(..) {
+        outcomes.push(append_alone(pool, &append).await);
+    }
+    outcomes
+}
+
+/// Where an append's rows sort among a batch's.
+fn append_key(append: &Append) -> (&str, &str, usize) {
+    match append.events.first() {
+        Some(first) => (
+            append.aggregate_type,
+            first.aggregate_id.as_str(),
+            first.sequence,
+        ),
+        None => (append.aggregate_type, "", 0),
+    }
+}
+
+async fn append_alone(pool: &Statements, append: &Append) -> Result<(), sqlx::Error> {
+    if append.events.is_empty() {
+        return Ok(());
+    }
+    debug_assert!(append.events.len() * COLUMNS <= usize::from(u16::MAX));
+    let sql = insert_sql(append.events.len(), "::uuid");
+    bind_events(sqlx::query(&sql), append.aggregate_type, &append.events)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// Attempt rows as the arrays the batch INSERT unnests.
+#[derive(Default)]
+struct AttemptColumns {
+    event_ids: Vec<String>,
+    attempts: Vec<i64>,
+    order_ids: Vec<String>,
+    kinds: Vec<&'static str>,
+    outcomes: Vec<&'static str>,
+    errors: Vec<Option<String>>,
+    attempted_at_ms: Vec<i64>,
+}
+
+impl AttemptColumns {
+    fn push(&mut self, row: AttemptRow) {
+        self.event_ids.push(row.event_id);
+        self.attempts.push(row.attempt);
+        self.order_ids.push(row.order_id);
+        self.kinds.push(row.kind);
+        self.outcomes.push(row.outcome);
+        self.errors.push(row.error);
+        self.attempted_at_ms.push(row.attempted_at_ms);
+    }
+}
 
 /// Numbers up to `limit` committed events; returns how many. Waits while
 /// another session runs the sequencer, so that everything committed before

@@ -20,6 +20,7 @@ on_both_backends!(
     a_command_on_a_stale_remembered_state_sees_the_other_process_writes,
     the_global_log_is_read_exactly_once_under_concurrent_writers,
     a_busy_product_loads_from_its_snapshot_and_reads_its_holds_from_its_events,
+    notification_records_made_together_are_each_counted,
 );
 
 fn set_product(price_minor: i64, stock: u32) -> ProductCommand {
@@ -134,9 +135,9 @@ async fn two_writers_on_one_aggregate_one_wins_the_other_conflicts(backend: Back
     t.cleanup().await;
 }
 
-/// Appends arriving together (on SQLite they share one commit): of the ones
-/// that take the same sequence exactly one wins, and the others' failures
-/// undo nothing of the rest.
+/// Appends arriving together (they share one statement and commit): of the
+/// ones that take the same sequence exactly one wins, and the others'
+/// failures undo nothing of the rest.
 async fn many_concurrent_appends_conflict_only_where_they_collide(backend: Backend) {
     let t = TestStore::new(backend).await;
     const EACH: u32 = 20;
@@ -627,5 +628,59 @@ async fn a_busy_product_loads_from_its_snapshot_and_reads_its_holds_from_its_eve
         ]
     );
     restarted.close().await;
+    t.cleanup().await;
+}
+
+/// Notification attempts recorded together, and progress asked together
+/// (on PostgreSQL each burst shares statements): every caller gets its own
+/// event's answer, an event asked twice in one burst included.
+async fn notification_records_made_together_are_each_counted(backend: Backend) {
+    use order_saga::saga::notify::{Notification, NotificationKind};
+    let t = TestStore::new(backend).await;
+    let notification = |n: usize| Notification {
+        event_id: format!("event-{n}"),
+        order_id: format!("order-{n}"),
+        user_id: "user-1".to_string(),
+        kind: NotificationKind::OrderConfirmed,
+        message: "Your order is confirmed.".to_string(),
+        reason: None,
+        total_amount: None,
+    };
+    // Event n gets n % 3 attempts: none; one failed; one failed, then one
+    // delivered.
+    let mut records = Vec::new();
+    for n in 0..30 {
+        for attempt in 0..(n % 3) {
+            let store = t.store.clone();
+            let result = if attempt == 1 {
+                Ok(())
+            } else {
+                Err("webhook answered 503".to_string())
+            };
+            let notification = notification(n);
+            records.push(tokio::spawn(async move {
+                store
+                    .record_notification_attempt(&notification, attempt as u32, &result, 1_000)
+                    .await
+            }));
+        }
+    }
+    for record in records {
+        record.await.expect("task").expect("recorded");
+    }
+    let asks: Vec<_> = (0..30)
+        .chain([4, 5])
+        .map(|n| {
+            let store = t.store.clone();
+            tokio::spawn(
+                async move { (n, store.notification_progress(&format!("event-{n}")).await) },
+            )
+        })
+        .collect();
+    for ask in asks {
+        let (n, progress) = ask.await.expect("task");
+        let expected = ((n % 3) as u32, n % 3 == 2);
+        assert_eq!(progress.expect("progress"), expected, "event-{n}");
+    }
     t.cleanup().await;
 }
