@@ -4,7 +4,9 @@
 //! autocommit instead: one statement is atomic on both databases, so the
 //! events are stored together or not at all, with the same optimistic check
 //! (the `(aggregate_type, aggregate_id, sequence)` key) — one round trip
-//! instead of three (on SQLite, inside the group commit of `group.rs`).
+//! instead of three; and the appends arriving together share one INSERT
+//! and commit (on PostgreSQL through `batch.rs`, on SQLite inside the group
+//! commit of `group.rs`).
 //! Appends that write a snapshot, and every read, go to the library's
 //! repository unchanged.
 
