@@ -16,14 +16,14 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 
 use super::batch::Batcher;
-use super::lean::{bind_events, insert_sql, COLUMNS};
+use super::lean::{bind_events, insert_sql};
 use super::{corrupt, LogEntry, Statements, StoreError};
 
 /// Requests one batched statement takes at most.
 const MAX_BATCH: usize = 256;
 
 /// Rows one batched INSERT of appends takes at most (PostgreSQL binds at
-/// most 65,535 parameters, [`COLUMNS`] per row); a batch with more runs its
+/// most 65,535 parameters, eight per row); a batch with more runs its
 /// appends one by one.
 const MAX_BATCH_ROWS: usize = 4_096;
 
@@ -47,8 +47,9 @@ pub struct AttemptRow {
     pub attempted_at_ms: i64,
 }
 
-/// The batched statements (`batch.rs`): hold lookups, made for every item
-/// of every order the stock side reserves or releases; and a
+/// The batched statements (`batch.rs`): appends without a snapshot, made
+/// by every command that changes something; hold lookups, made for every
+/// item of every order the stock side reserves or releases; and a
 /// notification's progress check and attempt record, made for every
 /// notification.
 #[derive(Debug)]
@@ -171,7 +172,6 @@ async fn append_alone(pool: &Statements, append: &Append) -> Result<(), sqlx::Er
     if append.events.is_empty() {
         return Ok(());
     }
-    debug_assert!(append.events.len() * COLUMNS <= usize::from(u16::MAX));
     let sql = insert_sql(append.events.len(), "::uuid");
     bind_events(sqlx::query(&sql), append.aggregate_type, &append.events)
         .execute(pool)
