@@ -9,6 +9,7 @@
 //! And the statements many saga handlers make at once, each run for a
 //! batch of callers ([`Batched`], `batch.rs`).
 
+use std::future::Future;
 use std::sync::Arc;
 
 use cqrs_es::persist::SerializedEvent;
@@ -66,66 +67,76 @@ pub(super) struct Batched {
 impl Batched {
     /// Starts the batching tasks on the current runtime.
     pub(super) fn spawn(statements: &Arc<Statements>) -> Self {
-        let pool = statements.clone();
-        let appends = Batcher::spawn(MAX_BATCH, move |appends: Vec<Append>| {
-            let pool = pool.clone();
-            async move { Ok(append_batch(&pool, appends).await) }
-        });
-        let pool = statements.clone();
-        let holds = Batcher::spawn(MAX_BATCH, move |pairs: Vec<(String, String)>| {
-            let pool = pool.clone();
-            async move {
-                let (products, orders): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
-                let held: Vec<Option<i64>> =
-                    sqlx::query_scalar(include_str!("sql/pg_held_for_orders.sql"))
-                        .bind(products)
-                        .bind(orders)
-                        .fetch_all(&*pool)
-                        .await?;
-                Ok(held)
-            }
-        });
-        let pool = statements.clone();
-        let notification_progress = Batcher::spawn(MAX_BATCH, move |event_ids: Vec<String>| {
-            let pool = pool.clone();
-            async move {
-                let progress: Vec<(i64, i64)> =
-                    sqlx::query_as(include_str!("sql/pg_notification_progress.sql"))
-                        .bind(event_ids)
-                        .fetch_all(&*pool)
-                        .await?;
-                Ok(progress)
-            }
-        });
-        let pool = statements.clone();
-        let notification_attempts = Batcher::spawn(MAX_BATCH, move |rows: Vec<AttemptRow>| {
-            let pool = pool.clone();
-            async move {
-                let count = rows.len();
-                let mut columns = AttemptColumns::default();
-                for row in rows {
-                    columns.push(row);
-                }
-                sqlx::query(include_str!("sql/pg_record_notification_attempts.sql"))
-                    .bind(columns.event_ids)
-                    .bind(columns.attempts)
-                    .bind(columns.order_ids)
-                    .bind(columns.kinds)
-                    .bind(columns.outcomes)
-                    .bind(columns.errors)
-                    .bind(columns.attempted_at_ms)
-                    .execute(&*pool)
-                    .await?;
-                Ok(vec![(); count])
-            }
-        });
         Batched {
-            appends,
-            holds,
-            notification_progress,
-            notification_attempts,
+            appends: Batcher::spawn(MAX_BATCH, on(statements, append_batch)),
+            holds: Batcher::spawn(MAX_BATCH, on(statements, held_for_orders)),
+            notification_progress: Batcher::spawn(MAX_BATCH, on(statements, notification_progress)),
+            notification_attempts: Batcher::spawn(
+                MAX_BATCH,
+                on(statements, record_notification_attempts),
+            ),
         }
     }
+}
+
+/// A batch's statement, run on the single-statement connections.
+fn on<Req: 'static, Res, Fut>(
+    statements: &Arc<Statements>,
+    run: fn(Arc<Statements>, Vec<Req>) -> Fut,
+) -> impl Fn(Vec<Req>) -> Fut + Send + 'static
+where
+    Fut: Future<Output = Result<Vec<Res>, StoreError>> + 'static,
+{
+    let pool = statements.clone();
+    move |requests| run(pool.clone(), requests)
+}
+
+async fn held_for_orders(
+    pool: Arc<Statements>,
+    pairs: Vec<(String, String)>,
+) -> Result<Vec<Option<i64>>, StoreError> {
+    let (products, orders): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+    Ok(
+        sqlx::query_scalar(include_str!("sql/pg_held_for_orders.sql"))
+            .bind(products)
+            .bind(orders)
+            .fetch_all(&*pool)
+            .await?,
+    )
+}
+
+async fn notification_progress(
+    pool: Arc<Statements>,
+    event_ids: Vec<String>,
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    Ok(
+        sqlx::query_as(include_str!("sql/pg_notification_progress.sql"))
+            .bind(event_ids)
+            .fetch_all(&*pool)
+            .await?,
+    )
+}
+
+async fn record_notification_attempts(
+    pool: Arc<Statements>,
+    rows: Vec<AttemptRow>,
+) -> Result<Vec<()>, StoreError> {
+    let count = rows.len();
+    let mut columns = AttemptColumns::default();
+    for row in rows {
+        columns.push(row);
+    }
+    sqlx::query(include_str!("sql/pg_record_notification_attempts.sql"))
+        .bind(columns.event_ids)
+        .bind(columns.attempts)
+        .bind(columns.order_ids)
+        .bind(columns.kinds)
+        .bind(columns.outcomes)
+        .bind(columns.errors)
+        .bind(columns.attempted_at_ms)
+        .execute(&*pool)
+        .await?;
+    Ok(vec![(); count])
 }
 
 /// Stores a batch of appends: all of them in one multi-row INSERT, one
@@ -135,8 +146,12 @@ impl Batched {
 /// own outcome, as it would have without the batch (a conflict between two
 /// instances is rare: within one, an aggregate's commands take turns). Rows
 /// go in key order, so two instances' batches cannot deadlock on each
-/// other's keys.
-async fn append_batch(pool: &Statements, mut appends: Vec<Append>) -> Vec<Result<(), sqlx::Error>> {
+/// other's keys. The batch as a whole never fails: each append gets its
+/// own outcome.
+async fn append_batch(
+    pool: Arc<Statements>,
+    appends: Vec<Append>,
+) -> Result<Vec<Result<(), sqlx::Error>>, StoreError> {
     let rows: usize = appends.iter().map(|a| a.events.len()).sum();
     if appends.len() > 1 && rows <= MAX_BATCH_ROWS {
         let mut order: Vec<usize> = (0..appends.len()).collect();
@@ -145,15 +160,15 @@ async fn append_batch(pool: &Statements, mut appends: Vec<Append>) -> Vec<Result
         let query = order.iter().fold(sqlx::query(&sql), |query, &i| {
             bind_events(query, appends[i].aggregate_type, &appends[i].events)
         });
-        if query.execute(pool).await.is_ok() {
-            return appends.iter().map(|_| Ok(())).collect();
+        if query.execute(&*pool).await.is_ok() {
+            return Ok(appends.iter().map(|_| Ok(())).collect());
         }
     }
     let mut outcomes = Vec::with_capacity(appends.len());
-    for append in appends.drain(..) {
-        outcomes.push(append_alone(pool, &append).await);
+    for append in &appends {
+        outcomes.push(append_alone(&pool, append).await);
     }
-    outcomes
+    Ok(outcomes)
 }
 
 /// Where an append's rows sort among a batch's.
