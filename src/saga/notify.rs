@@ -10,7 +10,7 @@ use order_saga_domain::{CancelReason, Money};
 use serde::{Deserialize, Serialize};
 
 use super::integration::{Body, IntegrationEvent};
-use crate::store::{AttemptRow, Param, Store, StoreError};
+use crate::store::{AttemptRow, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -173,34 +173,33 @@ impl Store {
             Ok(()) => ("delivered", None),
             Err(e) => ("failed", Some(e.as_str())),
         };
+        let row = AttemptRow {
+            event_id: notification.event_id.clone(),
+            attempt: i64::from(attempt),
+            order_id: notification.order_id.clone(),
+            kind: notification.kind.as_str(),
+            outcome,
+            error: error.map(str::to_string),
+            attempted_at_ms: at_ms,
+        };
         match self {
-            Store::Postgres(db) => {
-                db.record_notification_attempt(AttemptRow {
-                    event_id: notification.event_id.clone(),
-                    attempt: i64::from(attempt),
-                    order_id: notification.order_id.clone(),
-                    kind: notification.kind.as_str(),
-                    outcome,
-                    error: error.map(str::to_string),
-                    attempted_at_ms: at_ms,
-                })
-                .await?
-            }
-            Store::Sqlite(db) => {
-                let params = vec![
-                    Param::from(notification.event_id.clone()),
-                    Param::from(i64::from(attempt)),
-                    Param::from(notification.order_id.clone()),
-                    Param::from(notification.kind.as_str()),
-                    Param::from(outcome),
-                    error.map_or(Param::Null, Param::from),
-                    Param::from(at_ms),
-                ];
-                let sql = "INSERT INTO notification_attempts \
-                     (event_id, attempt, order_id, kind, outcome, error, attempted_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO NOTHING";
-                db.execute(vec![(sql.to_string(), params)], false).await?
-            }
+            // PostgreSQL records the attempts made together in one statement.
+            Store::Postgres(db) => db.record_notification_attempt(row).await?,
+            Store::Sqlite(db) => write_statement!(
+                @sqlite db,
+                "INSERT INTO notification_attempts \
+                 (event_id, attempt, order_id, kind, outcome, error, attempted_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO NOTHING",
+                [
+                    row.event_id,
+                    row.attempt,
+                    row.order_id,
+                    row.kind,
+                    row.outcome,
+                    row.error,
+                    row.attempted_at_ms,
+                ]
+            )?,
         }
         Ok(())
     }

@@ -48,26 +48,21 @@ impl<Req: Send + 'static, Res: Send + 'static> Batcher<Req, Res> {
             while waiting.recv_many(&mut batch, max).await > 0 {
                 let (requests, answers): (Vec<Req>, Vec<_>) = batch.drain(..).unzip();
                 let asked = requests.len();
-                match run(requests).await {
+                let error = match run(requests).await {
                     Ok(results) if results.len() == asked => {
                         for (answer, result) in answers.into_iter().zip(results) {
                             // A caller that stopped waiting needs no answer.
                             let _ = answer.send(Ok(result));
                         }
+                        continue;
                     }
                     Ok(results) => {
-                        let error =
-                            format!("a batch of {asked} requests got {} answers", results.len());
-                        for answer in answers {
-                            let _ = answer.send(Err(error.clone()));
-                        }
+                        format!("a batch of {asked} requests got {} answers", results.len())
                     }
-                    Err(e) => {
-                        let error = e.to_string();
-                        for answer in answers {
-                            let _ = answer.send(Err(error.clone()));
-                        }
-                    }
+                    Err(e) => e.to_string(),
+                };
+                for answer in answers {
+                    let _ = answer.send(Err(error.clone()));
                 }
             }
         });

@@ -358,6 +358,8 @@ macro_rules! on_pool {
 /// arguments (owned: on SQLite they travel to the writer task): on
 /// PostgreSQL through the pool, on SQLite in the writer's group commit
 /// (`group.rs`: it shares a commit with the writes waiting beside it).
+/// `write_statement!(@sqlite db, …)` is the SQLite half alone, for a write
+/// that PostgreSQL makes another way.
 macro_rules! write_statement {
     ($store:expr, $sql:expr, [$($value:expr),* $(,)?]) => {
         match $store {
@@ -366,12 +368,13 @@ macro_rules! write_statement {
                 .execute(&*db.statements)
                 .await
                 .map(|_| ()),
-            Store::Sqlite(db) => {
-                let params = vec![$($crate::store::Param::from($value)),*];
-                db.execute(vec![(String::from($sql), params)], false).await
-            }
+            Store::Sqlite(db) => write_statement!(@sqlite db, $sql, [$($value),*]),
         }
     };
+    (@sqlite $db:expr, $sql:expr, [$($value:expr),* $(,)?]) => {{
+        let params = vec![$($crate::store::Param::from($value)),*];
+        $db.execute(vec![(String::from($sql), params)], false).await
+    }};
 }
 
 /// [`on_pool!`] for statements that only read: on SQLite they go to the
