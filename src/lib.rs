@@ -13,14 +13,12 @@
 //! - [`projections`]: the read models, kept up to date from the global log;
 //! - [`http`]: the REST API (axum);
 //! - [`analytics`]: the analysts' history, time-travel and replay tools;
-//! - [`bench`]: the open-loop load generator of `order-saga bench`;
 //! - [`cli`]: the command line and its settings (clap).
 
 #[macro_use]
 pub mod store;
 
 pub mod analytics;
-pub mod bench;
 pub mod cli;
 pub mod graphql_backend;
 pub mod health;

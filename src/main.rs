@@ -9,9 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use order_saga::analytics::{self, LogLine, ReplayFilter};
-use order_saga::bench::BenchConfig;
-use order_saga::cli::{BenchArgs, OutputFormat, ProjectionsCommand, ReplayArgs};
 use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
+use order_saga::cli::{OutputFormat, ProjectionsCommand, ReplayArgs};
 use order_saga::health::{pause, Readiness, Shutdown};
 use order_saga::http::HttpState;
 use order_saga::projections::Projections;
@@ -69,10 +68,6 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    // The load generator talks HTTP only: no store of its own.
-    if let Some(Command::Bench(args)) = &cli.command {
-        return bench(args).await;
-    }
     let config = cli.store.config().map_err(anyhow::Error::msg)?;
     let store = Store::open(&config).await.context("opening the store")?;
     store.migrate().await.context("migrating the store")?;
@@ -136,7 +131,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay(args) => replay(&store, args).await,
-        Command::Bench(_) => Ok(()),
         Command::Projections(ProjectionsCommand::Rebuild { name }) => {
             rebuild_projections(&store, &name).await
         }
@@ -299,53 +293,6 @@ fn print_entries(entries: &[LogEntry], format: OutputFormat) -> anyhow::Result<(
         );
     }
     Ok(())
-}
-
-async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.suite.enabled {
-        let command = std::env::args()
-            .map(|a| shell_word(&a))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let config = args.suite.config(command).map_err(anyhow::Error::msg)?;
-        let results = order_saga::bench::suite::run(config).await?;
-        let report = order_saga::bench::report::markdown(&results);
-        if let Some(at) = report.find("## Targets") {
-            print!("{}", &report[at..]);
-        }
-        return Ok(());
-    }
-    let config = BenchConfig {
-        url: args.url.trim_end_matches('/').to_string(),
-        rate: args.rate,
-        duration: args.duration,
-        products: args.products,
-        stock: args.stock,
-        max_items: args.items,
-        hot: args.hot.clamp(0.0, 1.0),
-        settle: args.settle,
-        setup: args.setup,
-    };
-    let report = order_saga::bench::run(&config).await?;
-    print!("{report}");
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("--json: cannot write {}", path.display()))?;
-    }
-    Ok(())
-}
-
-/// `word` as a shell would need it quoted.
-fn shell_word(word: &str) -> String {
-    let plain = !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c));
-    if plain {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', "'\\''"))
-    }
 }
 
 /// Rebuilds the read models with a progress bar on a terminal, plain

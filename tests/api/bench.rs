@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use order_saga::bench::{run, BenchConfig};
+use order_saga_bench::{run, BenchConfig};
 
 use crate::helpers::{spawn_service, Backend, TestStore};
 use crate::on_both_backends;

@@ -31,19 +31,17 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long it may take to stop after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
-pub struct Service {
+pub struct ServiceProcess {
     child: Child,
     pub url: String,
     pub pid: u32,
     log: PathBuf,
 }
 
-impl Service {
-    /// Starts `order-saga serve ARGS` with `RUST_LOG=warn`, its stderr going
+impl ServiceProcess {
+    /// Starts `EXE serve ARGS` (the order-saga binary) with `RUST_LOG=warn`, its stderr going
     /// to `log`, and waits until `/readyz` answers 200.
-    pub async fn start(args: &[String], log: &Path) -> Result<Service, String> {
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find the order-saga binary: {e}"))?;
+    pub async fn start(exe: &Path, args: &[String], log: &Path) -> Result<ServiceProcess, String> {
         let stderr = std::fs::File::create(log)
             .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
         let mut command = Command::new(exe);
@@ -77,7 +75,7 @@ impl Service {
             None
         })
         .await;
-        let mut service = Service {
+        let mut service = ServiceProcess {
             child,
             url: String::new(),
             pid,

@@ -6,237 +6,14 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
-use serde::Serialize;
 
-use super::admin::Admin;
 use super::ceilings::{Rate, APPEND_POOL_SIZE, APPEND_WRITERS};
-use super::suite::{self, Backend, BackendResult, Step, SuiteResults, KEEP_UP, SAGA_P99_LIMIT_MS};
 use super::BenchReport;
-use crate::store::SNAPSHOT_EVERY;
-
-/// The machine the figures were measured on.
-#[derive(Debug, Clone, Serialize)]
-pub struct Machine {
-    pub cpus: usize,
-    pub memory: String,
-    pub cpu_model: String,
-    pub kernel: String,
-    pub postgres: String,
-    pub rustc: String,
-    pub broker: String,
-}
-
-/// Reads /proc, asks PostgreSQL and rustc.
-pub async fn machine(admin: Option<&Admin>) -> Machine {
-    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
-    let meminfo = read("/proc/meminfo");
-    let memory = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse::<f64>().ok())
-        .map_or("unknown".to_string(), |kib| {
-            format!("{:.1} GiB", kib / 1024.0 / 1024.0)
-        });
-    let cpu_model = read("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|rest| rest.split_once(':'))
-                .map(|(_, model)| model.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".to_string());
-    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
-    let postgres = match admin {
-        Some(admin) => admin
-            .version()
-            .await
-            .unwrap_or_else(|e| format!("unknown ({e})")),
-        None => "unreachable".to_string(),
-    };
-    let rustc = match tokio::process::Command::new("rustc")
-        .arg("--version")
-        .output()
-        .await
-    {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        _ => "not available".to_string(),
-    };
-    Machine {
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        memory,
-        cpu_model,
-        kernel: if kernel.is_empty() {
-            "unknown".to_string()
-        } else {
-            kernel
-        },
-        postgres,
-        rustc,
-        broker: "tansu 0.6.0 (memory storage, scripts/kafka-up)".to_string(),
-    }
-}
-
-/// One row of the targets table.
-#[derive(Debug, Clone, Serialize)]
-pub struct Target {
-    pub figure: String,
-    pub target: String,
-    pub measured: String,
-    /// `None`: not measured.
-    pub met: Option<bool>,
-}
-
-fn target(
-    figure: &str,
-    target: String,
-    measured: Option<(f64, String)>,
-    ok: impl Fn(f64) -> bool,
-) -> Target {
-    match measured {
-        Some((value, text)) => Target {
-            figure: figure.to_string(),
-            target,
-            measured: text,
-            met: Some(ok(value)),
-        },
-        None => Target {
-            figure: figure.to_string(),
-            target,
-            measured: "not measured".to_string(),
-            met: None,
-        },
-    }
-}
-
-/// The targets, computed from the measured numbers.
-pub fn targets(r: &SuiteResults) -> Vec<Target> {
-    let at_200 = |backend: Backend| -> Option<&BenchReport> {
-        r.backend(backend)?.ramp_at(200.0)?.report.as_ref()
-    };
-    // A ramp that saturated below 200/s never got there: that misses the
-    // target too.
-    let below_200 = |backend: Backend| -> Option<f64> {
-        r.backend(backend)?
-            .ramp
-            .iter()
-            .find(|s| !s.kept_up() && s.rate < 200.0)
-            .map(|s| s.rate)
-    };
-    let at_200_ms = |backend: Backend, pick: fn(&BenchReport) -> f64| -> Option<(f64, String)> {
-        match (at_200(backend), below_200(backend)) {
-            (Some(report), _) => Some((pick(report), format!("{} ms", ms(pick(report))))),
-            (None, Some(rate)) => {
-                Some((f64::INFINITY, format!("saturated at {rate:.0}/s already")))
-            }
-            (None, None) => None,
-        }
-    };
-    let saga_p99 = |backend: Backend| at_200_ms(backend, |b| b.saga.p99_ms);
-    let max = |backend: Backend| {
-        r.backend(backend)
-            .and_then(|b| b.max_sustainable)
-            .map(|m| (m, format!("{m:.0}/s")))
-    };
-    let mut rows = vec![
-        target(
-            "acceptance p99 at 200/s, PostgreSQL",
-            "≤ 5 ms".into(),
-            at_200(Backend::Postgres).map(|b| {
-                (
-                    b.acceptance.p99_ms,
-                    format!(
-                        "{} ms (the generator's own send lag in it: p99 {} ms)",
-                        ms(b.acceptance.p99_ms),
-                        ms(b.send_lag.p99_ms)
-                    ),
-                )
-            }),
-            |v| v <= 5.0,
-        ),
-        target(
-            "saga p99 at 200/s, embedded (in-process)",
-            "≤ 50 ms".into(),
-            saga_p99(Backend::Embedded),
-            |v| v <= 50.0,
-        ),
-        target(
-            "saga p99 at 200/s, PostgreSQL",
-            "≤ 50 ms".into(),
-            saga_p99(Backend::Postgres),
-            |v| v <= 50.0,
-        ),
-        target(
-            "saga p99 at 200/s, PostgreSQL + Kafka",
-            "≤ 150 ms".into(),
-            saga_p99(Backend::PostgresKafka),
-            |v| v <= 150.0,
-        ),
-        target(
-            "max sustainable rate, embedded",
-            "≥ 1500/s".into(),
-            max(Backend::Embedded),
-            |v| v >= 1500.0,
-        ),
-    ];
-    let commit_8 = r.ceilings.commit_8.as_ref().and_then(|c| c.per_second);
-    let pg_target = match (commit_8, r.tx_per_order()) {
-        (Some(c), Some((tx, _))) if tx > 0.0 => Some(0.5 * c / tx),
-        _ => None,
-    };
-    let pg_target_text = match (commit_8, r.tx_per_order(), pg_target) {
-        (Some(c), Some((tx, _)), Some(t)) => {
-            format!("≥ 50 % × ({c:.0} commits/s ÷ {tx:.1} tx/order) = {t:.0}/s")
-        }
-        _ => "≥ 50 % × (commit ceiling at 8 connections ÷ transactions per order)".to_string(),
-    };
-    rows.push(match pg_target {
-        Some(t) => target(
-            "max sustainable rate, PostgreSQL",
-            pg_target_text,
-            max(Backend::Postgres),
-            |v| v >= t,
-        ),
-        None => Target {
-            figure: "max sustainable rate, PostgreSQL".into(),
-            target: pg_target_text,
-            measured: max(Backend::Postgres).map_or("not measured".into(), |m| m.1),
-            met: None,
-        },
-    });
-    rows.push(target(
-        "max sustainable rate, PostgreSQL + Kafka",
-        "≥ 400/s".into(),
-        max(Backend::PostgresKafka),
-        |v| v >= 400.0,
-    ));
-    rows.push(target(
-        "our append rate ÷ plain postgres-es",
-        "≥ 0.9".into(),
-        r.ceilings.append_ratio().map(|v| (v, format!("{v:.2}"))),
-        |v| v >= 0.9,
-    ));
-    let long = r.long_run.as_ref();
-    rows.push(target(
-        "rate after the long run's orders ÷ rate at start (10 products)",
-        "≥ 0.9".into(),
-        long.and_then(|l| {
-            let v = l.rate_ratio()?;
-            Some((
-                v,
-                format!("{v:.2} (after {} orders)", l.orders_before_end_probe),
-            ))
-        }),
-        |v| v >= 0.9,
-    ));
-    rows.push(target(
-        "resident memory at the end of the soak ÷ at a tenth of it",
-        "≤ 1.1".into(),
-        long.and_then(|l| l.rss_ratio().map(|v| (v, format!("{v:.2}")))),
-        |v| v <= 1.1,
-    ));
-    rows
-}
+use crate::results::{
+    ms, per_s, Backend, BackendResult, Step, SuiteResults, KEEP_UP, SAGA_P99_LIMIT_MS,
+};
+use crate::suite;
+use order_saga::store::SNAPSHOT_EVERY;
 
 /// Writes the Markdown report to `out` and the JSON beside it.
 pub fn write(results: &SuiteResults, out: &Path) -> anyhow::Result<()> {
@@ -249,24 +26,6 @@ pub fn write(results: &SuiteResults, out: &Path) -> anyhow::Result<()> {
 }
 
 /// Milliseconds, with the precision that matters at their size.
-fn ms(v: f64) -> String {
-    if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
-fn per_s(v: f64) -> String {
-    if v >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.1}")
-    }
-}
-
 /// Text safe inside a table cell.
 fn cell(text: &str) -> String {
     text.replace('|', "\\|").replace(['\n', '\r'], " ")
@@ -385,7 +144,7 @@ pub fn markdown(r: &SuiteResults) -> String {
     let _ = writeln!(md, "# Benchmarks\n");
     let _ = writeln!(
         md,
-        "Generated by `scripts/bench` (`order-saga bench --suite`): do not edit by hand, rerun it. \
+        "Generated by `scripts/bench` (`order-saga-bench --suite`): do not edit by hand, rerun it. \
          The raw numbers are in `{}`.\n",
         suite::json_path(Path::new("BENCHMARKS.md")).display()
     );
@@ -446,7 +205,7 @@ pub fn markdown(r: &SuiteResults) -> String {
          - PostgreSQL is reached with the suite's `--admin-url` (its database name replaced), by the \
          ceilings and the service alike; `scripts/bench` passes `sslmode=disable`: TLS on loopback \
          protects nothing and cost ~7 % of PostgreSQL's CPU.\n\
-         - Load is open-loop (`order-saga bench`): orders are sent on schedule whatever the latency, \
+         - Load is open-loop (`order-saga-bench`): orders are sent on schedule whatever the latency, \
          acceptance latency counted from each order's scheduled instant. A thread of the \
          generator's own keeps the schedule (a tokio timer ticks in whole milliseconds and had sent \
          orders 1.3–1.7 ms late at p50); how late each order still left — the send lag, part of \
@@ -697,8 +456,8 @@ pub fn markdown(r: &SuiteResults) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::suite::{BackendResult, Settings};
-    use crate::bench::Percentiles;
+    use crate::results::{targets, BackendResult, Machine, Settings};
+    use crate::Percentiles;
 
     fn report(rate: f64, saga_p99_ms: f64) -> BenchReport {
         let p = |ms: f64| Percentiles {

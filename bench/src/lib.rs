@@ -1,4 +1,4 @@
-//! `order-saga bench`: an open-loop load generator against a running
+//! `order-saga-bench`: an open-loop load generator against a running
 //! instance over HTTP.
 //!
 //! Orders are sent at a fixed arrival rate whatever the latency — each one
@@ -7,14 +7,16 @@
 //! coordinated omission). Saga latency is read afterwards from the read
 //! model's recorded-at timestamps (created → PAYMENT_WAIT or cancelled).
 //!
-//! `order-saga bench --suite` ([`suite`]) runs whole scenarios with this
+//! `order-saga-bench --suite` ([`suite`]) runs whole scenarios with this
 //! generator against instances it starts itself, measures the platform's
 //! [`ceilings`] and writes BENCHMARKS.md ([`report`]).
 
 pub mod admin;
 pub mod ceilings;
 pub mod child;
+pub mod cli;
 pub mod report;
+pub mod results;
 pub mod suite;
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! `order-saga bench --suite`: the benchmark suite behind `scripts/bench`.
+//! `order-saga-bench --suite`: the benchmark suite behind `scripts/bench`.
 //!
 //! Every run gets a fresh instance of the service — this binary's `serve`
 //! as a child process — on a fresh store (a temporary directory, or a new
@@ -14,58 +14,23 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
+use chrono::Utc;
 use tokio::time::Instant;
 
-use super::admin::Admin;
-use super::ceilings::{
-    self, Ceilings, BENCH_KAFKA_CONSUMER_CONFIG, BENCH_KAFKA_PARTITIONS,
-    BENCH_KAFKA_PRODUCER_CONFIG,
-};
-use super::child::Service;
-use super::report::{self, Machine, Target};
-use super::{BenchConfig, BenchReport};
+mod instances;
+mod long;
 
-/// What stores the service and carries its messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Backend {
-    /// The embedded SQLite store, in-process bus.
-    Embedded,
-    /// PostgreSQL, in-process bus.
-    Postgres,
-    /// PostgreSQL with Kafka as the bus.
-    PostgresKafka,
-}
+use crate::admin::Admin;
+use crate::ceilings::{self, Ceilings};
+use crate::report;
+use crate::results::{Backend, BackendResult, HotResult, Machine, Settings, Step, SuiteResults};
+use crate::BenchConfig;
 
-impl Backend {
-    pub const ALL: [Backend; 3] = [Backend::Embedded, Backend::Postgres, Backend::PostgresKafka];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Embedded => "embedded",
-            Backend::Postgres => "postgres",
-            Backend::PostgresKafka => "postgres+kafka",
-        }
-    }
-
-    pub fn title(self) -> &'static str {
-        match self {
-            Backend::Embedded => "Embedded (SQLite, in-process bus)",
-            Backend::Postgres => "PostgreSQL (in-process bus)",
-            Backend::PostgresKafka => "PostgreSQL + Kafka (tansu 0.6.0)",
-        }
-    }
-
-    fn uses_postgres(self) -> bool {
-        self != Backend::Embedded
-    }
-}
-
-/// The suite's settings (see `order-saga bench --help`).
+/// The suite's settings (see `order-saga-bench --help`).
 #[derive(Debug, Clone)]
 pub struct SuiteConfig {
+    /// The `order-saga` binary started for every run.
+    pub service_bin: PathBuf,
     pub admin_url: String,
     pub kafka_brokers: Option<String>,
     pub out: PathBuf,
@@ -101,244 +66,17 @@ pub struct LongConfig {
     pub products: usize,
 }
 
-/// The settings as reported.
-#[derive(Debug, Clone, Serialize)]
-pub struct Settings {
-    pub quick: bool,
-    pub step_duration_s: f64,
-    pub ramp_settle_s: f64,
-    pub start_rate: f64,
-    pub max_rate: f64,
-    pub sustain_duration_s: f64,
-    pub sustain_settle_s: f64,
-    pub bisect_steps: u32,
-    pub hot_rate: f64,
-    pub ceiling_duration_s: f64,
-    pub broker_messages: u64,
-    pub products: usize,
-    pub max_items: usize,
-    pub long_duration_s: Option<f64>,
-    pub long_orders: Option<u64>,
-    pub long_probe_s: Option<f64>,
-}
-
 /// Products and items per order of the ramp and bisection.
 const PRODUCTS: usize = 20;
 const MAX_ITEMS: usize = 3;
 const STOCK: u32 = 1_000_000;
 /// Stock of the hot product: it never runs out.
 const HOT_STOCK: u32 = 100_000_000;
-/// A step that keeps up achieves at least this share of the offered rate.
-pub const KEEP_UP: f64 = 0.95;
-/// … and its sagas' p99 is at most this.
-pub const SAGA_P99_LIMIT_MS: f64 = 1000.0;
 /// Settle time after each long-run phase.
 const LONG_SETTLE: Duration = Duration::from_secs(60);
 /// How long the long run's soak goes on sending after its last memory
 /// sample.
 const SOAK_OVERRUN: Duration = Duration::from_secs(5);
-
-/// One run of the load generator on a fresh instance.
-#[derive(Debug, Clone, Serialize)]
-pub struct Step {
-    pub rate: f64,
-    pub duration_s: f64,
-    pub settle_s: f64,
-    pub report: Option<BenchReport>,
-    /// What went wrong (the service crashed, HTTP errors, …).
-    pub error: Option<String>,
-    /// Something worth knowing that did not spoil the run.
-    pub note: Option<String>,
-    /// PostgreSQL commits in the run's database ÷ orders accepted.
-    pub tx_per_order: Option<f64>,
-    /// Why it did not keep up; empty when it did.
-    pub saturated_by: Vec<String>,
-}
-
-impl Step {
-    fn new(config: &BenchConfig) -> Step {
-        Step {
-            rate: config.rate,
-            duration_s: config.duration.as_secs_f64(),
-            settle_s: config.settle.as_secs_f64(),
-            report: None,
-            error: None,
-            note: None,
-            tx_per_order: None,
-            saturated_by: Vec::new(),
-        }
-    }
-
-    pub fn kept_up(&self) -> bool {
-        self.saturated_by.is_empty()
-    }
-
-    /// Saturated: achieved < 95 % of offered, saga p99 > 1 s, anything
-    /// unfinished or failed, or the run went wrong.
-    fn judge(&mut self) {
-        let mut why = Vec::new();
-        if self.error.is_some() {
-            why.push("error".to_string());
-        }
-        match &self.report {
-            None if self.error.is_none() => why.push("no report".to_string()),
-            None => {}
-            Some(r) => {
-                if r.achieved_rate < KEEP_UP * r.offered_rate {
-                    why.push(format!("achieved < {:.0} %", KEEP_UP * 100.0));
-                }
-                if r.saga.p99_ms > SAGA_P99_LIMIT_MS {
-                    why.push("saga p99 > 1 s".to_string());
-                }
-                if r.unfinished > 0 {
-                    why.push(format!("{} unfinished", r.unfinished));
-                }
-                if r.failed > 0 {
-                    why.push(format!("{} failed", r.failed));
-                }
-            }
-        }
-        self.saturated_by = why;
-    }
-
-    fn summary(&self) -> String {
-        let verdict = if self.kept_up() {
-            "kept up".to_string()
-        } else {
-            format!("saturated: {}", self.saturated_by.join(", "))
-        };
-        let mut line = match &self.report {
-            Some(r) => format!(
-                "achieved {:.1}/s, acceptance p99 {:.1} ms, saga p99 {:.1} ms, {} unfinished, {} failed — {verdict}",
-                r.achieved_rate, r.acceptance.p99_ms, r.saga.p99_ms, r.unfinished, r.failed
-            ),
-            None => verdict,
-        };
-        if let Some(e) = &self.error {
-            line.push_str(&format!(" ({e})"));
-        }
-        line
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BackendResult {
-    pub backend: Backend,
-    pub title: String,
-    pub skipped: Option<String>,
-    pub ramp: Vec<Step>,
-    pub bisect: Vec<Step>,
-    pub max_sustainable: Option<f64>,
-    pub max_sustainable_how: String,
-}
-
-impl BackendResult {
-    /// The ramp step at `rate`, if the ramp got there.
-    pub fn ramp_at(&self, rate: f64) -> Option<&Step> {
-        self.ramp.iter().find(|s| (s.rate - rate).abs() < 0.5)
-    }
-
-    /// The highest ramp rate that kept up.
-    pub fn highest_kept_up(&self) -> Option<f64> {
-        self.ramp
-            .iter()
-            .filter(|s| s.kept_up())
-            .map(|s| s.rate)
-            .reduce(f64::max)
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct HotResult {
-    pub backend: Backend,
-    pub step: Step,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct LongRun {
-    pub products: usize,
-    pub probe_rate: f64,
-    pub probe_s: f64,
-    pub start_probe: Option<BenchReport>,
-    pub soak_rate: f64,
-    pub soak_s: f64,
-    pub soak: Option<BenchReport>,
-    pub rss_early_kib: Option<u64>,
-    pub rss_early_at_s: f64,
-    pub rss_late_kib: Option<u64>,
-    pub rss_late_at_s: f64,
-    pub feed: Option<BenchReport>,
-    pub orders_before_end_probe: u64,
-    pub end_probe: Option<BenchReport>,
-    pub errors: Vec<String>,
-}
-
-impl LongRun {
-    pub fn rss_ratio(&self) -> Option<f64> {
-        let (early, late) = (self.rss_early_kib?, self.rss_late_kib?);
-        (early > 0).then(|| late as f64 / early as f64)
-    }
-
-    pub fn rate_ratio(&self) -> Option<f64> {
-        let start = self.start_probe.as_ref()?.saga_rate;
-        let end = self.end_probe.as_ref()?.saga_rate;
-        (start > 0.0).then(|| end / start)
-    }
-}
-
-/// Everything the suite measured; written as JSON beside BENCHMARKS.md.
-#[derive(Debug, Clone, Serialize)]
-pub struct SuiteResults {
-    pub generated_at: DateTime<Utc>,
-    /// False while the suite is still running (the files are rewritten
-    /// after every scenario).
-    pub finished: bool,
-    pub elapsed_s: f64,
-    pub machine: Machine,
-    pub command: String,
-    pub invoked_as: Option<String>,
-    pub settings: Settings,
-    pub ceilings: Ceilings,
-    pub ceilings_skipped: Option<String>,
-    pub backends: Vec<BackendResult>,
-    pub hot: Vec<HotResult>,
-    pub long_run: Option<LongRun>,
-    pub long_run_skipped: Option<String>,
-    pub targets: Vec<Target>,
-}
-
-impl SuiteResults {
-    pub fn backend(&self, backend: Backend) -> Option<&BackendResult> {
-        self.backends
-            .iter()
-            .find(|b| b.backend == backend && b.skipped.is_none())
-    }
-
-    /// Commits per order: the PostgreSQL ramp step at 200/s, else its
-    /// first step that measured it.
-    pub fn tx_per_order(&self) -> Option<(f64, f64)> {
-        let ramp = &self.backend(Backend::Postgres)?.ramp;
-        ramp.iter()
-            .filter(|s| (s.rate - 200.0).abs() < 0.5)
-            .chain(ramp.iter())
-            .find_map(|s| s.tx_per_order.map(|tx| (tx, s.rate)))
-    }
-}
-
-/// A running instance and what to clean up after it.
-struct Instance {
-    service: Service,
-    workdir: PathBuf,
-    database: Option<String>,
-    topic_prefix: Option<String>,
-}
-
-/// What stopping an instance found.
-struct Stopped {
-    crash: Option<String>,
-    note: Option<String>,
-    xact_commit: Option<i64>,
-}
 
 /// A running instance's store and topics: (directory, database, prefix).
 type Leftover = (PathBuf, Option<String>, Option<String>);
@@ -356,7 +94,7 @@ struct Suite {
 pub async fn run(config: SuiteConfig) -> anyhow::Result<SuiteResults> {
     let started = Instant::now();
     let admin = Admin::connect(&config.admin_url).await;
-    let machine = report::machine(admin.as_ref().ok()).await;
+    let machine = machine(admin.as_ref().ok()).await;
     let settings = Settings {
         quick: config.quick,
         step_duration_s: config.step_duration.as_secs_f64(),
@@ -498,7 +236,7 @@ impl Suite {
 
     fn write(&mut self) -> anyhow::Result<()> {
         self.results.elapsed_s = self.started.elapsed().as_secs_f64();
-        self.results.targets = report::targets(&self.results);
+        self.results.targets = crate::results::targets(&self.results);
         report::write(&self.results, &self.config.out)
     }
 
@@ -748,7 +486,7 @@ impl Suite {
             }
             None => None,
         };
-        match super::run(&config).await {
+        match crate::run(&config).await {
             Ok(report) => step.report = Some(report),
             Err(e) => step.error = Some(e.to_string()),
         }
@@ -776,256 +514,6 @@ impl Suite {
         self.progress(&format!("  {}", step.summary()));
         step
     }
-
-    async fn xact_commit(&self, database: &str) -> Option<i64> {
-        let admin = self.admin.as_ref().ok()?;
-        match admin.xact_commit(database).await {
-            Ok(n) => Some(n),
-            Err(e) => {
-                self.progress(&format!("  {e}"));
-                None
-            }
-        }
-    }
-
-    /// A fresh instance: a new store (and topic prefix), the service
-    /// started on it and ready.
-    async fn start(&self, backend: Backend) -> Result<Instance, String> {
-        self.usable(backend)?;
-        let id = short_id();
-        let workdir = std::env::temp_dir().join(format!("order-saga-bench-{id}"));
-        std::fs::create_dir_all(&workdir)
-            .map_err(|e| format!("cannot create {}: {e}", workdir.display()))?;
-        let mut instance_args: Vec<String> = Vec::new();
-        let mut database = None;
-        let mut topic_prefix = None;
-        if backend.uses_postgres() {
-            let admin = self.admin.as_ref().map_err(Clone::clone)?;
-            let name = match admin.create_database().await {
-                Ok(name) => name,
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&workdir);
-                    return Err(e);
-                }
-            };
-            instance_args.extend(["--database-url".to_string(), admin.url_of(&name)]);
-            database = Some(name);
-        } else {
-            let data = workdir.join("data");
-            instance_args.extend(["--data-dir".to_string(), data.display().to_string()]);
-        }
-        if backend == Backend::PostgresKafka {
-            let brokers = self.config.kafka_brokers.clone().unwrap_or_default();
-            let prefix = format!("bench{id}.");
-            instance_args.extend([
-                "--kafka-brokers".to_string(),
-                brokers,
-                "--kafka-topic-prefix".to_string(),
-                prefix.clone(),
-                // Fitted to the test broker: see the constants.
-                "--kafka-partitions".to_string(),
-                BENCH_KAFKA_PARTITIONS.to_string(),
-                "--kafka-consumer-config".to_string(),
-                BENCH_KAFKA_CONSUMER_CONFIG.to_string(),
-                "--kafka-producer-config".to_string(),
-                BENCH_KAFKA_PRODUCER_CONFIG.to_string(),
-            ]);
-            topic_prefix = Some(prefix);
-        }
-        self.leftovers()
-            .push((workdir.clone(), database.clone(), topic_prefix.clone()));
-        match Service::start(&instance_args, &workdir.join("serve.log")).await {
-            Ok(service) => Ok(Instance {
-                service,
-                workdir,
-                database,
-                topic_prefix,
-            }),
-            Err(e) => {
-                self.clean_up(&workdir, database.as_deref(), topic_prefix.as_deref())
-                    .await;
-                Err(e)
-            }
-        }
-    }
-
-    /// Stops the service and removes its store; reads the database's commit
-    /// counter last (the service's connections flush their statistics as
-    /// they close).
-    async fn stop(&self, instance: Instance) -> Stopped {
-        let (crash, note) = match instance.service.stop().await {
-            Ok(note) => (None, note),
-            Err(crash) => (Some(crash), None),
-        };
-        let mut xact_commit = None;
-        if let Some(db) = &instance.database {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            xact_commit = self.xact_commit(db).await;
-        }
-        self.clean_up(
-            &instance.workdir,
-            instance.database.as_deref(),
-            instance.topic_prefix.as_deref(),
-        )
-        .await;
-        Stopped {
-            crash,
-            note,
-            xact_commit,
-        }
-    }
-
-    async fn clean_up(&self, workdir: &PathBuf, database: Option<&str>, prefix: Option<&str>) {
-        self.leftovers().retain(|(dir, _, _)| dir != workdir);
-        if let (Some(db), Ok(admin)) = (database, &self.admin) {
-            if let Err(e) = admin.drop_database(db).await {
-                self.progress(&format!("  cleaning up: {e}"));
-            }
-        }
-        if let (Some(prefix), Some(brokers)) = (prefix, &self.config.kafka_brokers) {
-            ceilings::delete_topics(brokers, |name| name.starts_with(prefix)).await;
-        }
-        if let Err(e) = std::fs::remove_dir_all(workdir) {
-            self.progress(&format!(
-                "  cleaning up: cannot remove {}: {e}",
-                workdir.display()
-            ));
-        }
-    }
-
-    /// The long run on one embedded instance: a throughput probe, a soak at
-    /// 200/s sampling resident memory, orders up to the total, the probe
-    /// again.
-    async fn long_run(&self, long: &LongConfig) -> LongRun {
-        let max = self
-            .results
-            .backend(Backend::Embedded)
-            .and_then(|b| b.max_sustainable)
-            .filter(|r| *r > 0.0);
-        let probe_rate = (1.5 * max.unwrap_or(1000.0)).round();
-        let feed_rate = max.unwrap_or(1000.0);
-        let mut run = LongRun {
-            products: long.products,
-            probe_rate,
-            probe_s: long.probe.as_secs_f64(),
-            soak_rate: long.rate,
-            soak_s: (long.duration + SOAK_OVERRUN).as_secs_f64(),
-            rss_early_at_s: long.duration.as_secs_f64() / 10.0,
-            rss_late_at_s: long.duration.as_secs_f64(),
-            ..LongRun::default()
-        };
-        self.progress(&format!(
-            "long run: embedded, {} products, probe at {probe_rate:.0}/s, {:.0}s at {:.0}/s, probe again after {} orders",
-            long.products,
-            long.duration.as_secs_f64(),
-            long.rate,
-            long.orders
-        ));
-        let mut instance = match self.start(Backend::Embedded).await {
-            Ok(instance) => instance,
-            Err(e) => {
-                run.errors.push(format!("starting the service: {e}"));
-                return run;
-            }
-        };
-        let url = instance.service.url.clone();
-        let phase = |rate: f64, duration: Duration| BenchConfig {
-            url: url.clone(),
-            rate,
-            duration,
-            products: long.products,
-            stock: STOCK,
-            max_items: MAX_ITEMS,
-            hot: 0.0,
-            settle: LONG_SETTLE,
-            setup: true,
-        };
-        if let Err(e) = warm_up(&phase(1.0, long.probe)).await {
-            run.errors.push(e);
-        }
-        let mut orders = 0;
-
-        self.progress(&format!(
-            "long run: throughput probe at {probe_rate:.0}/s for {:.0}s",
-            long.probe.as_secs_f64()
-        ));
-        match super::run(&phase(probe_rate, long.probe)).await {
-            Ok(r) => {
-                self.progress(&format!("  sagas finished at {:.1}/s", r.saga_rate));
-                orders += r.accepted;
-                run.start_probe = Some(r);
-            }
-            Err(e) => run.errors.push(format!("first probe: {e}")),
-        }
-
-        self.progress(&format!(
-            "long run: {:.0}/s for {:.0}s, resident memory at {:.0}s and {:.0}s",
-            long.rate, run.soak_s, run.rss_early_at_s, run.rss_late_at_s
-        ));
-        // The soak sends a little past the last sample, so that the sample
-        // sees the service at the soak's rate, not answering the listing
-        // of the orders that follows the sending.
-        let soak_config = phase(long.rate, long.duration + SOAK_OVERRUN);
-        let service = &instance.service;
-        let sampler = async {
-            let start = Instant::now();
-            tokio::time::sleep_until(start + long.duration / 10).await;
-            let early = service.rss_kib();
-            tokio::time::sleep_until(start + long.duration).await;
-            (early, service.rss_kib())
-        };
-        let (soak, (early, late)) = tokio::join!(super::run(&soak_config), sampler);
-        run.rss_early_kib = early;
-        run.rss_late_kib = late;
-        match soak {
-            Ok(r) => {
-                self.progress(&format!(
-                    "  {} accepted, saga p99 {:.1} ms; RSS {} → {} KiB",
-                    r.accepted,
-                    r.saga.p99_ms,
-                    early.unwrap_or(0),
-                    late.unwrap_or(0)
-                ));
-                orders += r.accepted;
-                run.soak = Some(r);
-            }
-            Err(e) => run.errors.push(format!("soak: {e}")),
-        }
-
-        if orders < long.orders {
-            let remaining = long.orders - orders;
-            let duration = Duration::from_secs_f64((remaining as f64 / feed_rate).max(1.0));
-            self.progress(&format!(
-                "long run: {remaining} more orders at {feed_rate:.0}/s"
-            ));
-            match super::run(&phase(feed_rate, duration)).await {
-                Ok(r) => {
-                    orders += r.accepted;
-                    run.feed = Some(r);
-                }
-                Err(e) => run.errors.push(format!("feeding orders: {e}")),
-            }
-        }
-        run.orders_before_end_probe = orders;
-
-        self.progress(&format!(
-            "long run: throughput probe after {orders} orders at {probe_rate:.0}/s"
-        ));
-        match super::run(&phase(probe_rate, long.probe)).await {
-            Ok(r) => {
-                self.progress(&format!("  sagas finished at {:.1}/s", r.saga_rate));
-                run.end_probe = Some(r);
-            }
-            Err(e) => run.errors.push(format!("second probe: {e}")),
-        }
-        if let Some(exit) = instance.service.exited() {
-            run.errors.push(format!("the service exited ({exit})"));
-        }
-        let stopped = self.stop(instance).await;
-        run.errors.extend(stopped.crash);
-        run.errors.extend(stopped.note);
-        run
-    }
 }
 
 /// Orders sent to a fresh instance before it is measured — 20 in a
@@ -1042,7 +530,7 @@ async fn warm_up(config: &BenchConfig) -> Result<(), String> {
         setup: true,
         ..config.clone()
     };
-    match super::run(&warm).await {
+    match crate::run(&warm).await {
         Ok(r) if r.unfinished == 0 && r.failed == 0 => Ok(()),
         Ok(r) => Err(format!(
             "warm-up: {} failed, {} unfinished after {}s",
@@ -1060,5 +548,56 @@ fn rate_line(rate: &ceilings::Rate, what: &str) -> String {
         (Some(r), Some(e)) => format!("{r:.0} {what}/s ({e})"),
         (None, Some(e)) => format!("failed: {e}"),
         (None, None) => "nothing measured".to_string(),
+    }
+}
+
+/// Reads /proc, asks PostgreSQL and rustc.
+pub async fn machine(admin: Option<&Admin>) -> Machine {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let meminfo = read("/proc/meminfo");
+    let memory = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .map_or("unknown".to_string(), |kib| {
+            format!("{:.1} GiB", kib / 1024.0 / 1024.0)
+        });
+    let cpu_model = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(_, model)| model.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".to_string());
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
+    let postgres = match admin {
+        Some(admin) => admin
+            .version()
+            .await
+            .unwrap_or_else(|e| format!("unknown ({e})")),
+        None => "unreachable".to_string(),
+    };
+    let rustc = match tokio::process::Command::new("rustc")
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        _ => "not available".to_string(),
+    };
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory,
+        cpu_model,
+        kernel: if kernel.is_empty() {
+            "unknown".to_string()
+        } else {
+            kernel
+        },
+        postgres,
+        rustc,
+        broker: "tansu 0.6.0 (memory storage, scripts/kafka-up)".to_string(),
     }
 }

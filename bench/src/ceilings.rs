@@ -28,8 +28,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::time::Instant;
 
 use super::admin::Admin;
-use crate::saga::kafka::parse_properties;
-use crate::store::{Store, SNAPSHOT_EVERY};
+use order_saga::saga::kafka::parse_properties;
+use order_saga::store::{Store, SNAPSHOT_EVERY};
 
 /// Connections of both event stores' pools (the service's default).
 pub const APPEND_POOL_SIZE: u32 = 16;
