@@ -22,7 +22,6 @@ pub mod clock;
 pub mod integration;
 pub mod kafka;
 pub mod notify;
-pub mod timers;
 pub mod transport;
 
 use std::collections::HashMap;
@@ -43,11 +42,11 @@ use uuid::Uuid;
 use self::clock::{Clock, SystemClock};
 use self::integration::{Body, IntegrationEvent, Topic, CAUSATION_ID, CORRELATION_ID};
 use self::notify::{LogNotifier, Notification, Notifier};
-use self::timers::{Timer, TimerKind};
+
 use self::transport::{DeadLetterSink, Delivery, Subscription, Transport, TransportError};
 use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::service::{store_ledger, StoreCatalog};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Timer, TimerKind};
 
 /// Every duration and count of SPEC §3, configurable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -828,7 +827,11 @@ impl Saga {
         let result = self.notifier.send(notification).await;
         let now = self.clock.now();
         self.store
-            .record_notification_attempt(notification, attempt, &result, now.timestamp_millis())
+            .record_notification_attempt(notification.attempt(
+                attempt,
+                &result,
+                now.timestamp_millis(),
+            ))
             .await?;
         let outcome = if result.is_ok() {
             "delivered"
@@ -964,44 +967,5 @@ impl<A: Aggregate> PayloadType for cqrs_es::EventEnvelope<A> {
     fn payload_type(&self) -> String {
         use cqrs_es::DomainEvent;
         self.payload.event_type()
-    }
-}
-
-impl Store {
-    pub async fn record_dead_letter(
-        &self,
-        consumer: &str,
-        topic: &str,
-        event_id: Option<&str>,
-        error: &str,
-        payload: &str,
-    ) -> Result<(), StoreError> {
-        on_pool!(self, |pool| {
-            sqlx::query(
-                "INSERT INTO dead_letters (consumer, topic, event_id, error, payload) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(consumer)
-            .bind(topic)
-            .bind(event_id)
-            .bind(error)
-            .bind(payload)
-            .execute(pool)
-            .await
-            .map(|_| ())
-        })?;
-        Ok(())
-    }
-
-    /// Dead letters as (consumer, topic, event id, error), oldest first.
-    pub async fn dead_letters(
-        &self,
-    ) -> Result<Vec<(String, String, Option<String>, String)>, StoreError> {
-        let rows = on_pool!(self, |pool| {
-            sqlx::query_as("SELECT consumer, topic, event_id, error FROM dead_letters ORDER BY id")
-                .fetch_all(pool)
-                .await
-        })?;
-        Ok(rows)
     }
 }

@@ -10,7 +10,7 @@ use order_saga_domain::{CancelReason, Money};
 use serde::{Deserialize, Serialize};
 
 use super::integration::{Body, IntegrationEvent};
-use crate::store::{AttemptRow, Store, StoreError};
+use crate::store::AttemptRow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -46,6 +46,23 @@ pub struct Notification {
 }
 
 impl Notification {
+    /// The record of one attempt at sending this notification.
+    pub fn attempt(&self, attempt: u32, result: &Result<(), String>, at_ms: i64) -> AttemptRow {
+        let (outcome, error) = match result {
+            Ok(()) => ("delivered", None),
+            Err(e) => ("failed", Some(e.clone())),
+        };
+        AttemptRow {
+            event_id: self.event_id.clone(),
+            attempt: i64::from(attempt),
+            order_id: self.order_id.clone(),
+            kind: self.kind.as_str(),
+            outcome,
+            error,
+            attempted_at_ms: at_ms,
+        }
+    }
+
     /// The notification an integration event calls for, if any.
     pub fn for_event(event: &IntegrationEvent) -> Option<Self> {
         let (kind, user_id, message, reason, total_amount) = match &event.body {
@@ -147,93 +164,5 @@ impl Notifier for LogNotifier {
             notification.message
         );
         Ok(())
-    }
-}
-
-/// One recorded attempt.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct NotificationAttempt {
-    pub event_id: String,
-    pub attempt: i64,
-    pub order_id: String,
-    pub kind: String,
-    pub outcome: String,
-    pub error: Option<String>,
-}
-
-impl Store {
-    pub async fn record_notification_attempt(
-        &self,
-        notification: &Notification,
-        attempt: u32,
-        result: &Result<(), String>,
-        at_ms: i64,
-    ) -> Result<(), StoreError> {
-        let (outcome, error) = match result {
-            Ok(()) => ("delivered", None),
-            Err(e) => ("failed", Some(e.as_str())),
-        };
-        let row = AttemptRow {
-            event_id: notification.event_id.clone(),
-            attempt: i64::from(attempt),
-            order_id: notification.order_id.clone(),
-            kind: notification.kind.as_str(),
-            outcome,
-            error: error.map(str::to_string),
-            attempted_at_ms: at_ms,
-        };
-        match self {
-            // PostgreSQL records the attempts made together in one statement.
-            Store::Postgres(db) => db.record_notification_attempt(row).await?,
-            Store::Sqlite(db) => write_statement!(
-                @sqlite db,
-                "INSERT INTO notification_attempts \
-                 (event_id, attempt, order_id, kind, outcome, error, attempted_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO NOTHING",
-                [
-                    row.event_id,
-                    row.attempt,
-                    row.order_id,
-                    row.kind,
-                    row.outcome,
-                    row.error,
-                    row.attempted_at_ms,
-                ]
-            )?,
-        }
-        Ok(())
-    }
-
-    /// Every attempt for an order, oldest first.
-    pub async fn notification_attempts(
-        &self,
-        order_id: &str,
-    ) -> Result<Vec<NotificationAttempt>, StoreError> {
-        let rows = on_pool!(self, |pool| {
-            sqlx::query_as(
-                "SELECT event_id, attempt, order_id, kind, outcome, error \
-                 FROM notification_attempts WHERE order_id = $1 \
-                 ORDER BY attempted_at_ms, attempt, kind",
-            )
-            .bind(order_id)
-            .fetch_all(pool)
-            .await
-        })?;
-        Ok(rows)
-    }
-
-    /// Attempts made so far for one event's notification, and whether one
-    /// of them delivered it.
-    pub async fn notification_progress(&self, event_id: &str) -> Result<(u32, bool), StoreError> {
-        let (attempts, delivered) = match self {
-            Store::Postgres(db) => db.notification_progress(event_id).await?,
-            Store::Sqlite(db) => db.notification_progress(
-                "SELECT COUNT(*), \
-                 COALESCE(SUM(CASE WHEN outcome = 'delivered' THEN 1 ELSE 0 END), 0) \
-                 FROM notification_attempts WHERE event_id = $1",
-                event_id,
-            )?,
-        };
-        Ok((u32::try_from(attempts).unwrap_or(u32::MAX), delivered > 0))
     }
 }

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use cqrs_es::persist::SerializedEvent;
 use rusqlite::ffi;
-use rusqlite::types::{ToSqlOutput, ValueRef};
 use sqlx::error::{DatabaseError, ErrorKind};
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqlitePool;
@@ -38,7 +37,7 @@ use sqlx::Sqlite;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::lean::{insert_sql, COLUMNS};
+use super::sql::{insert_sql, Param, COLUMNS};
 
 /// Writes taken into one transaction at most.
 const MAX_GROUP: usize = 256;
@@ -54,48 +53,6 @@ const HOLD: Duration = Duration::from_millis(10);
 /// Prepared statements the writer keeps: one per shape of write, and one
 /// per row count of the shared INSERT.
 const PREPARED: usize = 128;
-
-/// A value bound to a write's `$n` placeholder.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Param {
-    Null,
-    Int(i64),
-    Text(String),
-}
-
-impl From<i64> for Param {
-    fn from(value: i64) -> Self {
-        Param::Int(value)
-    }
-}
-
-impl From<String> for Param {
-    fn from(value: String) -> Self {
-        Param::Text(value)
-    }
-}
-
-impl From<&str> for Param {
-    fn from(value: &str) -> Self {
-        Param::Text(value.to_string())
-    }
-}
-
-impl<T: Into<Param>> From<Option<T>> for Param {
-    fn from(value: Option<T>) -> Self {
-        value.map_or(Param::Null, Into::into)
-    }
-}
-
-impl rusqlite::ToSql for Param {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self {
-            Param::Null => ValueRef::Null,
-            Param::Int(i) => ValueRef::Integer(*i),
-            Param::Text(s) => ValueRef::Text(s.as_bytes()),
-        }))
-    }
-}
 
 /// One write for the writer.
 enum Statement {

@@ -17,7 +17,8 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 
 use super::batch::Batcher;
-use super::lean::{bind_events, insert_sql};
+use super::notifications::AttemptRow;
+use super::sql::{bind_events, insert_sql};
 use super::{corrupt, LogEntry, Statements, StoreError};
 
 /// Requests one batched statement takes at most.
@@ -34,18 +35,6 @@ const MAX_BATCH_ROWS: usize = 4_096;
 pub(super) struct Append {
     pub aggregate_type: &'static str,
     pub events: Vec<SerializedEvent>,
-}
-
-/// One notification attempt to record.
-#[derive(Debug)]
-pub struct AttemptRow {
-    pub event_id: String,
-    pub attempt: i64,
-    pub order_id: String,
-    pub kind: &'static str,
-    pub outcome: &'static str,
-    pub error: Option<String>,
-    pub attempted_at_ms: i64,
 }
 
 /// The batched statements (`batch.rs`): appends without a snapshot, made

@@ -842,7 +842,7 @@ async fn deadlines_survive_a_restart(backend: Backend) {
 }
 
 async fn two_instances_never_claim_the_same_timer(backend: Backend) {
-    use order_saga::saga::timers::{Timer, TimerKind};
+    use order_saga::store::{Timer, TimerKind};
     let t = TestStore::new(backend).await;
     let now = Utc::now();
     for i in 0..60 {

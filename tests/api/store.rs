@@ -178,7 +178,7 @@ async fn many_concurrent_appends_conflict_only_where_they_collide(backend: Backe
 /// share commits): each is stored, and readable from every connection, once
 /// it has answered.
 async fn bookkeeping_writes_beside_appends_are_stored_when_answered(backend: Backend) {
-    use order_saga::saga::timers::{Timer, TimerKind};
+    use order_saga::store::{Timer, TimerKind};
     let t = TestStore::new(backend).await;
     const EACH: i64 = 20;
     let timer_of = |i: i64| Timer {
@@ -660,7 +660,11 @@ async fn notification_records_made_together_are_each_counted(backend: Backend) {
             let notification = notification(n);
             records.push(tokio::spawn(async move {
                 store
-                    .record_notification_attempt(&notification, attempt as u32, &result, 1_000)
+                    .record_notification_attempt(notification.attempt(
+                        attempt as u32,
+                        &result,
+                        1_000,
+                    ))
                     .await
             }));
         }

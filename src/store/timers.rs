@@ -6,9 +6,10 @@
 //! instances never claim the same one) and deleted once its action is done;
 //! if the claimer dies, the lease runs out and the timer fires again. Every
 //! action is idempotent, so firing twice is harmless. Times come from the
-//! saga's [`Clock`](super::clock::Clock), never from the database.
+//! saga's clock (`saga::clock`), never from the database.
 
-use crate::store::{bind_params, values_placeholders, Param, Store, StoreError};
+use super::sql::{bind_params, values_placeholders, Param};
+use super::{Store, StoreError};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
