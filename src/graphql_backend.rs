@@ -15,7 +15,7 @@ use order_saga_projections::{
 };
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::projections::Projections;
+use crate::read_models::ReadModels;
 use crate::service::{App, AppError, CreateOrderRequest};
 use crate::store::StoreError;
 
@@ -24,11 +24,11 @@ const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
 
 pub struct ApiBackend {
     app: Arc<App>,
-    projections: Arc<Projections>,
+    projections: Arc<ReadModels>,
 }
 
 impl ApiBackend {
-    pub fn new(app: Arc<App>, projections: Arc<Projections>) -> Self {
+    pub fn new(app: Arc<App>, projections: Arc<ReadModels>) -> Self {
         Self { app, projections }
     }
 

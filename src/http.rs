@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::graphql_backend::ApiBackend;
 use crate::health::Readiness;
-use crate::projections::Projections;
+use crate::read_models::ReadModels;
 use crate::service::{App, AppError, CreateOrderRequest, OrderView};
 
 /// Largest request body accepted; a 100-item order is far below it.
@@ -46,7 +46,7 @@ pub struct HttpState {
 impl HttpState {
     /// The service's routes over `app` and `projections`; `readiness` lists
     /// the background loops `/readyz` requires.
-    pub fn new(app: Arc<App>, projections: Arc<Projections>, readiness: Readiness) -> Self {
+    pub fn new(app: Arc<App>, projections: Arc<ReadModels>, readiness: Readiness) -> Self {
         let backend: Arc<dyn Backend> = Arc::new(ApiBackend::new(app.clone(), projections));
         HttpState {
             app,

@@ -10,20 +10,18 @@
 //!   (catalog, stock ledger);
 //! - [`saga`]: the Order Creation SAGA — consumers, timers, notifications —
 //!   fed from the global log through a transport seam;
-//! - [`projections`]: the read models, kept up to date from the global log;
+//! - [`read_models`]: the read models, kept up to date from the global log;
 //! - [`http`]: the REST API (axum);
 //! - [`analytics`]: the analysts' history, time-travel and replay tools;
 //! - [`cli`]: the command line and its settings (clap).
-
-#[macro_use]
-pub mod store;
 
 pub mod analytics;
 pub mod cli;
 pub mod graphql_backend;
 pub mod health;
 pub mod http;
-pub mod projections;
+pub mod read_models;
 pub mod saga;
 pub mod service;
+pub mod store;
 pub mod telemetry;

@@ -13,7 +13,7 @@ use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
 use order_saga::cli::{OutputFormat, ProjectionsCommand, ReplayArgs};
 use order_saga::health::{pause, Readiness, Shutdown};
 use order_saga::http::HttpState;
-use order_saga::projections::Projections;
+use order_saga::read_models::ReadModels;
 use order_saga::saga::avro::Contract;
 use order_saga::saga::kafka::{KafkaTransport, Relay};
 use order_saga::saga::notify::{LogNotifier, Notifier, WebhookNotifier};
@@ -179,7 +179,7 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
     let saga = Saga::new(store.clone(), transport.as_ref(), options)
         .await
         .context("starting the saga")?;
-    let projections = Projections::new(store.clone());
+    let projections = ReadModels::new(store.clone());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("HTTP_ADDR (--http-addr): cannot listen on {addr}"))?;
@@ -301,7 +301,7 @@ async fn rebuild_projections(store: &Store, name: &str) -> anyhow::Result<()> {
     if name != "read_models" {
         anyhow::bail!("--name: unknown projection '{name}' (there is: read_models)");
     }
-    let projections = Projections::new(store.clone());
+    let projections = ReadModels::new(store.clone());
     let terminal = std::io::stderr().is_terminal();
     let bar = ProgressBar::new(0);
     if terminal {

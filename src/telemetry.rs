@@ -10,7 +10,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::health::{pause, Shutdown};
-use crate::projections;
+use crate::read_models;
 use crate::saga::Service;
 use crate::store::{Store, StoreError};
 
@@ -70,7 +70,7 @@ pub async fn render(
         metrics::gauge!("order_saga_consumer_lag_events", "consumer" => service.group())
             .set((head - checkpoint).max(0) as f64);
     }
-    let projected = store.load_checkpoint(projections::CHECKPOINT).await?;
+    let projected = store.load_checkpoint(read_models::CHECKPOINT).await?;
     metrics::gauge!("order_saga_projection_lag_events").set((head - projected).max(0) as f64);
     metrics::gauge!("order_saga_pending_timers").set(store.pending_timers().await? as f64);
     metrics::gauge!("order_saga_dead_letters").set(store.dead_letters().await?.len() as f64);

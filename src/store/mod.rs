@@ -83,7 +83,7 @@ macro_rules! write_statement {
         }
     };
     (@sqlite $db:expr, $sql:expr, [$($value:expr),* $(,)?]) => {{
-        let params = vec![$($crate::store::Param::from($value)),*];
+        let params = vec![$($crate::store::sql::Param::from($value)),*];
         $db.execute(vec![(String::from($sql), params)], false).await
     }};
 }
@@ -107,6 +107,7 @@ mod lean;
 mod log;
 mod notifications;
 mod postgres;
+pub mod read_models;
 mod sql;
 mod sqlite;
 mod statements;
@@ -114,13 +115,14 @@ mod tail;
 mod timers;
 
 pub use aggregates::Executed;
-pub use log::{AppendWatch, Appends, LogEntry};
+pub use log::{AppendWatch, LogEntry};
 pub use notifications::{AttemptRow, NotificationAttempt};
-pub use sql::{bind_params, values_placeholders, Param};
-pub use statements::Statements;
+use statements::Statements;
 pub use timers::{Timer, TimerKind};
 
 use cache::{AggregateCache, KeyedLocks};
+use log::Appends;
+use sql::Param;
 use log::SEQUENCE_AT_LEAST_EVERY;
 use sql::corrupt;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use order_saga::health::{Readiness, Tasks};
 use order_saga::http::HttpState;
-use order_saga::projections::Projections;
+use order_saga::read_models::ReadModels;
 use order_saga::saga::transport::LogTransport;
 use order_saga::saga::{Saga, SagaOptions};
 use order_saga::service::App;
@@ -141,7 +141,7 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub app: Arc<App>,
-    pub projections: Arc<Projections>,
+    pub projections: Arc<ReadModels>,
     server: tokio::task::JoinHandle<()>,
     _loops: Option<(Tasks, tokio::sync::watch::Sender<bool>)>,
 }
@@ -164,7 +164,7 @@ pub async fn spawn_service(store: Store) -> TestApp {
 
 async fn start(store: Store, with_loops: bool) -> TestApp {
     let app = App::new(store.clone());
-    let projections = Projections::new(store.clone());
+    let projections = ReadModels::new(store.clone());
     let mut readiness = Readiness::default();
     let loops = if with_loops {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
