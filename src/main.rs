@@ -16,7 +16,7 @@ use order_saga::http::HttpState;
 use order_saga::read_models::ReadModels;
 use order_saga::saga::avro::Contract;
 use order_saga::saga::kafka::{KafkaTransport, Relay};
-use order_saga::saga::notify::{LogNotifier, Notifier, WebhookNotifier};
+use order_saga::saga::notifier::{LogNotifier, Notifier, WebhookNotifier};
 use order_saga::saga::transport::{LogTransport, Transport};
 use order_saga::saga::{Saga, SagaOptions};
 use order_saga::service::{App, OrderView, ProductView};

@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::health::{pause, Shutdown};
 use crate::read_models;
-use crate::saga::Service;
+use crate::saga::Side;
 use crate::store::{Store, StoreError};
 
 /// Histogram buckets in seconds, for the per-stage durations.
@@ -63,11 +63,11 @@ pub async fn render(
         metrics::gauge!("order_saga_relay_lag_events")
             .set(crate::saga::kafka::Relay::lag(store).await? as f64);
     }
-    for service in Service::ALL {
+    for side in Side::ALL {
         let checkpoint = store
-            .load_checkpoint(&format!("consumer.{}", service.group()))
+            .load_checkpoint(&format!("consumer.{}", side.group()))
             .await?;
-        metrics::gauge!("order_saga_consumer_lag_events", "consumer" => service.group())
+        metrics::gauge!("order_saga_consumer_lag_events", "consumer" => side.group())
             .set((head - checkpoint).max(0) as f64);
     }
     let projected = store.load_checkpoint(read_models::CHECKPOINT).await?;

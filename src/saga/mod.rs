@@ -1,4 +1,4 @@
-//! The Order Creation SAGA, by choreography: three services — stock, order
+//! The Order Creation SAGA, by choreography: three sides — stock, order
 //! and notifier — each a consumer group reacting to the others' integration
 //! events, plus the durable timers that enforce deadlines and retries.
 //!
@@ -21,7 +21,11 @@ pub mod avro;
 pub mod clock;
 pub mod integration;
 pub mod kafka;
-pub mod notify;
+pub mod notifier;
+mod order;
+mod runtime;
+mod stock;
+mod timers;
 pub mod transport;
 
 use std::collections::HashMap;
@@ -29,24 +33,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_es::{Aggregate, AggregateError};
-use futures_util::StreamExt;
-use order_saga_domain::{
-    CancelReason, Order, OrderCommand, OrderError, OrderServices, OrderStatus, StockItem,
-    StockReservation, StockReservationCommand, StockReservationError, StockServices,
-};
-use serde_json::json;
+use order_saga_domain::{CancelReason, OrderServices, StockItem, StockServices};
 use tokio::sync::Mutex;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use self::clock::{Clock, SystemClock};
 use self::integration::{Body, IntegrationEvent, Topic, CAUSATION_ID, CORRELATION_ID};
-use self::notify::{LogNotifier, Notification, Notifier};
+use self::notifier::{LogNotifier, Notification, Notifier};
 
-use self::transport::{DeadLetterSink, Delivery, Subscription, Transport, TransportError};
+use self::runtime::Consumer;
+use self::transport::{DeadLetterSink, Transport, TransportError};
 use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::service::{store_ledger, StoreCatalog};
-use crate::store::{Store, StoreError, Timer, TimerKind};
+use crate::store::{Store, StoreError, TimerKind};
 
 /// Every duration and count of SPEC §3, configurable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,22 +97,22 @@ impl Default for SagaConfig {
     }
 }
 
-/// The three choreographed services, each its own consumer group.
+/// The saga's three reacting sides, each its own consumer group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Service {
+pub enum Side {
     Stock,
     Order,
     Notifier,
 }
 
-impl Service {
-    pub const ALL: [Service; 3] = [Service::Stock, Service::Order, Service::Notifier];
+impl Side {
+    pub const ALL: [Side; 3] = [Side::Stock, Side::Order, Side::Notifier];
 
     pub fn group(self) -> &'static str {
         match self {
-            Service::Stock => "order-saga.stock",
-            Service::Order => "order-saga.order",
-            Service::Notifier => "order-saga.notifier",
+            Side::Stock => "order-saga.stock",
+            Side::Order => "order-saga.order",
+            Side::Notifier => "order-saga.notifier",
         }
     }
 
@@ -121,21 +120,21 @@ impl Service {
     /// another type is nothing for it (in-process, the topics are the log).
     pub fn wakes_on(self) -> &'static [&'static str] {
         match self {
-            Service::Stock | Service::Notifier => &["Order"],
-            Service::Order => integration::SOURCES,
+            Side::Stock | Side::Notifier => &["Order"],
+            Side::Order => integration::SOURCES,
         }
     }
 
     pub fn topics(self) -> &'static [Topic] {
         match self {
-            Service::Stock => &[Topic::OrderCreated, Topic::OrderCancelled],
-            Service::Order => &[
+            Side::Stock => &[Topic::OrderCreated, Topic::OrderCancelled],
+            Side::Order => &[
                 Topic::OrderCreated,
                 Topic::StockReserved,
                 Topic::StockReservationFailed,
                 Topic::OrderConfirmed,
             ],
-            Service::Notifier => &[
+            Side::Notifier => &[
                 Topic::OrderConfirmed,
                 Topic::PaymentWaiting,
                 Topic::OrderCancelled,
@@ -206,15 +205,6 @@ impl Default for SagaOptions {
     }
 }
 
-struct Consumer {
-    service: Service,
-    /// Whether an empty poll waited already ([`Subscription::waits`]).
-    waits: bool,
-    subscription: Mutex<Box<dyn Subscription>>,
-    /// Failed tries per event id, for dead-lettering.
-    failures: Mutex<HashMap<Uuid, u32>>,
-}
-
 pub struct Saga {
     store: Store,
     clock: Arc<dyn Clock>,
@@ -227,7 +217,6 @@ pub struct Saga {
     heartbeat: Heartbeat,
     dead_letter_sink: Option<Arc<dyn DeadLetterSink>>,
 }
-
 impl Saga {
     /// Subscribes the three services to `transport`.
     pub async fn new(
@@ -236,12 +225,10 @@ impl Saga {
         options: SagaOptions,
     ) -> Result<Arc<Self>, SagaError> {
         let mut consumers = Vec::new();
-        for service in Service::ALL {
-            let subscription = transport
-                .subscribe(service.group(), service.topics())
-                .await?;
+        for side in Side::ALL {
+            let subscription = transport.subscribe(side.group(), side.topics()).await?;
             consumers.push(Consumer {
-                service,
+                side,
                 waits: subscription.waits(),
                 subscription: Mutex::new(subscription),
                 failures: Mutex::new(HashMap::new()),
@@ -270,7 +257,7 @@ impl Saga {
             let mut shutdown = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 let mut appends = match saga.consumers.get(index) {
-                    Some(consumer) => saga.store.appends_of(consumer.service.wakes_on()),
+                    Some(consumer) => saga.store.appends_of(consumer.side.wakes_on()),
                     None => saga.store.appends(),
                 };
                 loop {
@@ -324,17 +311,9 @@ impl Saga {
 
     /// One pass: each of `services` handles what is waiting for it, then due
     /// timers fire (if `timers`). Returns how much work was done.
-    pub async fn run_once_for(
-        &self,
-        services: &[Service],
-        timers: bool,
-    ) -> Result<usize, SagaError> {
+    pub async fn run_once_for(&self, sides: &[Side], timers: bool) -> Result<usize, SagaError> {
         let mut done = 0;
-        for consumer in self
-            .consumers
-            .iter()
-            .filter(|c| services.contains(&c.service))
-        {
+        for consumer in self.consumers.iter().filter(|c| sides.contains(&c.side)) {
             done += self.run_consumer(consumer).await?;
         }
         if timers {
@@ -345,13 +324,9 @@ impl Saga {
 
     /// Runs passes until one finds nothing to do: everything delivered is
     /// handled and no timer is due on the saga's clock.
-    pub async fn run_until_idle_for(
-        &self,
-        services: &[Service],
-        timers: bool,
-    ) -> Result<(), SagaError> {
+    pub async fn run_until_idle_for(&self, sides: &[Side], timers: bool) -> Result<(), SagaError> {
         for _ in 0..10_000 {
-            if self.run_once_for(services, timers).await? == 0 {
+            if self.run_once_for(sides, timers).await? == 0 {
                 return Ok(());
             }
         }
@@ -359,150 +334,14 @@ impl Saga {
     }
 
     pub async fn run_until_idle(&self) -> Result<(), SagaError> {
-        self.run_until_idle_for(&Service::ALL, true).await
-    }
-
-    /// Polls one batch and handles it: one order's messages in order, up to
-    /// `handler_concurrency` orders at a time. The batch is committed when
-    /// every message in it is done; otherwise it is delivered again (what
-    /// was done is then a no-op).
-    async fn run_consumer(&self, consumer: &Consumer) -> Result<usize, SagaError> {
-        let mut subscription = consumer.subscription.lock().await;
-        let deliveries = subscription.poll(self.config.batch_size).await?;
-        if deliveries.is_empty() {
-            return Ok(0);
-        }
-        let mut by_key: Vec<Vec<Delivery>> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
-        for delivery in &deliveries {
-            let slot = *index.entry(delivery.key.as_str()).or_insert_with(|| {
-                by_key.push(Vec::new());
-                by_key.len() - 1
-            });
-            by_key[slot].push(delivery.clone());
-        }
-        let outcomes: Vec<Result<bool, SagaError>> = futures_util::stream::iter(by_key)
-            .map(|group| self.deliver_in_order(consumer, group))
-            .buffer_unordered(self.config.handler_concurrency.max(1))
-            .collect()
-            .await;
-        let mut all_done = true;
-        for outcome in outcomes {
-            all_done &= outcome?;
-        }
-        if all_done {
-            subscription.commit(&deliveries).await?;
-        } else {
-            subscription.rewind().await?;
-        }
-        Ok(deliveries.len())
-    }
-
-    /// Handles one order's deliveries in order; `Ok(false)` when one must be
-    /// delivered again.
-    async fn deliver_in_order(
-        &self,
-        consumer: &Consumer,
-        group: Vec<Delivery>,
-    ) -> Result<bool, SagaError> {
-        for delivery in &group {
-            if !self.deliver(consumer, delivery).await? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Handles one delivery. `Ok(false)`: it failed for now and must be
-    /// delivered again; a message that cannot work is dead-lettered.
-    async fn deliver(&self, consumer: &Consumer, delivery: &Delivery) -> Result<bool, SagaError> {
-        let event = match &delivery.event {
-            Ok(event) => event,
-            Err(undecodable) => {
-                self.dead_letter(
-                    consumer.service,
-                    delivery,
-                    undecodable.event_id.as_deref(),
-                    &undecodable.error,
-                    &undecodable.payload,
-                )
-                .await?;
-                return Ok(true);
-            }
-        };
-        let span = tracing::info_span!(
-            "handle",
-            group = consumer.service.group(),
-            topic = %delivery.topic,
-            order_id = %event.order_id,
-            event_id = %event.event_id,
-            correlation_id = event.correlation_id.as_deref().unwrap_or(""),
-        );
-        let started = self.clock.now();
-        let result = self.handle(consumer.service, event).instrument(span).await;
-        let payload = || serde_json::to_string(event).unwrap_or_default();
-        match result {
-            Ok(()) => {
-                consumer.failures.lock().await.remove(&event.event_id);
-                let age = (started - event.occurred_at).to_std().unwrap_or_default();
-                metrics::histogram!("order_saga_stage_seconds", "stage" => delivery.topic.clone())
-                    .record(age.as_secs_f64());
-                Ok(true)
-            }
-            Err(HandlerError::Permanent(error)) => {
-                let id = event.event_id.to_string();
-                self.dead_letter(consumer.service, delivery, Some(&id), &error, &payload())
-                    .await?;
-                Ok(true)
-            }
-            Err(HandlerError::Transient(error)) => {
-                let mut failures = consumer.failures.lock().await;
-                let tries = failures.entry(event.event_id).or_default();
-                *tries += 1;
-                if *tries < self.config.handler_attempts {
-                    tracing::warn!(tries = *tries, %error, "handler failed; will retry");
-                    return Ok(false);
-                }
-                failures.remove(&event.event_id);
-                drop(failures);
-                let id = event.event_id.to_string();
-                self.dead_letter(consumer.service, delivery, Some(&id), &error, &payload())
-                    .await?;
-                Ok(true)
-            }
-        }
-    }
-
-    async fn dead_letter(
-        &self,
-        service: Service,
-        delivery: &Delivery,
-        event_id: Option<&str>,
-        error: &str,
-        payload: &str,
-    ) -> Result<(), StoreError> {
-        tracing::error!(group = service.group(), topic = %delivery.topic, error, "dead-lettered");
-        metrics::counter!("order_saga_dead_letters_total", "consumer" => service.group())
-            .increment(1);
-        if let Some(sink) = &self.dead_letter_sink {
-            if let Err(e) = sink.send(delivery, error).await {
-                tracing::warn!(error = %e, "could not publish the dead letter; it is in the store");
-            }
-        }
-        self.store
-            .record_dead_letter(service.group(), &delivery.topic, event_id, error, payload)
-            .await
+        self.run_until_idle_for(&Side::ALL, true).await
     }
 
     /// What each service does with each integration event. Public so tests
     /// can deliver events in any order.
-    pub async fn handle(
-        &self,
-        service: Service,
-        event: &IntegrationEvent,
-    ) -> Result<(), HandlerError> {
-        match (service, &event.body) {
-            (Service::Stock, Body::OrderCreated { items, .. }) => {
+    pub async fn handle(&self, side: Side, event: &IntegrationEvent) -> Result<(), HandlerError> {
+        match (side, &event.body) {
+            (Side::Stock, Body::OrderCreated { items, .. }) => {
                 let items = items
                     .iter()
                     .map(|l| StockItem {
@@ -512,11 +351,11 @@ impl Saga {
                     .collect();
                 self.reserve_stock(event, items).await
             }
-            (Service::Stock, Body::OrderCancelled { items, .. }) => {
+            (Side::Stock, Body::OrderCancelled { items, .. }) => {
                 self.release_stock(event, items.clone()).await
             }
-            (Service::Order, Body::OrderCreated { .. }) => self.start_deadlines(event).await,
-            (Service::Order, Body::StockReserved { .. }) => {
+            (Side::Order, Body::OrderCreated { .. }) => self.start_deadlines(event).await,
+            (Side::Order, Body::StockReserved { .. }) => {
                 let deadline = self.timer(
                     TimerKind::ConfirmationDeadline,
                     &event.order_id,
@@ -531,7 +370,7 @@ impl Saga {
                 let cause = Cause::of(event);
                 self.try_confirm(&event.order_id, &cause, 0).await
             }
-            (Service::Order, Body::StockReservationFailed { .. }) => {
+            (Side::Order, Body::StockReservationFailed { .. }) => {
                 self.store
                     .cancel_timers(TimerKind::StockReplyTimeout, &event.order_id)
                     .await?;
@@ -542,398 +381,18 @@ impl Saga {
             // The confirmation deadline is dropped with the other saga
             // timers once the payment wait is open (or the order cancelled);
             // until then it finds the order confirmed and does nothing.
-            (Service::Order, Body::OrderConfirmed { .. }) => {
+            (Side::Order, Body::OrderConfirmed { .. }) => {
                 self.try_payment_wait(&event.order_id, &Cause::of(event), 0)
                     .await
             }
-            (Service::Notifier, _) => match Notification::for_event(event) {
+            (Side::Notifier, _) => match Notification::for_event(event) {
                 Some(notification) => self.notify(&notification, 0).await,
                 None => Ok(()),
             },
             _ => Ok(()),
         }
     }
-
-    async fn reserve_stock(
-        &self,
-        event: &IntegrationEvent,
-        items: Vec<StockItem>,
-    ) -> Result<(), HandlerError> {
-        let command = StockReservationCommand::ReserveStock {
-            order_id: event.order_id.clone(),
-            items,
-            causation_id: Some(event.event_id),
-        };
-        let done = self
-            .stock_command(&event.order_id, command, &Cause::of(event))
-            .await?;
-        if let Some(envelope) = done.events.first() {
-            let outcome = envelope.payload_type();
-            metrics::counter!("order_saga_stock_reservations_total", "outcome" => outcome)
-                .increment(1);
-        }
-        Ok(())
-    }
-
-    async fn release_stock(
-        &self,
-        event: &IntegrationEvent,
-        items: Vec<StockItem>,
-    ) -> Result<(), HandlerError> {
-        let command = StockReservationCommand::ReleaseStock {
-            order_id: event.order_id.clone(),
-            items,
-            causation_id: Some(event.event_id),
-        };
-        self.stock_command(&event.order_id, command, &Cause::of(event))
-            .await?;
-        Ok(())
-    }
-
-    async fn stock_command(
-        &self,
-        order_id: &str,
-        command: StockReservationCommand,
-        cause: &Cause,
-    ) -> Result<crate::store::Executed<StockReservation>, HandlerError> {
-        self.store
-            .execute_retrying::<StockReservation>(
-                order_id,
-                command,
-                &self.stock_services,
-                cause.metadata(),
-                20,
-            )
-            .await
-            .map_err(|e| match e {
-                AggregateError::UserError(StockReservationError::Invalid(e)) => {
-                    HandlerError::Permanent(e.to_string())
-                }
-                AggregateError::UserError(StockReservationError::Ledger(e)) => {
-                    HandlerError::Transient(e.to_string())
-                }
-                other => store_failure(other),
-            })
-    }
-
-    async fn start_deadlines(&self, event: &IntegrationEvent) -> Result<(), HandlerError> {
-        // Deadlines count from when the order side learns of the order.
-        let timers = [
-            (
-                TimerKind::StockReplyTimeout,
-                self.config.stock_reply_timeout,
-            ),
-            (TimerKind::SagaTimeout, self.config.saga_timeout),
-        ]
-        .map(|(kind, after)| {
-            self.timer(
-                kind,
-                &event.order_id,
-                0,
-                after,
-                Uuid::new_v4(),
-                event.correlation_id.clone(),
-            )
-        });
-        self.store.schedule_timers(&timers).await?;
-        Ok(())
-    }
-
-    /// A saga timer of the order, due `after` from now on the saga's clock.
-    fn timer(
-        &self,
-        kind: TimerKind,
-        order_id: &str,
-        attempt: u32,
-        after: Duration,
-        causation: Uuid,
-        correlation_id: Option<String>,
-    ) -> Timer {
-        Timer {
-            kind,
-            subject: order_id.to_string(),
-            order_id: order_id.to_string(),
-            attempt,
-            due_at: self.clock.now()
-                + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX),
-            causation_id: causation.to_string(),
-            correlation_id,
-            payload: json!({}),
-        }
-    }
-
-    async fn order_status(&self, order_id: &str) -> Result<Option<OrderStatus>, HandlerError> {
-        let loaded = self
-            .store
-            .load::<Order>(order_id)
-            .await
-            .map_err(store_failure)?;
-        Ok(loaded.and_then(|(order, _)| order.status))
-    }
-
-    async fn order_command(
-        &self,
-        order_id: &str,
-        command: OrderCommand,
-        cause: &Cause,
-    ) -> Result<Result<(), OrderError>, HandlerError> {
-        match self
-            .store
-            .execute_retrying::<Order>(
-                order_id,
-                command,
-                &self.order_services,
-                cause.metadata(),
-                20,
-            )
-            .await
-        {
-            Ok(_) => Ok(Ok(())),
-            Err(AggregateError::UserError(e)) => Ok(Err(e)),
-            Err(e) => Err(store_failure(e)),
-        }
-    }
-
-    fn fault(&self, step: Step, order_id: &str) -> Result<(), String> {
-        match &self.faults {
-            Some(faults) => faults.check(step, order_id),
-            None => Ok(()),
-        }
-    }
-
-    /// Confirms the order, or schedules the next try, or — out of tries —
-    /// cancels it (CONFIRMATION_FAILED).
-    async fn try_confirm(
-        &self,
-        order_id: &str,
-        cause: &Cause,
-        attempt: u32,
-    ) -> Result<(), HandlerError> {
-        self.try_step(Step::Confirm, order_id, cause, attempt).await
-    }
-
-    /// Opens the payment wait, or schedules the next try, or — out of tries
-    /// — cancels the order (PAYMENT_WAIT_FAILED).
-    async fn try_payment_wait(
-        &self,
-        order_id: &str,
-        cause: &Cause,
-        attempt: u32,
-    ) -> Result<(), HandlerError> {
-        self.try_step(Step::PaymentWait, order_id, cause, attempt)
-            .await
-    }
-
-    /// One try of a retried saga step (SPEC §3's retry table): the order
-    /// command, or on failure the next try on a timer, or — out of tries —
-    /// the cancellation. An order that has moved on (cancelled meanwhile —
-    /// its stock is then released by the stock side — or already past this
-    /// step) needs nothing more.
-    async fn try_step(
-        &self,
-        step: Step,
-        order_id: &str,
-        cause: &Cause,
-        attempt: u32,
-    ) -> Result<(), HandlerError> {
-        let causation_id = Some(cause.causation);
-        let (command, retries, interval, retry, exhausted) = match step {
-            Step::Confirm => (
-                OrderCommand::ConfirmOrder { causation_id },
-                self.config.confirm_retries,
-                self.config.confirm_retry_interval,
-                TimerKind::ConfirmRetry,
-                CancelReason::ConfirmationFailed,
-            ),
-            Step::PaymentWait => (
-                OrderCommand::StartPaymentWait { causation_id },
-                self.config.payment_wait_retries,
-                self.config.payment_wait_retry_interval,
-                TimerKind::PaymentWaitRetry,
-                CancelReason::PaymentWaitFailed,
-            ),
-        };
-        let failure = match self.fault(step, order_id) {
-            Err(injected) => injected,
-            Ok(()) => match self.order_command(order_id, command, cause).await {
-                Ok(Ok(())) => {
-                    if step == Step::PaymentWait {
-                        // Counted once its timers are gone: a finished saga
-                        // leaves nothing pending.
-                        self.store.cancel_saga_timers(order_id).await?;
-                        metrics::counter!("order_saga_sagas_completed_total", "outcome" => "PAYMENT_WAIT")
-                            .increment(1);
-                    }
-                    return Ok(());
-                }
-                Ok(Err(OrderError::InvalidTransition { .. })) => return Ok(()),
-                Ok(Err(e)) => return Err(HandlerError::Permanent(e.to_string())),
-                Err(e) => e.to_string(),
-            },
-        };
-        tracing::warn!(order_id, ?step, attempt, error = %failure, "saga step failed");
-        if attempt < retries {
-            let next = self.timer(
-                retry,
-                order_id,
-                attempt + 1,
-                interval,
-                cause.causation,
-                cause.correlation_id.clone(),
-            );
-            self.store.schedule_timer(&next).await?;
-            Ok(())
-        } else {
-            self.cancel_order(order_id, exhausted, cause).await
-        }
-    }
-
-    /// The compensating transaction's first step: cancel the order (the
-    /// stock side releases on order.cancelled). A no-op for an order that is
-    /// already cancelled or waiting for payment.
-    async fn cancel_order(
-        &self,
-        order_id: &str,
-        reason: CancelReason,
-        cause: &Cause,
-    ) -> Result<(), HandlerError> {
-        let command = OrderCommand::CancelOrder {
-            reason,
-            causation_id: Some(cause.causation),
-        };
-        match self.order_command(order_id, command, cause).await? {
-            Ok(()) => {
-                metrics::counter!("order_saga_compensations_total", "reason" => reason.as_str())
-                    .increment(1);
-                self.store.cancel_saga_timers(order_id).await?;
-                metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1);
-                Ok(())
-            }
-            Err(OrderError::InvalidTransition { .. }) => Ok(()),
-            Err(e) => Err(HandlerError::Permanent(e.to_string())),
-        }
-    }
-
-    /// Sends attempt `attempt` of a notification unless it was made already;
-    /// a failure schedules the next attempt. Never fails the saga.
-    async fn notify(&self, notification: &Notification, attempt: u32) -> Result<(), HandlerError> {
-        let (made, delivered) = self
-            .store
-            .notification_progress(&notification.event_id)
-            .await?;
-        if delivered || made > attempt {
-            return Ok(());
-        }
-        let result = self.notifier.send(notification).await;
-        let now = self.clock.now();
-        self.store
-            .record_notification_attempt(notification.attempt(
-                attempt,
-                &result,
-                now.timestamp_millis(),
-            ))
-            .await?;
-        let outcome = if result.is_ok() {
-            "delivered"
-        } else {
-            "failed"
-        };
-        metrics::counter!("order_saga_notifications_total", "outcome" => outcome).increment(1);
-        if let Err(error) = result {
-            tracing::warn!(order_id = %notification.order_id, attempt, %error, "notification failed");
-            if attempt < self.config.notify_retries {
-                let timer = Timer {
-                    kind: TimerKind::NotifyRetry,
-                    subject: notification.event_id.clone(),
-                    order_id: notification.order_id.clone(),
-                    attempt: attempt + 1,
-                    due_at: now
-                        + chrono::Duration::from_std(self.config.notify_retry_interval)
-                            .unwrap_or(chrono::Duration::MAX),
-                    causation_id: notification.event_id.clone(),
-                    correlation_id: None,
-                    payload: serde_json::to_value(notification)
-                        .map_err(|e| HandlerError::Permanent(e.to_string()))?,
-                };
-                self.store.schedule_timer(&timer).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Fires the timers due on the saga's clock.
-    pub async fn run_timers(&self) -> Result<usize, SagaError> {
-        let now = self.clock.now();
-        let lease =
-            chrono::Duration::from_std(self.config.timer_lease).unwrap_or(chrono::Duration::MAX);
-        let due = self
-            .store
-            .claim_due_timers(now, now + lease, self.config.batch_size as i64)
-            .await?;
-        for timer in &due {
-            metrics::counter!("order_saga_timers_fired_total", "kind" => timer.kind.as_str())
-                .increment(1);
-            match self.fire(timer).await {
-                Ok(()) => self.store.complete_timer(timer).await?,
-                Err(HandlerError::Permanent(error)) => {
-                    tracing::error!(timer = %timer.id(), %error, "timer action failed for good");
-                    self.store.complete_timer(timer).await?;
-                }
-                // Left leased: it fires again when the lease runs out.
-                Err(HandlerError::Transient(error)) => {
-                    tracing::warn!(timer = %timer.id(), %error, "timer action failed; will retry");
-                }
-            }
-        }
-        Ok(due.len())
-    }
-
-    async fn fire(&self, timer: &Timer) -> Result<(), HandlerError> {
-        let cause = Cause {
-            causation: Uuid::parse_str(&timer.causation_id)
-                .map_err(|e| HandlerError::Permanent(format!("timer cause: {e}")))?,
-            correlation_id: timer.correlation_id.clone(),
-        };
-        let order_id = timer.order_id.as_str();
-        match timer.kind {
-            TimerKind::StockReplyTimeout => {
-                if self.order_status(order_id).await? == Some(OrderStatus::OrderCreated) {
-                    self.cancel_order(order_id, CancelReason::StockReservationTimeout, &cause)
-                        .await?;
-                }
-                Ok(())
-            }
-            TimerKind::SagaTimeout => {
-                if matches!(
-                    self.order_status(order_id).await?,
-                    Some(OrderStatus::OrderCreated | OrderStatus::OrderConfirmed)
-                ) {
-                    self.cancel_order(order_id, CancelReason::SagaTimeout, &cause)
-                        .await?;
-                }
-                Ok(())
-            }
-            // Still not confirmed: one last try (attempt = the last one).
-            TimerKind::ConfirmationDeadline => {
-                if self.order_status(order_id).await? == Some(OrderStatus::OrderCreated) {
-                    self.try_confirm(order_id, &cause, self.config.confirm_retries)
-                        .await?;
-                }
-                Ok(())
-            }
-            TimerKind::ConfirmRetry => self.try_confirm(order_id, &cause, timer.attempt).await,
-            TimerKind::PaymentWaitRetry => {
-                self.try_payment_wait(order_id, &cause, timer.attempt).await
-            }
-            TimerKind::NotifyRetry => {
-                let notification: Notification = serde_json::from_value(timer.payload.clone())
-                    .map_err(|e| HandlerError::Permanent(format!("notification timer: {e}")))?;
-                self.notify(&notification, timer.attempt).await
-            }
-        }
-    }
 }
-
 /// The cause passed on to an effect: the id of the event (or timer) that
 /// caused it, and the saga's correlation id.
 struct Cause {

@@ -122,9 +122,9 @@ pub use timers::{Timer, TimerKind};
 
 use cache::{AggregateCache, KeyedLocks};
 use log::Appends;
-use sql::Param;
 use log::SEQUENCE_AT_LEAST_EVERY;
 use sql::corrupt;
+use sql::Param;
 
 /// How many events one [`Store::read_log`] call returns at most.
 pub const MAX_LOG_BATCH: i64 = 10_000;

@@ -11,11 +11,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use order_saga::saga::clock::{Clock, ManualClock};
 use order_saga::saga::integration::{IntegrationEvent, Topic};
-use order_saga::saga::notify::{Notification, NotificationKind, Notifier, WebhookNotifier};
+use order_saga::saga::notifier::{Notification, NotificationKind, Notifier, WebhookNotifier};
 use order_saga::saga::transport::{
     Delivery, LogTransport, Subscription, Transport, TransportError,
 };
-use order_saga::saga::{FaultInjector, Saga, SagaConfig, SagaOptions, Service, Step};
+use order_saga::saga::{FaultInjector, Saga, SagaConfig, SagaOptions, Side, Step};
 use order_saga::service::{App, CreateOrderRequest, OrderView, ProductView};
 use order_saga::store::Store;
 use order_saga_domain::stock::ReservationStatus;
@@ -196,7 +196,7 @@ impl Harness {
         self.saga.run_until_idle().await.expect("saga runs");
     }
 
-    async fn run_only(&self, services: &[Service]) {
+    async fn run_only(&self, services: &[Side]) {
         self.saga
             .run_until_idle_for(services, true)
             .await
@@ -344,16 +344,16 @@ async fn no_stock_reply_in_3_minutes_cancels_the_order_and_a_late_reservation_is
     let h = harness(backend, vec![]).await;
     let order = h.order(&[("p-1", 2)]).await;
     // The stock side is down.
-    h.run_only(&[Service::Order, Service::Notifier]).await;
+    h.run_only(&[Side::Order, Side::Notifier]).await;
     h.advance(3 * MINUTE - SECOND).await;
-    h.run_only(&[Service::Order, Service::Notifier]).await;
+    h.run_only(&[Side::Order, Side::Notifier]).await;
     assert_eq!(
         h.state(&order).await.status,
         OrderStatus::OrderCreated,
         "not before 3 minutes"
     );
     h.advance(SECOND).await;
-    h.run_only(&[Service::Order, Service::Notifier]).await;
+    h.run_only(&[Side::Order, Side::Notifier]).await;
     let state = h.state(&order).await;
     assert_eq!(
         state.cancel_reason,
@@ -457,10 +457,10 @@ async fn a_saga_not_finished_in_10_minutes_is_cancelled(backend: Backend) {
     let order = h.order(&[("p-1", 1)]).await;
     // The order is confirmed, then the order side stops before opening the
     // payment wait.
-    h.run_only(&[Service::Order]).await;
-    h.run_only(&[Service::Stock]).await;
+    h.run_only(&[Side::Order]).await;
+    h.run_only(&[Side::Stock]).await;
     h.saga
-        .run_once_for(&[Service::Order], false)
+        .run_once_for(&[Side::Order], false)
         .await
         .expect("one pass");
     assert_eq!(h.state(&order).await.status, OrderStatus::OrderConfirmed);
@@ -522,11 +522,11 @@ async fn a_cancellation_reaching_the_stock_side_before_the_order_leaves_no_stock
         .find(|e| e.topic() == Topic::OrderCancelled)
         .expect("order.cancelled");
     h.saga
-        .handle(Service::Stock, cancelled)
+        .handle(Side::Stock, cancelled)
         .await
         .expect("cancelled first");
     h.saga
-        .handle(Service::Stock, created)
+        .handle(Side::Stock, created)
         .await
         .expect("created second");
     assert_eq!(h.reservation(&order).await, Some(ReservationStatus::Voided));
@@ -658,7 +658,7 @@ async fn replaying_every_consumer_from_checkpoint_0_changes_nothing(backend: Bac
             .notification_attempts(&ok)
             .await
             .expect("attempts");
-    for service in Service::ALL {
+    for service in Side::ALL {
         h.t.store
             .save_checkpoint(&format!("consumer.{}", service.group()), 0)
             .await
@@ -814,7 +814,7 @@ async fn deadlines_survive_a_restart(backend: Backend) {
     let order = h.order(&[("p-1", 1)]).await;
     // The order side schedules its deadlines; the stock side is down; the
     // process stops.
-    h.run_only(&[Service::Order]).await;
+    h.run_only(&[Side::Order]).await;
     h.saga
         .run_until_idle_for(&[], false)
         .await
@@ -830,7 +830,7 @@ async fn deadlines_survive_a_restart(backend: Backend) {
     .await;
     h.advance(3 * MINUTE).await;
     restarted
-        .run_until_idle_for(&[Service::Order], true)
+        .run_until_idle_for(&[Side::Order], true)
         .await
         .expect("restarted saga");
     assert_eq!(

@@ -635,7 +635,7 @@ async fn a_busy_product_loads_from_its_snapshot_and_reads_its_holds_from_its_eve
 /// (on PostgreSQL each burst shares statements): every caller gets its own
 /// event's answer, an event asked twice in one burst included.
 async fn notification_records_made_together_are_each_counted(backend: Backend) {
-    use order_saga::saga::notify::{Notification, NotificationKind};
+    use order_saga::saga::notifier::{Notification, NotificationKind};
     let t = TestStore::new(backend).await;
     let notification = |n: usize| Notification {
         event_id: format!("event-{n}"),

@@ -10,7 +10,8 @@ use order_saga_domain::{CancelReason, Money};
 use serde::{Deserialize, Serialize};
 
 use super::integration::{Body, IntegrationEvent};
-use crate::store::AttemptRow;
+use super::{HandlerError, Saga};
+use crate::store::{AttemptRow, Timer, TimerKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -163,6 +164,59 @@ impl Notifier for LogNotifier {
             "notify customer: {}",
             notification.message
         );
+        Ok(())
+    }
+}
+
+impl Saga {
+    /// Sends attempt `attempt` of a notification unless it was made already;
+    /// a failure schedules the next attempt. Never fails the saga.
+    pub(super) async fn notify(
+        &self,
+        notification: &Notification,
+        attempt: u32,
+    ) -> Result<(), HandlerError> {
+        let (made, delivered) = self
+            .store
+            .notification_progress(&notification.event_id)
+            .await?;
+        if delivered || made > attempt {
+            return Ok(());
+        }
+        let result = self.notifier.send(notification).await;
+        let now = self.clock.now();
+        self.store
+            .record_notification_attempt(notification.attempt(
+                attempt,
+                &result,
+                now.timestamp_millis(),
+            ))
+            .await?;
+        let outcome = if result.is_ok() {
+            "delivered"
+        } else {
+            "failed"
+        };
+        metrics::counter!("order_saga_notifications_total", "outcome" => outcome).increment(1);
+        if let Err(error) = result {
+            tracing::warn!(order_id = %notification.order_id, attempt, %error, "notification failed");
+            if attempt < self.config.notify_retries {
+                let timer = Timer {
+                    kind: TimerKind::NotifyRetry,
+                    subject: notification.event_id.clone(),
+                    order_id: notification.order_id.clone(),
+                    attempt: attempt + 1,
+                    due_at: now
+                        + chrono::Duration::from_std(self.config.notify_retry_interval)
+                            .unwrap_or(chrono::Duration::MAX),
+                    causation_id: notification.event_id.clone(),
+                    correlation_id: None,
+                    payload: serde_json::to_value(notification)
+                        .map_err(|e| HandlerError::Permanent(e.to_string()))?,
+                };
+                self.store.schedule_timer(&timer).await?;
+            }
+        }
         Ok(())
     }
 }
