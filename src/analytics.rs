@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use apache_avro::schema::Schema;
 use apache_avro::types::Value;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use order_saga_domain::{Order, OrderEvent};
-use serde::Serialize;
 
 use crate::saga::avro::{Contract, SCHEMA_FILES};
 use crate::saga::integration::IntegrationEvent;
@@ -26,39 +25,6 @@ pub enum AnalyticsError {
     Avro(String),
     #[error("stored event at position {0} is unreadable: {1}")]
     Corrupt(i64, String),
-}
-
-/// A log entry as JSON: the domain event with its metadata.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LogLine {
-    pub position: i64,
-    pub event_id: String,
-    pub recorded_at: String,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub sequence: i64,
-    pub event_type: String,
-    pub event_version: String,
-    pub payload: serde_json::Value,
-    pub metadata: serde_json::Value,
-}
-
-impl From<&LogEntry> for LogLine {
-    fn from(e: &LogEntry) -> Self {
-        LogLine {
-            position: e.position,
-            event_id: e.event_id.to_string(),
-            recorded_at: e.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-            aggregate_type: e.aggregate_type.clone(),
-            aggregate_id: e.aggregate_id.clone(),
-            sequence: e.sequence,
-            event_type: e.event_type.clone(),
-            event_version: e.event_version.clone(),
-            payload: e.payload.clone(),
-            metadata: e.metadata.clone(),
-        }
-    }
 }
 
 /// An order's events and its stock reservation's, in log order.
@@ -219,8 +185,7 @@ impl<W: Write> Sink<'_, W> {
     fn write(&mut self, entry: &LogEntry) -> Result<bool, AnalyticsError> {
         match self {
             Sink::Jsonl(out) => {
-                serde_json::to_writer(&mut *out, &LogLine::from(entry))
-                    .map_err(std::io::Error::from)?;
+                serde_json::to_writer(&mut *out, entry).map_err(std::io::Error::from)?;
                 out.write_all(b"\n")?;
                 Ok(true)
             }

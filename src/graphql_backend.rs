@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::stream::{BoxStream, StreamExt};
 use order_saga_domain::{Money, OrderStatus};
-use order_saga_graphql::{Backend, BackendError, ErrorCode, LogRecord, NewOrder};
+use order_saga_graphql::{Backend, BackendError, ErrorCode, NewOrder};
 use order_saga_projections::{
-    HistoryRecord, OrderFilter, OrderRecord, ProductRecord, StatRecord, StatusChange,
+    HistoryRecord, LogEntry, OrderFilter, OrderStatusView, ProductRecord, StatRecord, StatusChange,
 };
 use tokio::sync::broadcast::error::RecvError;
 
@@ -32,7 +32,11 @@ impl ApiBackend {
         Self { app, projections }
     }
 
-    async fn caught_up(&self, order_id: &str, version: i64) -> Result<OrderRecord, BackendError> {
+    async fn caught_up(
+        &self,
+        order_id: &str,
+        version: i64,
+    ) -> Result<OrderStatusView, BackendError> {
         self.projections
             .wait_for_order(order_id, version, READ_YOUR_WRITES)
             .await?
@@ -87,7 +91,7 @@ fn is_final(status: OrderStatus) -> bool {
 impl Backend for ApiBackend {
     /// Read-your-writes for one order, whatever wrote last: the read model
     /// is brought (bounded) to the order's version in the event store.
-    async fn order(&self, order_id: &str) -> Result<Option<OrderRecord>, BackendError> {
+    async fn order(&self, order_id: &str) -> Result<Option<OrderStatusView>, BackendError> {
         let Some(view) = self.app.order(order_id).await? else {
             return Ok(None);
         };
@@ -103,7 +107,7 @@ impl Backend for ApiBackend {
         filter: &OrderFilter,
         after: i64,
         limit: i64,
-    ) -> Result<Vec<OrderRecord>, BackendError> {
+    ) -> Result<Vec<OrderStatusView>, BackendError> {
         Ok(self.projections.orders(filter, after, limit).await?)
     }
 
@@ -124,7 +128,7 @@ impl Backend for ApiBackend {
         after: i64,
         first: i64,
         types: &[String],
-    ) -> Result<Vec<LogRecord>, BackendError> {
+    ) -> Result<Vec<LogEntry>, BackendError> {
         // Scan pages of the log until enough events of the asked types are
         // found, at most this far past `after` per query.
         const SCAN_LIMIT: i64 = 100_000;
@@ -139,26 +143,14 @@ impl Backend for ApiBackend {
                 if found.len() < first as usize
                     && (types.is_empty() || types.contains(&e.event_type))
                 {
-                    found.push(LogRecord {
-                        position: e.position,
-                        event_id: e.event_id.to_string(),
-                        recorded_at: e
-                            .recorded_at
-                            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                        aggregate_type: e.aggregate_type,
-                        aggregate_id: e.aggregate_id,
-                        sequence: e.sequence,
-                        event_type: e.event_type,
-                        payload: e.payload,
-                        metadata: e.metadata,
-                    });
+                    found.push(e);
                 }
             }
         }
         Ok(found)
     }
 
-    async fn create_order(&self, order: NewOrder) -> Result<OrderRecord, BackendError> {
+    async fn create_order(&self, order: NewOrder) -> Result<OrderStatusView, BackendError> {
         let request = CreateOrderRequest {
             user_id: order.user_id,
             store_id: order.store_id,
@@ -168,7 +160,7 @@ impl Backend for ApiBackend {
         self.caught_up(&view.order_id, view.version).await
     }
 
-    async fn cancel_order(&self, order_id: &str) -> Result<OrderRecord, BackendError> {
+    async fn cancel_order(&self, order_id: &str) -> Result<OrderStatusView, BackendError> {
         let view = self.app.cancel_order(order_id).await?;
         self.caught_up(order_id, view.version).await
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use order_saga::analytics::{self, LogLine, ReplayFilter};
+use order_saga::analytics::{self, ReplayFilter};
 use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
 use order_saga::cli::{OutputFormat, ProjectionsCommand, ReplayArgs};
 use order_saga::health::{pause, Readiness, Shutdown};
@@ -278,18 +278,22 @@ fn print_jsonl<T: serde::Serialize>(items: &[T]) -> anyhow::Result<()> {
 }
 
 fn print_entries(entries: &[LogEntry], format: OutputFormat) -> anyhow::Result<()> {
-    let lines: Vec<LogLine> = entries.iter().map(LogLine::from).collect();
     if format == OutputFormat::Jsonl {
-        return print_jsonl(&lines);
+        return print_jsonl(entries);
     }
     println!(
         "{:>9}  {:<27}  {:<16}  {:>3}  {:<22}  PAYLOAD",
         "POSITION", "RECORDED_AT", "AGGREGATE", "SEQ", "EVENT"
     );
-    for l in lines {
+    for e in entries {
         println!(
             "{:>9}  {:<27}  {:<16}  {:>3}  {:<22}  {}",
-            l.position, l.recorded_at, l.aggregate_type, l.sequence, l.event_type, l.payload
+            e.position,
+            e.recorded_at_text(),
+            e.aggregate_type,
+            e.sequence,
+            e.event_type,
+            e.payload
         );
     }
     Ok(())

@@ -9,6 +9,27 @@
 //! cqrs-es `TestFramework` given/when/then tests; `tests/invariants.rs`
 //! drives random command sequences through all three aggregates.
 
+/// Implements cqrs-es's `DomainEvent` for an event enum: each variant's
+/// name is its event type (`OrderCreated`), and every event is at version
+/// 1.0. The variants are listed so that a new one fails to compile until it
+/// is named here.
+macro_rules! domain_event {
+    ($event:ident { $($variant:ident),+ $(,)? }) => {
+        impl cqrs_es::DomainEvent for $event {
+            fn event_type(&self) -> String {
+                match self {
+                    $($event::$variant { .. } => stringify!($variant),)+
+                }
+                .to_string()
+            }
+
+            fn event_version(&self) -> String {
+                "1.0".to_string()
+            }
+        }
+    };
+}
+
 pub mod money;
 pub mod order;
 pub mod product;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -178,21 +178,12 @@ pub enum OrderEvent {
     },
 }
 
-impl DomainEvent for OrderEvent {
-    fn event_type(&self) -> String {
-        match self {
-            OrderEvent::OrderCreated { .. } => "OrderCreated",
-            OrderEvent::OrderConfirmed { .. } => "OrderConfirmed",
-            OrderEvent::PaymentWaitStarted { .. } => "PaymentWaitStarted",
-            OrderEvent::OrderCancelled { .. } => "OrderCancelled",
-        }
-        .to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+domain_event!(OrderEvent {
+    OrderCreated,
+    OrderConfirmed,
+    PaymentWaitStarted,
+    OrderCancelled
+});
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OrderError {

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
 use crate::money::Money;
@@ -140,21 +140,12 @@ pub enum ProductEvent {
     },
 }
 
-impl DomainEvent for ProductEvent {
-    fn event_type(&self) -> String {
-        match self {
-            ProductEvent::PriceSet { .. } => "PriceSet",
-            ProductEvent::StockLevelSet { .. } => "StockLevelSet",
-            ProductEvent::StockHeld { .. } => "StockHeld",
-            ProductEvent::StockReturned { .. } => "StockReturned",
-        }
-        .to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+domain_event!(ProductEvent {
+    PriceSet,
+    StockLevelSet,
+    StockHeld,
+    StockReturned
+});
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProductError {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::Aggregate;
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -224,21 +224,12 @@ pub enum StockReservationEvent {
     ReservationVoided { causation_id: Option<Uuid> },
 }
 
-impl DomainEvent for StockReservationEvent {
-    fn event_type(&self) -> String {
-        match self {
-            StockReservationEvent::StockReserved { .. } => "StockReserved",
-            StockReservationEvent::StockReservationFailed { .. } => "StockReservationFailed",
-            StockReservationEvent::StockReleased { .. } => "StockReleased",
-            StockReservationEvent::ReservationVoided { .. } => "ReservationVoided",
-        }
-        .to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+domain_event!(StockReservationEvent {
+    StockReserved,
+    StockReservationFailed,
+    StockReleased,
+    ReservationVoided
+});
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StockReservationError {

@@ -19,7 +19,8 @@ use chrono::{TimeZone, Utc};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use order_saga_domain as domain;
 use order_saga_projections::{
-    HistoryRecord, OrderFilter, OrderRecord, ProductRecord, Stage, StatRecord, StatusChange,
+    HistoryRecord, LogEntry, OrderFilter, OrderStatusView, ProductRecord, Stage, StatRecord,
+    StatusChange,
 };
 
 /// Most orders one page may ask for.
@@ -94,33 +95,19 @@ pub struct NewOrder {
     pub items: Vec<domain::ItemRequest>,
 }
 
-/// One entry of the global log.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogRecord {
-    pub position: i64,
-    pub event_id: String,
-    pub recorded_at: String,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub sequence: i64,
-    pub event_type: String,
-    pub payload: serde_json::Value,
-    pub metadata: serde_json::Value,
-}
-
 /// Most log events one `events` query returns.
 pub const MAX_EVENTS: i32 = 1_000;
 
 /// What the schema reads and does; implemented by the service.
 #[async_trait]
 pub trait Backend: Send + Sync {
-    async fn order(&self, order_id: &str) -> Result<Option<OrderRecord>, BackendError>;
+    async fn order(&self, order_id: &str) -> Result<Option<OrderStatusView>, BackendError>;
     async fn orders(
         &self,
         filter: &OrderFilter,
         after: i64,
         limit: i64,
-    ) -> Result<Vec<OrderRecord>, BackendError>;
+    ) -> Result<Vec<OrderStatusView>, BackendError>;
     async fn history(&self, order_id: &str) -> Result<Vec<HistoryRecord>, BackendError>;
     async fn product(&self, product_id: &str) -> Result<Option<ProductRecord>, BackendError>;
     async fn stats(&self) -> Result<Vec<StatRecord>, BackendError>;
@@ -131,11 +118,11 @@ pub trait Backend: Send + Sync {
         after: i64,
         first: i64,
         types: &[String],
-    ) -> Result<Vec<LogRecord>, BackendError>;
+    ) -> Result<Vec<LogEntry>, BackendError>;
     /// Creates the order and returns it once the read model has it.
-    async fn create_order(&self, order: NewOrder) -> Result<OrderRecord, BackendError>;
+    async fn create_order(&self, order: NewOrder) -> Result<OrderStatusView, BackendError>;
     /// Cancels (CUSTOMER_REQUEST) and returns it once the read model has it.
-    async fn cancel_order(&self, order_id: &str) -> Result<OrderRecord, BackendError>;
+    async fn cancel_order(&self, order_id: &str) -> Result<OrderStatusView, BackendError>;
     async fn set_product(
         &self,
         product_id: &str,
@@ -237,7 +224,7 @@ pub struct OrderItem {
 }
 
 /// An order as the read model has it.
-pub struct Order(OrderRecord);
+pub struct Order(OrderStatusView);
 
 #[Object]
 impl Order {
@@ -321,7 +308,7 @@ impl HistoryEvent {
 }
 
 /// An entry of the global log, for analysts.
-pub struct LogEvent(LogRecord);
+pub struct LogEvent(LogEntry);
 
 #[Object]
 impl LogEvent {
@@ -329,11 +316,11 @@ impl LogEvent {
     async fn position(&self) -> i64 {
         self.0.position
     }
-    async fn event_id(&self) -> &str {
-        &self.0.event_id
+    async fn event_id(&self) -> String {
+        self.0.event_id.to_string()
     }
-    async fn recorded_at(&self) -> &str {
-        &self.0.recorded_at
+    async fn recorded_at(&self) -> String {
+        self.0.recorded_at_text()
     }
     async fn aggregate_type(&self) -> &str {
         &self.0.aggregate_type

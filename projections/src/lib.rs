@@ -7,22 +7,50 @@
 //! and how the ops are applied — in one transaction with the projection's
 //! checkpoint — is the service's business (`src/projections.rs`).
 
+use chrono::{DateTime, Utc};
 use order_saga_domain::{
     CancelReason, Money, OrderEvent, OrderLine, OrderStatus, ProductEvent, StockReservationEvent,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use uuid::Uuid;
 
-/// A stored event as the projections read it from the global log.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredEvent {
+/// One entry of the global log: a stored event with its metadata and its
+/// global position. The one type for a log entry in the workspace: the
+/// store reads it, the projections apply it, GraphQL and the analysts'
+/// tools show it (as JSON: camelCase, the time in RFC 3339 with
+/// microseconds).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogEntry {
     pub position: i64,
-    pub recorded_at_ms: i64,
+    pub event_id: Uuid,
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub recorded_at: DateTime<Utc>,
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub sequence: i64,
     pub event_type: String,
+    pub event_version: String,
     pub payload: Value,
+    pub metadata: Value,
+}
+
+impl LogEntry {
+    /// When the event was stored, as milliseconds since the epoch.
+    pub fn recorded_at_ms(&self) -> i64 {
+        self.recorded_at.timestamp_millis()
+    }
+
+    /// When the event was stored, in RFC 3339 with microseconds.
+    pub fn recorded_at_text(&self) -> String {
+        self.recorded_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    }
+}
+
+fn rfc3339_micros<S: serde::Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
 }
 
 /// Which timestamp of an order a status change sets.
@@ -147,7 +175,7 @@ pub fn stage_metric(stage: Stage) -> String {
 pub struct ProjectionError(pub String);
 
 /// The read-model changes one stored event makes.
-pub fn project(event: &StoredEvent) -> Result<Vec<ReadOp>, ProjectionError> {
+pub fn project(event: &LogEntry) -> Result<Vec<ReadOp>, ProjectionError> {
     let bad = |e: serde_json::Error| {
         ProjectionError(format!(
             "{} event at position {}: {e}",
@@ -155,7 +183,7 @@ pub fn project(event: &StoredEvent) -> Result<Vec<ReadOp>, ProjectionError> {
         ))
     };
     let order_id = event.aggregate_id.clone();
-    let at_ms = event.recorded_at_ms;
+    let at_ms = event.recorded_at_ms();
     let mut ops = Vec::new();
     match event.aggregate_type.as_str() {
         "Order" => {
@@ -297,20 +325,20 @@ pub fn project(event: &StoredEvent) -> Result<Vec<ReadOp>, ProjectionError> {
     Ok(ops)
 }
 
-fn history(event: &StoredEvent) -> ReadOp {
+fn history(event: &LogEntry) -> ReadOp {
     ReadOp::History {
         order_id: event.aggregate_id.clone(),
         position: event.position,
         aggregate_type: event.aggregate_type.clone(),
         sequence: event.sequence,
         event_type: event.event_type.clone(),
-        at_ms: event.recorded_at_ms,
+        at_ms: event.recorded_at_ms(),
         payload: event.payload.clone(),
     }
 }
 
 fn status(
-    event: &StoredEvent,
+    event: &LogEntry,
     status: OrderStatus,
     time: OrderTime,
     cancel_reason: Option<CancelReason>,
@@ -320,7 +348,7 @@ fn status(
         status,
         time,
         cancel_reason,
-        at_ms: event.recorded_at_ms,
+        at_ms: event.recorded_at_ms(),
         version: event.sequence,
     }
 }
@@ -343,7 +371,7 @@ fn stock_replied(order_id: &str, at_ms: i64) -> [ReadOp; 2] {
 /// An order as the read model holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct OrderRecord {
+pub struct OrderStatusView {
     pub order_id: String,
     pub created_position: i64,
     pub user_id: String,
@@ -371,6 +399,27 @@ pub struct HistoryRecord {
     pub event_type: String,
     pub recorded_at_ms: i64,
     pub payload: Value,
+}
+
+impl HistoryRecord {
+    /// The status change this history row of `order_id` made, if any: the
+    /// row projected again ([`project`] reads neither the event id, its
+    /// version nor its metadata, which the history does not keep).
+    pub fn status_change(&self, order_id: &str) -> Option<StatusChange> {
+        let entry = LogEntry {
+            position: self.position,
+            event_id: Uuid::nil(),
+            recorded_at: DateTime::from_timestamp_millis(self.recorded_at_ms)?,
+            aggregate_type: self.aggregate_type.clone(),
+            aggregate_id: order_id.to_string(),
+            sequence: self.sequence,
+            event_type: self.event_type.clone(),
+            event_version: String::new(),
+            payload: self.payload.clone(),
+            metadata: Value::Null,
+        };
+        project(&entry).ok()?.iter().find_map(ReadOp::status_change)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -451,15 +500,18 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn stored(aggregate_type: &str, sequence: i64, payload: Value) -> StoredEvent {
-        StoredEvent {
+    fn stored(aggregate_type: &str, sequence: i64, payload: Value) -> LogEntry {
+        LogEntry {
             position: 7,
-            recorded_at_ms: 1_000,
+            event_id: Uuid::nil(),
+            recorded_at: DateTime::from_timestamp_millis(1_000).unwrap_or_default(),
             aggregate_type: aggregate_type.into(),
             aggregate_id: "o-1".into(),
             sequence,
             event_type: "x".into(),
+            event_version: "1".into(),
             payload,
+            metadata: Value::Null,
         }
     }
 

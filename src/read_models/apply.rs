@@ -3,7 +3,7 @@
 //! and statement shape, timed stages counted into the statistics.
 
 use order_saga_domain::CancelReason;
-use order_saga_projections::{project, OrderTime, ReadOp, StageStart, StatusChange, StoredEvent};
+use order_saga_projections::{project, OrderTime, ReadOp, StageStart, StatusChange};
 
 use super::StageStarts;
 use crate::store::read_models::{
@@ -25,7 +25,7 @@ pub(crate) async fn apply_entries(
     let mut stock = StockChanges::new();
     let mut orders = OrderChanges::default();
     for entry in entries {
-        match project(&stored(entry)) {
+        match project(entry) {
             Ok(ops) => {
                 for op in ops {
                     changes.extend(op.status_change());
@@ -177,16 +177,4 @@ async fn apply(
         }
     }
     Ok(())
-}
-
-fn stored(entry: &LogEntry) -> StoredEvent {
-    StoredEvent {
-        position: entry.position,
-        recorded_at_ms: entry.recorded_at.timestamp_millis(),
-        aggregate_type: entry.aggregate_type.clone(),
-        aggregate_id: entry.aggregate_id.clone(),
-        sequence: entry.sequence,
-        event_type: entry.event_type.clone(),
-        payload: entry.payload.clone(),
-    }
 }

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use order_saga_projections::{OrderRecord, StageStart, StatusChange};
+use order_saga_projections::{OrderStatusView, StageStart, StatusChange};
 use tokio::sync::{broadcast, watch};
 
 use crate::health::{pause_until_append, Heartbeat, Shutdown, Tasks};
@@ -225,7 +225,7 @@ impl ReadModels {
         order_id: &str,
         version: i64,
         timeout: Duration,
-    ) -> Result<Option<OrderRecord>, StoreError> {
+    ) -> Result<Option<OrderStatusView>, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut progress = self.progress.subscribe();
         loop {

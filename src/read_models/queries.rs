@@ -2,15 +2,14 @@
 //! changes, products and the saga's statistics.
 
 use order_saga_projections::{
-    project, HistoryRecord, OrderFilter, OrderRecord, ProductRecord, ReadOp, StatRecord,
-    StatusChange, StoredEvent,
+    HistoryRecord, OrderFilter, OrderStatusView, ProductRecord, StatRecord, StatusChange,
 };
 
 use super::ReadModels;
 use crate::store::StoreError;
 
 impl ReadModels {
-    pub async fn order(&self, order_id: &str) -> Result<Option<OrderRecord>, StoreError> {
+    pub async fn order(&self, order_id: &str) -> Result<Option<OrderStatusView>, StoreError> {
         self.store.order_view(order_id).await
     }
 
@@ -20,7 +19,7 @@ impl ReadModels {
         filter: &OrderFilter,
         after: i64,
         limit: i64,
-    ) -> Result<Vec<OrderRecord>, StoreError> {
+    ) -> Result<Vec<OrderStatusView>, StoreError> {
         self.store.order_views(filter, after, limit).await
     }
 
@@ -34,18 +33,7 @@ impl ReadModels {
         Ok(history
             .into_iter()
             .filter(|h| h.aggregate_type == "Order")
-            .filter_map(|h| {
-                let event = StoredEvent {
-                    position: h.position,
-                    recorded_at_ms: h.recorded_at_ms,
-                    aggregate_type: h.aggregate_type,
-                    aggregate_id: order_id.to_string(),
-                    sequence: h.sequence,
-                    event_type: h.event_type,
-                    payload: h.payload,
-                };
-                project(&event).ok()?.iter().find_map(ReadOp::status_change)
-            })
+            .filter_map(|h| h.status_change(order_id))
             .collect())
     }
 

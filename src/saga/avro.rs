@@ -32,7 +32,7 @@ pub const SCHEMA_FILES: [(Topic, &str); 7] = [
         include_str!("../../schemas/avro/order.cancelled.avsc"),
     ),
     (
-        Topic::PaymentWaiting,
+        Topic::PaymentWaitStarted,
         include_str!("../../schemas/avro/order.payment.waiting.avsc"),
     ),
     (
@@ -506,7 +506,7 @@ impl Contract {
                 user_id: f.string("userId")?,
                 total_amount: f.money("totalAmount")?,
             },
-            Topic::PaymentWaiting => Body::PaymentWaitStarted {
+            Topic::PaymentWaitStarted => Body::PaymentWaitStarted {
                 user_id: f.string("userId")?,
                 total_amount: f.money("totalAmount")?,
             },

@@ -29,7 +29,7 @@ pub enum Topic {
     #[serde(rename = "order.cancelled")]
     OrderCancelled,
     #[serde(rename = "order.payment.waiting")]
-    PaymentWaiting,
+    PaymentWaitStarted,
     #[serde(rename = "stock.reserved")]
     StockReserved,
     #[serde(rename = "stock.reservation.failed")]
@@ -43,7 +43,7 @@ impl Topic {
         Topic::OrderCreated,
         Topic::OrderConfirmed,
         Topic::OrderCancelled,
-        Topic::PaymentWaiting,
+        Topic::PaymentWaitStarted,
         Topic::StockReserved,
         Topic::StockReservationFailed,
         Topic::StockReleased,
@@ -54,7 +54,7 @@ impl Topic {
             Topic::OrderCreated => "order.created",
             Topic::OrderConfirmed => "order.confirmed",
             Topic::OrderCancelled => "order.cancelled",
-            Topic::PaymentWaiting => "order.payment.waiting",
+            Topic::PaymentWaitStarted => "order.payment.waiting",
             Topic::StockReserved => "stock.reserved",
             Topic::StockReservationFailed => "stock.reservation.failed",
             Topic::StockReleased => "stock.released",
@@ -123,7 +123,7 @@ impl Body {
             Body::OrderCreated { .. } => Topic::OrderCreated,
             Body::OrderConfirmed { .. } => Topic::OrderConfirmed,
             Body::OrderCancelled { .. } => Topic::OrderCancelled,
-            Body::PaymentWaitStarted { .. } => Topic::PaymentWaiting,
+            Body::PaymentWaitStarted { .. } => Topic::PaymentWaitStarted,
             Body::StockReserved { .. } => Topic::StockReserved,
             Body::StockReservationFailed { .. } => Topic::StockReservationFailed,
             Body::StockReleased { .. } => Topic::StockReleased,

@@ -136,7 +136,7 @@ impl Side {
             ],
             Side::Notifier => &[
                 Topic::OrderConfirmed,
-                Topic::PaymentWaiting,
+                Topic::PaymentWaitStarted,
                 Topic::OrderCancelled,
             ],
         }

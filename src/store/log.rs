@@ -5,27 +5,11 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use serde_json::Value;
 use tokio::sync::watch;
-use uuid::Uuid;
+
+pub use order_saga_projections::LogEntry;
 
 use super::{postgres, sqlite, tail, Store, StoreError, MAX_LOG_BATCH};
-
-/// One entry of the global log: a stored event with its metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogEntry {
-    pub position: i64,
-    pub event_id: Uuid,
-    pub recorded_at: DateTime<Utc>,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub sequence: i64,
-    pub event_type: String,
-    pub event_version: String,
-    pub payload: Value,
-    pub metadata: Value,
-}
 
 /// What this process has appended, counted in all and per aggregate type.
 #[derive(Debug, Clone, Default)]

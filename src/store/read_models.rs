@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use order_saga_domain::OrderStatus;
 use order_saga_projections::{
-    HistoryRecord, OrderFilter, OrderRecord, ProductRecord, ReadOp, StageStart, StatRecord,
+    HistoryRecord, OrderFilter, OrderStatusView, ProductRecord, ReadOp, StageStart, StatRecord,
 };
 use sqlx::{Postgres, Row, Sqlite, Transaction};
 
@@ -583,7 +583,7 @@ pub(crate) async fn swap_in_next_tables(
 }
 
 impl Store {
-    pub async fn order_view(&self, order_id: &str) -> Result<Option<OrderRecord>, StoreError> {
+    pub async fn order_view(&self, order_id: &str) -> Result<Option<OrderStatusView>, StoreError> {
         let row: Option<OrderRow> = on_read_pool!(self, |pool| sqlx::query_as(
             "SELECT * FROM order_views WHERE order_id = $1"
         )
@@ -599,7 +599,7 @@ impl Store {
         filter: &OrderFilter,
         after: i64,
         limit: i64,
-    ) -> Result<Vec<OrderRecord>, StoreError> {
+    ) -> Result<Vec<OrderStatusView>, StoreError> {
         let status = filter.status.map(|s| s.as_str());
         let rows: Vec<OrderRow> = on_read_pool!(self, |pool| sqlx::query_as(
             "SELECT * FROM order_views \
@@ -705,7 +705,7 @@ struct OrderRow {
 }
 
 impl OrderRow {
-    fn into_record(self) -> Result<OrderRecord, StoreError> {
+    fn into_record(self) -> Result<OrderStatusView, StoreError> {
         let bad =
             |what: &str| StoreError::CorruptRow(format!("order view {}: {what}", self.order_id));
         let status = match self.status.as_str() {
@@ -715,7 +715,7 @@ impl OrderRow {
             "ORDER_CANCELLED" => OrderStatus::OrderCancelled,
             _ => return Err(bad("unknown status")),
         };
-        Ok(OrderRecord {
+        Ok(OrderStatusView {
             status,
             items: serde_json::from_str(&self.items).map_err(|e| bad(&e.to_string()))?,
             total_amount: self.total_amount.parse().map_err(|_| bad("total"))?,

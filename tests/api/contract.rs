@@ -301,7 +301,7 @@ fn fingerprints_are_the_ones_standard_tools_compute() {
         (Topic::OrderCreated, "c35b67820be43131"),
         (Topic::OrderConfirmed, "278967db86cb3769"),
         (Topic::OrderCancelled, "4955e9d85c7c9360"),
-        (Topic::PaymentWaiting, "7bc5fb38332bab93"),
+        (Topic::PaymentWaitStarted, "7bc5fb38332bab93"),
         (Topic::StockReserved, "df9802a5df7325fd"),
         (Topic::StockReservationFailed, "eb22bf5fd38c8525"),
         (Topic::StockReleased, "09193b44ece4093d"),

@@ -633,7 +633,7 @@ async fn a_poll_reads_past_a_stretch_with_nothing_for_its_group(backend: Backend
     );
 
     let mut subscription = LogTransport::new(h.t.store.clone())
-        .subscribe("late-reader", &[Topic::PaymentWaiting])
+        .subscribe("late-reader", &[Topic::PaymentWaitStarted])
         .await
         .expect("subscribe");
     // One entry at a time: every stretch before the first payment wait
