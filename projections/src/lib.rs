@@ -368,7 +368,8 @@ fn stock_replied(order_id: &str, at_ms: i64) -> [ReadOp; 2] {
     ]
 }
 
-/// An order as the read model holds it.
+/// An order as its read model (`order_views`) holds it; the write side's
+/// `service::OrderView` is built from the aggregate instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderStatusView {

@@ -1,0 +1,198 @@
+//! The schema's roots: queries over the read models, mutations through
+//! the service's use cases, and the status-change subscription.
+
+use async_graphql::connection::{query, Connection, Edge};
+use async_graphql::{Context, Error, Object, Subscription, ID};
+use futures_util::stream::{Stream, StreamExt};
+use order_saga_domain as domain;
+use order_saga_projections::OrderFilter;
+
+use crate::objects::{
+    CreateOrderInput, HistoryEvent, LogEvent, Order, OrderFilterInput, OrderStatusChange, Product,
+    SagaStats,
+};
+use crate::{backend, BackendError, ErrorCode, NewOrder, MAX_EVENTS, MAX_PAGE};
+
+pub struct QueryRoot;
+
+#[Object]
+impl QueryRoot {
+    /// One order, from the read model.
+    async fn order(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Order>, Error> {
+        Ok(backend(ctx)?.order(&id).await?.map(Order))
+    }
+
+    /// Orders, oldest first, filtered; Relay-style cursor pagination
+    /// (`first` at most 100, default 20).
+    async fn orders(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<OrderFilterInput>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Connection<i64, Order>, Error> {
+        let backend = backend(ctx)?.clone();
+        let filter = filter.unwrap_or_default();
+        let filter = OrderFilter {
+            status: filter.status.map(Into::into),
+            user_id: filter.user_id,
+            store_id: filter.store_id,
+        };
+        let first = first.unwrap_or(20);
+        if !(0..=MAX_PAGE).contains(&first) {
+            return Err(BackendError::bad_input(
+                "first",
+                format!("first: must be between 0 and {MAX_PAGE}"),
+            )
+            .into());
+        }
+        query(
+            after,
+            None,
+            Some(first),
+            None,
+            |after: Option<i64>, _before: Option<i64>, first, _last| async move {
+                let limit = first.unwrap_or(20) as i64;
+                let mut records = backend
+                    .orders(&filter, after.unwrap_or(0), limit + 1)
+                    .await?;
+                let has_next = records.len() as i64 > limit;
+                records.truncate(limit as usize);
+                let mut connection = Connection::new(after.is_some(), has_next);
+                connection.edges.extend(
+                    records
+                        .into_iter()
+                        .map(|r| Edge::new(r.created_position, Order(r))),
+                );
+                Ok::<_, Error>(connection)
+            },
+        )
+        .await
+    }
+
+    /// The order's history: its events and its stock reservation's.
+    async fn order_history(&self, ctx: &Context<'_>, id: ID) -> Result<Vec<HistoryEvent>, Error> {
+        let backend = backend(ctx)?;
+        if backend.order(&id).await?.is_none() {
+            return Err(BackendError::new(
+                ErrorCode::NotFound,
+                format!("order '{}' not found", id.as_str()),
+            )
+            .into());
+        }
+        Ok(backend
+            .history(&id)
+            .await?
+            .into_iter()
+            .map(HistoryEvent)
+            .collect())
+    }
+
+    async fn product(&self, ctx: &Context<'_>, product_id: ID) -> Result<Option<Product>, Error> {
+        Ok(backend(ctx)?.product(&product_id).await?.map(Product))
+    }
+
+    /// The global log after a position, for analysts' notebooks: at most
+    /// `first` (≤ 1000) events, optionally only of the given event types.
+    async fn events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 0)] after: i64,
+        #[graphql(default = 100)] first: i32,
+        #[graphql(name = "type")] types: Option<Vec<String>>,
+    ) -> Result<Vec<LogEvent>, Error> {
+        if !(1..=MAX_EVENTS).contains(&first) {
+            return Err(BackendError::bad_input(
+                "first",
+                format!("first: must be between 1 and {MAX_EVENTS}"),
+            )
+            .into());
+        }
+        let events = backend(ctx)?
+            .events(after, i64::from(first), &types.unwrap_or_default())
+            .await?;
+        Ok(events.into_iter().map(LogEvent).collect())
+    }
+
+    /// Counts per outcome and cancel reason, and per-stage durations.
+    async fn saga_stats(&self, ctx: &Context<'_>) -> Result<SagaStats, Error> {
+        Ok(SagaStats::from_records(&backend(ctx)?.stats().await?))
+    }
+}
+
+pub struct MutationRoot;
+
+#[Object]
+impl MutationRoot {
+    /// Accepts an order (prices come from the catalog); the saga runs on.
+    async fn create_order(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateOrderInput,
+    ) -> Result<Order, Error> {
+        let order = NewOrder {
+            user_id: input.user_id,
+            store_id: input.store_id,
+            items: input
+                .items
+                .into_iter()
+                .map(|i| domain::ItemRequest {
+                    product_id: i.product_id,
+                    quantity: i.quantity,
+                })
+                .collect(),
+        };
+        Ok(Order(backend(ctx)?.create_order(order).await?))
+    }
+
+    /// Cancels an order at the customer's request (CUSTOMER_REQUEST); only
+    /// before it waits for payment.
+    async fn cancel_order(&self, ctx: &Context<'_>, id: ID) -> Result<Order, Error> {
+        Ok(Order(backend(ctx)?.cancel_order(&id).await?))
+    }
+
+    /// Sets a product's price (decimal string) and/or available stock.
+    async fn set_product(
+        &self,
+        ctx: &Context<'_>,
+        product_id: ID,
+        price: Option<String>,
+        stock: Option<i64>,
+    ) -> Result<Product, Error> {
+        let price = price
+            .map(|p| p.parse::<domain::Money>())
+            .transpose()
+            .map_err(|e| BackendError::bad_input("price", format!("price: {e}")))?;
+        let stock = stock.map(u32::try_from).transpose().map_err(|_| {
+            BackendError::bad_input("stock", "stock: must be between 0 and 1000000000")
+        })?;
+        Ok(Product(
+            backend(ctx)?.set_product(&product_id, price, stock).await?,
+        ))
+    }
+}
+
+pub struct SubscriptionRoot;
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// Every status the order has had, then each new one as it happens; the
+    /// stream ends after PAYMENT_WAIT or ORDER_CANCELLED.
+    async fn order_status_changed(
+        &self,
+        ctx: &Context<'_>,
+        order_id: ID,
+    ) -> Result<impl Stream<Item = OrderStatusChange>, Error> {
+        let backend = backend(ctx)?;
+        if backend.order(&order_id).await?.is_none() {
+            return Err(BackendError::new(
+                ErrorCode::NotFound,
+                format!("order '{}' not found", order_id.as_str()),
+            )
+            .into());
+        }
+        Ok(backend
+            .status_changes(&order_id)
+            .map(OrderStatusChange::from))
+    }
+}
