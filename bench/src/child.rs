@@ -1,5 +1,5 @@
-//! The service under test, as a child process of this very binary:
-//! `order-saga serve --http-addr 127.0.0.1:0 …`, its address read from the
+//! The service under test, as a child process: the `order-saga` binary
+//! (`--service-bin`) run as `order-saga serve --http-addr 127.0.0.1:0 …`, its address read from the
 //! `listening on http://ADDR` line it prints, its warnings in a log file,
 //! stopped with SIGTERM (SIGKILL if it does not stop in time).
 

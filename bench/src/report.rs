@@ -526,7 +526,7 @@ mod tests {
                 rustc: "rustc".into(),
                 broker: "tansu".into(),
             },
-            command: "order-saga bench --suite".into(),
+            command: "order-saga-bench --suite".into(),
             invoked_as: Some("scripts/bench".into()),
             settings: Settings {
                 quick: true,
