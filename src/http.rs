@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use crate::graphql_backend::ApiBackend;
 use crate::health::Readiness;
+use crate::leadership::Roles;
 use crate::read_models::ReadModels;
 use crate::service::{App, AppError, CreateOrderRequest, OrderView};
 
@@ -41,6 +42,8 @@ pub struct HttpState {
     pub metrics: Option<PrometheusHandle>,
     /// Whether a Kafka relay runs (its lag is then reported).
     pub relay: bool,
+    /// The single-instance roles, for `/readyz` to say which this instance holds.
+    pub roles: Roles,
 }
 
 impl HttpState {
@@ -57,6 +60,7 @@ impl HttpState {
                 .any(|(name, _)| *name == "broker"),
             readiness,
             metrics: crate::telemetry::prometheus(),
+            roles: Roles::solo(),
         }
     }
 }
@@ -212,19 +216,22 @@ async fn get_order(
 
 /// Ready when the store answers and every background loop is alive.
 async fn ready(State(state): State<HttpState>) -> Response {
+    let unavailable = |reason: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "unavailable", "reason": reason})),
+        )
+            .into_response()
+    };
     if let Err(e) = state.app.store().ping().await {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response();
+        return unavailable(format!("store: {e}"));
     }
     for (name, heartbeat) in &state.readiness.components {
         if !heartbeat.alive(Duration::from_secs(5)) {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{name}: not running"),
-            )
-                .into_response();
+            return unavailable(format!("{name}: not running"));
         }
     }
-    "ready".into_response()
+    Json(serde_json::json!({"status": "ready", "roles": state.roles.states()})).into_response()
 }
 
 async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {

@@ -11,6 +11,8 @@
 //! - [`saga`]: the Order Creation SAGA — consumers, timers, notifications —
 //!   fed from the global log through a transport seam;
 //! - [`read_models`]: the read models, kept up to date from the global log;
+//! - [`leadership`]: which single-instance roles (relay, in-process
+//!   consumers, projection) this process holds, elected through PostgreSQL;
 //! - [`http`]: the REST API (axum);
 //! - [`analytics`]: the analysts' history, time-travel and replay tools;
 //! - [`cli`]: the command line and its settings (clap).
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod graphql_backend;
 pub mod health;
 pub mod http;
+pub mod leadership;
 pub mod read_models;
 pub mod saga;
 pub mod service;

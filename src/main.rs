@@ -13,15 +13,16 @@ use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
 use order_saga::cli::{OutputFormat, ProjectionsCommand, ReplayArgs};
 use order_saga::health::{pause, Readiness, Shutdown};
 use order_saga::http::HttpState;
-use order_saga::read_models::ReadModels;
+use order_saga::leadership::Roles;
+use order_saga::read_models::{ReadModels, PROJECTIONS_ROLE};
 use order_saga::saga::avro::Contract;
-use order_saga::saga::kafka::{KafkaTransport, Relay};
+use order_saga::saga::kafka::{KafkaTransport, Relay, RELAY_ROLE};
 use order_saga::saga::notifier::{LogNotifier, Notifier, WebhookNotifier};
 use order_saga::saga::transport::{LogTransport, Transport};
-use order_saga::saga::{Saga, SagaOptions};
+use order_saga::saga::{Saga, SagaOptions, Side};
 use order_saga::service::{App, OrderView, ProductView};
 use order_saga::store::LogEntry;
-use order_saga::store::Store;
+use order_saga::store::{lock_data_dir, Store, StoreConfig};
 use std::io::{IsTerminal, Write};
 use tracing_subscriber::EnvFilter;
 
@@ -69,6 +70,15 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.store.config().map_err(anyhow::Error::msg)?;
+    // The embedded store serves one process: `serve` and `migrate` take its
+    // data directory for themselves (the analysts' commands, `product set`
+    // and `projections rebuild` run beside a service).
+    let _data_dir = match (&config, &cli.command) {
+        (StoreConfig::Sqlite { data_dir }, None | Some(Command::Serve(_) | Command::Migrate)) => {
+            Some(lock_data_dir(data_dir)?)
+        }
+        _ => None,
+    };
     let store = Store::open(&config).await.context("opening the store")?;
     store.migrate().await.context("migrating the store")?;
     let app = App::new(store.clone());
@@ -153,13 +163,18 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => Arc::new(LogNotifier),
     };
-    let options = SagaOptions {
-        config: args.saga.config(),
-        notifier,
-        ..SagaOptions::default()
-    };
     let store = app.store().clone();
     let kafka = args.kafka.config().map_err(anyhow::Error::msg)?;
+    // The work one instance does at a time: the relay with Kafka, each
+    // consumer and the projection with the in-process bus (Kafka's
+    // consumer groups share partitions among the instances themselves).
+    let mut role_names = vec![PROJECTIONS_ROLE.to_string()];
+    match &kafka {
+        Some(_) => role_names.push(RELAY_ROLE.to_string()),
+        None => role_names.extend(Side::ALL.map(Side::role)),
+    }
+    let (stop_roles, roles_stopped) = tokio::sync::watch::channel(false);
+    let (roles, role_tasks) = Roles::elect(&store, &role_names, roles_stopped).await;
     let contract = Arc::new(Contract::load().map_err(anyhow::Error::msg)?);
     let (transport, relay): (Box<dyn Transport>, Option<Arc<Relay>>) = match &kafka {
         Some(config) => {
@@ -171,15 +186,26 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
                         config.brokers
                     )
                 })?;
-            let relay = Relay::new(store.clone(), config.clone(), contract.clone())?;
+            let relay = Relay::new(
+                store.clone(),
+                config.clone(),
+                contract.clone(),
+                roles.clone(),
+            )?;
             (Box::new(transport), Some(relay))
         }
         None => (Box::new(LogTransport::new(store.clone())), None),
     };
+    let options = SagaOptions {
+        config: args.saga.config(),
+        notifier,
+        roles: roles.clone(),
+        ..SagaOptions::default()
+    };
     let saga = Saga::new(store.clone(), transport.as_ref(), options)
         .await
         .context("starting the saga")?;
-    let projections = ReadModels::new(store.clone());
+    let projections = ReadModels::with_roles(store.clone(), roles.clone());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("HTTP_ADDR (--http-addr): cannot listen on {addr}"))?;
@@ -205,7 +231,8 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
         )));
     }
     tasks.push(tokio::spawn(sequence_log(store.clone(), shutdown)));
-    let state = HttpState::new(app, projections, readiness);
+    let mut state = HttpState::new(app, projections, readiness);
+    state.roles = roles;
 
     let bus = if kafka.is_some() {
         "kafka"
@@ -221,6 +248,9 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
     // checkpoints are committed per batch) and stop.
     let _ = stop.send(true);
     tasks.join(Duration::from_secs(10)).await;
+    // Only now give the roles up: the loops above have stopped.
+    let _ = stop_roles.send(true);
+    role_tasks.join(Duration::from_secs(5)).await;
     tracing::info!("order-saga stopped");
     Ok(())
 }

@@ -2,7 +2,10 @@
 reads every order-saga topic from the beginning and checks what a consumer of
 the contract relies on. Prints a JSON report on stdout.
 
-usage: kafka_reader.py BROKERS TOPIC_PREFIX SCHEMA_DIR EXPECTED_MESSAGES
+usage: kafka_reader.py BROKERS TOPIC_PREFIX SCHEMA_DIR EXPECTED_EVENTS
+
+Reads until EXPECTED_EVENTS distinct event ids arrived, then on until the
+topics are quiet for a second (so that duplicates behind them are counted).
 """
 import io
 import json
@@ -48,8 +51,11 @@ def main():
     first_at = {}  # (order, topic) -> offset-independent arrival index
     index = 0
     deadline = time.time() + 180
-    while report["messages"] < expected and time.time() < deadline:
+    distinct = 0
+    while time.time() < deadline:
         msg = consumer.poll(1.0)
+        if msg is None and distinct >= expected:
+            break
         if msg is None or msg.error():
             continue
         topic = msg.topic()[len(prefix):]
@@ -68,6 +74,8 @@ def main():
             report["bad_keys"] += 1
         if record["eventId"] in seen[topic]:
             report["duplicates"].append(f"{topic}:{record['eventId']}")
+        else:
+            distinct += 1
         seen[topic].add(record["eventId"])
         if topic == "order.created":
             total = sum(Decimal(i["quantity"]) * i["unitPrice"] for i in record["items"])

@@ -17,10 +17,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use order_saga_projections::{OrderStatusView, StageStart, StatusChange};
+use order_saga_projections::{project, OrderStatusView, StageStart, StatusChange};
 use tokio::sync::{broadcast, watch};
 
 use crate::health::{pause_until_append, Heartbeat, Shutdown, Tasks};
+use crate::leadership::Roles;
 pub use crate::store::read_models::CHECKPOINT;
 use crate::store::read_models::{claim, ReadModelTx, Target};
 use crate::store::{Store, StoreError};
@@ -45,7 +46,17 @@ pub struct ReadModels {
     /// next batch need not read it back; if another instance moved it
     /// since, the claim fails and the checkpoint is read again.
     claimed: std::sync::Mutex<HashMap<Target, i64>>,
+    /// Whether this process applies the log ([`PROJECTIONS_ROLE`]) or
+    /// follows the instance that does.
+    roles: Roles,
+    /// How far a follower has told subscribers and waiters (`None`: not
+    /// yet following: starts at the applied checkpoint).
+    followed: std::sync::Mutex<Option<i64>>,
 }
+
+/// The single-instance role of applying the log to the read models; the
+/// other instances follow its checkpoint to tell their own subscribers.
+pub const PROJECTIONS_ROLE: &str = "projections";
 
 /// When recent orders reached each stage start (created, stock replied,
 /// confirmed), as the projection wrote it to `order_views`: timing a stage
@@ -79,6 +90,12 @@ impl StageStarts {
 
 impl ReadModels {
     pub fn new(store: Store) -> Arc<Self> {
+        Self::with_roles(store, Roles::solo())
+    }
+
+    /// A maintainer that applies the log while this process holds
+    /// [`PROJECTIONS_ROLE`] and follows it otherwise.
+    pub fn with_roles(store: Store, roles: Roles) -> Arc<Self> {
         let (changes, _) = broadcast::channel(4096);
         let (progress, _) = watch::channel(0);
         Arc::new(ReadModels {
@@ -88,6 +105,8 @@ impl ReadModels {
             heartbeat: Heartbeat::default(),
             starts: StageStarts::default(),
             claimed: std::sync::Mutex::default(),
+            roles,
+            followed: std::sync::Mutex::default(),
         })
     }
 
@@ -111,6 +130,60 @@ impl ReadModels {
             self.progress.send_replace(last);
         }
         Ok(usize::from(applied.is_some()))
+    }
+
+    /// On an instance that does not apply the log: tells subscribers and
+    /// waiters what the applying instance has applied since the last look
+    /// (the status changes are the log's, projected without writing).
+    async fn follow_once(&self) -> Result<usize, StoreError> {
+        let applied = self.store.load_checkpoint(CHECKPOINT).await?;
+        let seen = *self.followed.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(seen) = seen else {
+            *self.followed.lock().unwrap_or_else(|e| e.into_inner()) = Some(applied);
+            self.progress.send_replace(applied);
+            return Ok(0);
+        };
+        if applied <= seen {
+            return Ok(0);
+        }
+        let entries = self
+            .store
+            .read_log(seen, (applied - seen).min(BATCH))
+            .await?;
+        let Some(last) = entries.last().map(|e| e.position) else {
+            return Ok(0);
+        };
+        for entry in &entries {
+            for op in project(entry).unwrap_or_default() {
+                if let Some(change) = op.status_change() {
+                    let _ = self.changes.send(change);
+                }
+            }
+        }
+        *self.followed.lock().unwrap_or_else(|e| e.into_inner()) = Some(last);
+        self.progress.send_replace(last);
+        Ok(entries.len())
+    }
+
+    /// One pass of the background loop: apply while this process holds the
+    /// role, follow otherwise.
+    async fn pass(&self) -> Result<usize, StoreError> {
+        if self.roles.holds(PROJECTIONS_ROLE) {
+            // Whatever this process last followed or applied, the
+            // checkpoint is read afresh when it takes over.
+            if self
+                .followed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .is_some()
+            {
+                self.forget_claimed(Target::Live);
+            }
+            self.run_once().await
+        } else {
+            self.follow_once().await
+        }
     }
 
     /// Applies the next batch to `target`, with its checkpoint; returns the
@@ -192,7 +265,7 @@ impl ReadModels {
             loop {
                 this.heartbeat.beat();
                 appends.mark();
-                let idle = match this.run_once().await {
+                let idle = match this.pass().await {
                     Ok(n) => n == 0,
                     Err(e) => {
                         tracing::warn!(error = %e, "projection failed; retrying");

@@ -29,6 +29,7 @@ mod timers;
 pub mod transport;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ use self::notifier::{LogNotifier, Notification, Notifier};
 use self::runtime::Consumer;
 use self::transport::{DeadLetterSink, Transport, TransportError};
 use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
+use crate::leadership::Roles;
 use crate::service::{store_ledger, StoreCatalog};
 use crate::store::{Store, StoreError, TimerKind};
 
@@ -114,6 +116,12 @@ impl Side {
             Side::Order => "order-saga.order",
             Side::Notifier => "order-saga.notifier",
         }
+    }
+
+    /// The single-instance role consuming for this side with the
+    /// in-process bus (named like its checkpoint).
+    pub fn role(self) -> String {
+        format!("consumer.{}", self.group())
     }
 
     /// The aggregate types whose events its topics carry: an append of
@@ -192,6 +200,8 @@ pub struct SagaOptions {
     pub config: SagaConfig,
     pub notifier: Arc<dyn Notifier>,
     pub faults: Option<Arc<dyn FaultInjector>>,
+    /// Which single-instance roles this process holds (all, unless elected).
+    pub roles: Roles,
 }
 
 impl Default for SagaOptions {
@@ -201,6 +211,7 @@ impl Default for SagaOptions {
             config: SagaConfig::default(),
             notifier: Arc::new(LogNotifier),
             faults: None,
+            roles: Roles::solo(),
         }
     }
 }
@@ -215,6 +226,7 @@ pub struct Saga {
     stock_services: StockServices,
     consumers: Vec<Consumer>,
     heartbeat: Heartbeat,
+    roles: Roles,
     dead_letter_sink: Option<Arc<dyn DeadLetterSink>>,
 }
 impl Saga {
@@ -229,6 +241,8 @@ impl Saga {
             let subscription = transport.subscribe(side.group(), side.topics()).await?;
             consumers.push(Consumer {
                 side,
+                role: side.role(),
+                standby: AtomicBool::new(true),
                 waits: subscription.waits(),
                 subscription: Mutex::new(subscription),
                 failures: Mutex::new(HashMap::new()),
@@ -244,6 +258,7 @@ impl Saga {
             faults: options.faults,
             consumers,
             heartbeat: Heartbeat::default(),
+            roles: options.roles,
             dead_letter_sink: transport.dead_letters(),
         }))
     }

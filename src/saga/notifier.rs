@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::integration::{Body, IntegrationEvent};
 use super::{HandlerError, Saga};
-use crate::store::{AttemptRow, Timer, TimerKind};
+use crate::store::{AttemptRow, Claim, Timer, TimerKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -169,19 +169,34 @@ impl Notifier for LogNotifier {
 }
 
 impl Saga {
-    /// Sends attempt `attempt` of a notification unless it was made already;
-    /// a failure schedules the next attempt. Never fails the saga.
+    /// Sends attempt `attempt` of a notification unless it was made already:
+    /// the attempt is claimed in the store first, so whichever instance or
+    /// delivery handles the event, one of them sends it. A failure schedules
+    /// the next attempt. Never fails the saga.
     pub(super) async fn notify(
         &self,
         notification: &Notification,
         attempt: u32,
     ) -> Result<(), HandlerError> {
-        let (made, delivered) = self
-            .store
-            .notification_progress(&notification.event_id)
-            .await?;
-        if delivered || made > attempt {
-            return Ok(());
+        let now = self.clock.now();
+        let claim = notification.attempt(attempt, &Ok(()), now.timestamp_millis());
+        match self.store.claim_notification(claim).await? {
+            Claim::Taken => {}
+            Claim::Done => return Ok(()),
+            // Another instance is sending it. Should it die before saying
+            // how it went, look again when its claim lapses: from the
+            // event, with a timer; from a timer, by leaving that timer to
+            // fire again when its lease runs out.
+            Claim::HeldUntil(lapses_ms) => {
+                if attempt > 0 {
+                    return Err(HandlerError::Transient(format!(
+                        "notification {} attempt {attempt} is being sent by another instance",
+                        notification.event_id
+                    )));
+                }
+                let due_at = chrono::DateTime::from_timestamp_millis(lapses_ms).unwrap_or(now);
+                return self.schedule_notification(notification, 0, due_at).await;
+            }
         }
         let result = self.notifier.send(notification).await;
         let now = self.clock.now();
@@ -201,22 +216,35 @@ impl Saga {
         if let Err(error) = result {
             tracing::warn!(order_id = %notification.order_id, attempt, %error, "notification failed");
             if attempt < self.config.notify_retries {
-                let timer = Timer {
-                    kind: TimerKind::NotifyRetry,
-                    subject: notification.event_id.clone(),
-                    order_id: notification.order_id.clone(),
-                    attempt: attempt + 1,
-                    due_at: now
-                        + chrono::Duration::from_std(self.config.notify_retry_interval)
-                            .unwrap_or(chrono::Duration::MAX),
-                    causation_id: notification.event_id.clone(),
-                    correlation_id: None,
-                    payload: serde_json::to_value(notification)
-                        .map_err(|e| HandlerError::Permanent(e.to_string()))?,
-                };
-                self.store.schedule_timer(&timer).await?;
+                let due_at = now
+                    + chrono::Duration::from_std(self.config.notify_retry_interval)
+                        .unwrap_or(chrono::Duration::MAX);
+                self.schedule_notification(notification, attempt + 1, due_at)
+                    .await?;
             }
         }
+        Ok(())
+    }
+
+    /// Schedules attempt `attempt` of a notification at `due_at`.
+    async fn schedule_notification(
+        &self,
+        notification: &Notification,
+        attempt: u32,
+        due_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), HandlerError> {
+        let timer = Timer {
+            kind: TimerKind::NotifyRetry,
+            subject: notification.event_id.clone(),
+            order_id: notification.order_id.clone(),
+            attempt,
+            due_at,
+            causation_id: notification.event_id.clone(),
+            correlation_id: None,
+            payload: serde_json::to_value(notification)
+                .map_err(|e| HandlerError::Permanent(e.to_string()))?,
+        };
+        self.store.schedule_timer(&timer).await?;
         Ok(())
     }
 }

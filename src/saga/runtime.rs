@@ -4,6 +4,7 @@
 //! never work, and commits the batch when every message in it is done.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
@@ -16,6 +17,12 @@ use crate::store::StoreError;
 
 pub(super) struct Consumer {
     pub(super) side: Side,
+    /// The single-instance role that runs it ([`Side::role`]; held always
+    /// unless elected: the in-process bus on PostgreSQL).
+    pub(super) role: String,
+    /// Whether this process was not running it at its last pass (so a
+    /// pass that holds the role again takes over from the checkpoint).
+    pub(super) standby: AtomicBool,
     /// Whether an empty poll waited already ([`Subscription::waits`]).
     pub(super) waits: bool,
     pub(super) subscription: Mutex<Box<dyn Subscription>>,
@@ -30,6 +37,15 @@ impl Saga {
     /// was done is then a no-op).
     pub(super) async fn run_consumer(&self, consumer: &Consumer) -> Result<usize, SagaError> {
         let mut subscription = consumer.subscription.lock().await;
+        if !self.roles.holds(&consumer.role) {
+            if !consumer.standby.swap(true, Ordering::AcqRel) {
+                subscription.step_down().await?;
+            }
+            return Ok(0);
+        }
+        if consumer.standby.swap(false, Ordering::AcqRel) {
+            subscription.take_over().await?;
+        }
         let deliveries = subscription.poll(self.config.batch_size).await?;
         if deliveries.is_empty() {
             return Ok(0);

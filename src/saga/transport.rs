@@ -86,6 +86,18 @@ pub trait Subscription: Send {
     /// after the last commit.
     async fn rewind(&mut self) -> Result<(), TransportError>;
 
+    /// This process stops consuming for the group (another instance holds
+    /// it now): make what was handled durable.
+    async fn step_down(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    /// This process consumes for the group again: continue from the
+    /// durable checkpoint, wherever the previous holder left it.
+    async fn take_over(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
     /// Whether an empty poll already waited for new deliveries (a broker's
     /// long poll), so the consumer loop polls again at once instead of
     /// pausing.
@@ -250,6 +262,19 @@ impl Subscription for LogSubscription {
 
     async fn rewind(&mut self) -> Result<(), TransportError> {
         self.cursor = self.committed;
+        Ok(())
+    }
+
+    async fn step_down(&mut self) -> Result<(), TransportError> {
+        self.save(true).await
+    }
+
+    async fn take_over(&mut self) -> Result<(), TransportError> {
+        let durable = self.store.load_checkpoint(&self.checkpoint).await?;
+        self.committed = durable;
+        self.saved = durable;
+        self.cursor = durable;
+        self.saved_at = Instant::now();
         Ok(())
     }
 }

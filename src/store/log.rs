@@ -233,7 +233,8 @@ impl Store {
         Ok(position.unwrap_or(0))
     }
 
-    /// Records how far the named reader has come. On PostgreSQL without
+    /// Records how far the named reader has come; a checkpoint only moves
+    /// forward (a lower `position` leaves it as it is). On PostgreSQL without
     /// waiting for the flush to disk (see [`RELAXED`]): a checkpoint lost
     /// to a database crash only means messages delivered again.
     pub async fn save_checkpoint(&self, name: &str, position: i64) -> Result<(), StoreError> {
@@ -242,6 +243,18 @@ impl Store {
             Store::Sqlite(_) => include_str!("sql/save_checkpoint.sql"),
         };
         write_statement!(self, sql, [name.to_string(), position])?;
+        Ok(())
+    }
+
+    /// Sets the named reader's checkpoint to `position`, backwards too: an
+    /// operator's replay of a consumer (while it is not running).
+    pub async fn reset_checkpoint(&self, name: &str, position: i64) -> Result<(), StoreError> {
+        write_statement!(
+            self,
+            "INSERT INTO checkpoints (name, position) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+            [name.to_string(), position]
+        )?;
         Ok(())
     }
 }

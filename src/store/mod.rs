@@ -104,6 +104,7 @@ mod group;
 mod idempotency;
 mod inline;
 mod lean;
+mod leases;
 mod log;
 mod notifications;
 mod postgres;
@@ -115,8 +116,10 @@ mod tail;
 mod timers;
 
 pub use aggregates::Executed;
+pub use leases::{LeaderSession, SESSION_IDLE_TIMEOUT};
 pub use log::{AppendWatch, LogEntry};
-pub use notifications::{AttemptRow, NotificationAttempt};
+pub use notifications::{AttemptRow, Claim, NotificationAttempt};
+pub use sqlite::{lock_data_dir, DataDirLock};
 use statements::Statements;
 pub use timers::{Timer, TimerKind};
 
@@ -147,6 +150,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "DATA_DIR (--data-dir) {path}: in use by another order-saga process{holder}; \
+         the embedded store serves one process (run several instances on PostgreSQL: DATABASE_URL)"
+    )]
+    DataDirInUse { path: PathBuf, holder: String },
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
@@ -187,6 +195,11 @@ impl Pg {
             .notification_progress
             .run(event_id.to_string())
             .await
+    }
+
+    /// Claims one notification attempt (a batched statement: `batch.rs`).
+    pub async fn claim_notification(&self, row: AttemptRow) -> Result<bool, StoreError> {
+        self.batched.notification_claims.run(row).await
     }
 
     /// Records one notification attempt (a batched statement: `batch.rs`);
@@ -369,6 +382,13 @@ impl Store {
             Store::Sqlite(db) => sqlx::migrate!("./migrations/sqlite").run(&db.write).await?,
         }
         Ok(())
+    }
+
+    /// Whether this store can serve one process only (the embedded store:
+    /// its data directory is locked by the process serving it), so every
+    /// single-instance role is that process's without an election.
+    pub fn is_single_node(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
     }
 
     pub fn backend(&self) -> &'static str {

@@ -1,8 +1,27 @@
-//! The record of every notification attempt (`notification_attempts`):
-//! what the notifier checks before sending — a notification delivered once
-//! is not sent again — and what its retries count.
+//! The record of every notification attempt (`notification_attempts`).
+//! An attempt is claimed — its row written as `sending` — before it is
+//! sent, so of all the instances and deliveries that handle the same event
+//! exactly one sends each attempt; the outcome then completes the row. A
+//! claim never completed (its claimer died while sending) may be taken
+//! again after [`CLAIM_LEASE_MS`].
 
 use super::{Store, StoreError};
+
+/// How long a claim of a notification attempt holds without an outcome:
+/// far longer than a webhook call may take (its timeout is 5 s).
+pub const CLAIM_LEASE_MS: i64 = 60_000;
+
+/// What claiming a notification attempt found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This caller sends it now.
+    Taken,
+    /// Made already (or delivered, or a later attempt was made): nothing to do.
+    Done,
+    /// Another caller is sending it; its claim lapses at this clock time
+    /// (millis) if it never completes.
+    HeldUntil(i64),
+}
 
 /// One notification attempt to record.
 #[derive(Debug)]
@@ -28,8 +47,8 @@ pub struct NotificationAttempt {
 }
 
 impl Store {
-    /// Records one attempt at a notification; an attempt already recorded
-    /// stays as it is.
+    /// Records the outcome of one attempt at a notification, completing its
+    /// claim; an attempt already completed stays as it is.
     pub async fn record_notification_attempt(&self, row: AttemptRow) -> Result<(), StoreError> {
         match self {
             // PostgreSQL records the attempts made together in one statement.
@@ -38,7 +57,10 @@ impl Store {
                 @sqlite db,
                 "INSERT INTO notification_attempts \
                  (event_id, attempt, order_id, kind, outcome, error, attempted_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, attempt) DO UPDATE \
+                 SET outcome = excluded.outcome, error = excluded.error, \
+                 attempted_at_ms = excluded.attempted_at_ms \
+                 WHERE notification_attempts.outcome = 'sending'",
                 [
                     row.event_id,
                     row.attempt,
@@ -51,6 +73,49 @@ impl Store {
             )?,
         }
         Ok(())
+    }
+
+    /// Claims attempt `row.attempt` of the notification `row.event_id` at
+    /// `row.attempted_at_ms` (clock millis) before it is sent; `row.outcome`
+    /// is ignored. Taken unless the attempt was made or claimed already (a
+    /// claim older than [`CLAIM_LEASE_MS`] without an outcome is taken over),
+    /// or the notification was delivered.
+    pub async fn claim_notification(&self, row: AttemptRow) -> Result<Claim, StoreError> {
+        let (event_id, attempt) = (row.event_id.clone(), row.attempt);
+        let taken = match self {
+            Store::Postgres(db) => db.claim_notification(row).await?,
+            Store::Sqlite(_) => on_pool!(self, |pool| {
+                sqlx::query_scalar::<_, i64>(include_str!("sql/claim_notification.sql"))
+                    .bind(row.event_id)
+                    .bind(row.attempt)
+                    .bind(row.order_id)
+                    .bind(row.kind)
+                    .bind(row.attempted_at_ms)
+                    .bind(CLAIM_LEASE_MS)
+                    .fetch_optional(pool)
+                    .await
+            })?
+            .is_some(),
+        };
+        if taken {
+            return Ok(Claim::Taken);
+        }
+        let held: Option<(String, i64)> = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT outcome, attempted_at_ms FROM notification_attempts \
+                 WHERE event_id = $1 AND attempt = $2",
+            )
+            .bind(&event_id)
+            .bind(attempt)
+            .fetch_optional(pool)
+            .await
+        })?;
+        Ok(match held {
+            Some((outcome, at_ms)) if outcome == "sending" => {
+                Claim::HeldUntil(at_ms.saturating_add(CLAIM_LEASE_MS))
+            }
+            _ => Claim::Done,
+        })
     }
 
     /// Every attempt for an order, oldest first.

@@ -51,6 +51,9 @@ pub(super) struct Batched {
     /// Event id → (attempts made, attempts that delivered).
     pub notification_progress: Batcher<String, (i64, i64)>,
     pub notification_attempts: Batcher<AttemptRow, ()>,
+    /// A notification attempt to claim before sending → whether it was
+    /// taken.
+    pub notification_claims: Batcher<AttemptRow, bool>,
 }
 
 impl Batched {
@@ -64,6 +67,7 @@ impl Batched {
                 MAX_BATCH,
                 on(statements, record_notification_attempts),
             ),
+            notification_claims: Batcher::spawn(MAX_BATCH, on(statements, claim_notifications)),
         }
     }
 }
@@ -126,6 +130,34 @@ async fn record_notification_attempts(
         .execute(&*pool)
         .await?;
     Ok(vec![(); count])
+}
+
+/// Claims a batch of notification attempts before they are sent
+/// (`pg_claim_notifications.sql`); answers, per request, whether it was
+/// taken — once per attempt, for its first request in the batch.
+async fn claim_notifications(
+    pool: Arc<Statements>,
+    rows: Vec<AttemptRow>,
+) -> Result<Vec<bool>, StoreError> {
+    let keys: Vec<(String, i64)> = rows
+        .iter()
+        .map(|row| (row.event_id.clone(), row.attempt))
+        .collect();
+    let mut columns = AttemptColumns::default();
+    for row in rows {
+        columns.push(row);
+    }
+    let taken: Vec<(String, i64)> = sqlx::query_as(include_str!("sql/pg_claim_notifications.sql"))
+        .bind(columns.event_ids)
+        .bind(columns.attempts)
+        .bind(columns.order_ids)
+        .bind(columns.kinds)
+        .bind(columns.attempted_at_ms)
+        .bind(super::notifications::CLAIM_LEASE_MS)
+        .fetch_all(&*pool)
+        .await?;
+    let mut taken: std::collections::HashSet<(String, i64)> = taken.into_iter().collect();
+    Ok(keys.into_iter().map(|key| taken.remove(&key)).collect())
 }
 
 /// Stores a batch of appends: all of them in one multi-row INSERT, one

@@ -53,6 +53,58 @@ const WAL_AUTOCHECKPOINT: &str = "10000";
 /// "Performance", "WAL checkpoints off the writer's path".
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// The lock file in a data directory, held (an exclusive `flock`) by the
+/// process serving it.
+const LOCK_FILE: &str = "order-saga.lock";
+
+/// Held while this process serves a data directory; dropping it (or the
+/// process ending, however it ends) releases the directory.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// Takes the data directory for this process alone, or fails naming it
+/// (and the process id that holds it) when another process serves it. The
+/// analysts' read-only commands and `product set` do not take it, so they
+/// stay usable beside a running service.
+pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let dir_error = |source| StoreError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir).map_err(dir_error)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(data_dir.join(LOCK_FILE))
+        .map_err(dir_error)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(StoreError::DataDirInUse {
+                path: data_dir.to_path_buf(),
+                holder: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(dir_error(e)),
+    }
+    file.set_len(0).map_err(dir_error)?;
+    file.rewind().map_err(dir_error)?;
+    write!(file, "{}", std::process::id()).map_err(dir_error)?;
+    Ok(DataDirLock { _file: file })
+}
+
 pub(super) async fn open(data_dir: &Path) -> Result<Store, StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
         path: data_dir.to_path_buf(),

@@ -23,7 +23,7 @@ use crate::e2e::{
 use crate::helpers::{Backend, TestStore};
 
 /// One Kafka test at a time: the broker is shared, and one of them stops it.
-async fn broker_lock() -> MutexGuard<'static, ()> {
+pub(crate) async fn broker_lock() -> MutexGuard<'static, ()> {
     static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
     LOCK.get_or_init(|| Mutex::new(())).lock().await
 }
@@ -36,7 +36,7 @@ fn brokers() -> String {
 /// The service's Kafka settings for a test: its own topic prefix, and the
 /// test broker's workaround (one record per batch: tansu 0.6.0 skips the rest
 /// of a batch when a fetch starts in its middle).
-fn kafka_env(prefix: &str) -> Vec<(String, String)> {
+pub(crate) fn kafka_env(prefix: &str) -> Vec<(String, String)> {
     vec![
         ("KAFKA_BROKERS".into(), brokers()),
         ("KAFKA_TOPIC_PREFIX".into(), prefix.into()),
@@ -49,7 +49,7 @@ fn kafka_env(prefix: &str) -> Vec<(String, String)> {
 }
 
 /// How many integration events the log holds (what the topics must hold).
-async fn published_events(store: &Store) -> usize {
+pub(crate) async fn published_events(store: &Store) -> usize {
     let mut after = 0;
     let mut count = 0;
     loop {
@@ -66,7 +66,7 @@ async fn published_events(store: &Store) -> usize {
 }
 
 /// Runs the independent client over the test's topics.
-async fn independent_reader(prefix: &str, expected: usize) -> Value {
+pub(crate) async fn independent_reader(prefix: &str, expected: usize) -> Value {
     let python = std::env::var("TEST_KAFKA_PYTHON").unwrap_or_else(|_| {
         format!(
             "{}/.cache/order-saga/venv/bin/python",
@@ -93,7 +93,7 @@ async fn independent_reader(prefix: &str, expected: usize) -> Value {
     serde_json::from_slice(&output.stdout).expect("reader's JSON report")
 }
 
-fn assert_clean(report: &Value, expected: usize) {
+pub(crate) fn assert_clean(report: &Value, expected: usize) {
     assert_eq!(
         report["messages"], expected,
         "every published event read: {report}"
@@ -110,7 +110,7 @@ fn assert_clean(report: &Value, expected: usize) {
     }
 }
 
-async fn wait_for_relay(store: &Store, url: &str) {
+pub(crate) async fn wait_for_relay(store: &Store, url: &str) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -12,6 +12,7 @@ mod binary;
 mod contract;
 mod e2e;
 mod helpers;
+mod instances;
 mod kafka;
 mod orders;
 mod read_side;

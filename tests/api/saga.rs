@@ -150,6 +150,7 @@ async fn saga_on(
         config: SagaConfig::default(),
         notifier,
         faults: faults.map(|f| f as Arc<dyn FaultInjector>),
+        ..SagaOptions::default()
     };
     Saga::new(store.clone(), transport, options)
         .await
@@ -660,7 +661,7 @@ async fn replaying_every_consumer_from_checkpoint_0_changes_nothing(backend: Bac
             .expect("attempts");
     for service in Side::ALL {
         h.t.store
-            .save_checkpoint(&format!("consumer.{}", service.group()), 0)
+            .reset_checkpoint(&format!("consumer.{}", service.group()), 0)
             .await
             .expect("reset");
     }

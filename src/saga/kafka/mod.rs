@@ -40,7 +40,7 @@ use super::transport::{
     Undecodable,
 };
 
-pub use relay::{Relay, RELAY_CHECKPOINT};
+pub use relay::{Relay, RELAY_CHECKPOINT, RELAY_ROLE};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaConfig {

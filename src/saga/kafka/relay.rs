@@ -14,6 +14,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use super::{broker, KafkaConfig};
 use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
+use crate::leadership::Roles;
 use crate::saga::avro::Contract;
 use crate::saga::integration::{self, IntegrationEvent};
 use crate::saga::transport::TransportError;
@@ -21,6 +22,10 @@ use crate::store::Store;
 
 /// The relay's checkpoint in the global log.
 pub const RELAY_CHECKPOINT: &str = "relay.kafka";
+
+/// The single-instance role of the relay: one instance of a deployment
+/// publishes at a time (`leadership.rs`); the others stand by.
+pub const RELAY_ROLE: &str = "relay";
 
 /// Publishes the global log's integration events to Kafka.
 ///
@@ -39,6 +44,7 @@ pub struct Relay {
     contract: Arc<Contract>,
     producer: FutureProducer,
     heartbeat: Heartbeat,
+    roles: Roles,
 }
 
 /// How often, at most, a busy relay writes its durable checkpoint.
@@ -89,6 +95,7 @@ impl Relay {
         store: Store,
         config: KafkaConfig,
         contract: Arc<Contract>,
+        roles: Roles,
     ) -> Result<Arc<Self>, TransportError> {
         Ok(Arc::new(Relay {
             producer: config.producer()?,
@@ -96,6 +103,7 @@ impl Relay {
             config,
             contract,
             heartbeat: Heartbeat::default(),
+            roles,
         }))
     }
 
@@ -280,7 +288,37 @@ impl Relay {
             let mut last_check = Instant::now() - Duration::from_secs(60);
             let mut backoff = poll;
             let mut appends = relay.store.appends_of(integration::SOURCES);
+            let mut standby = true;
             loop {
+                if !relay.roles.holds(RELAY_ROLE) {
+                    // Another instance publishes: finish what is in flight,
+                    // then stand by (answering for the broker meanwhile).
+                    if !standby {
+                        relay.drain(&mut progress).await;
+                        progress = Progress::default();
+                        standby = true;
+                    }
+                    if last_check.elapsed() > Duration::from_secs(1) {
+                        last_check = Instant::now();
+                        if relay.broker_answers().await {
+                            relay.heartbeat.beat();
+                        }
+                    }
+                    tokio::select! {
+                        _ = relay.roles.wait_change(Duration::from_millis(250)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if *shutdown.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+                if standby {
+                    // From the durable checkpoint, wherever the last
+                    // holder left it (a fresh Progress reads it).
+                    standby = false;
+                    progress = Progress::default();
+                }
                 appends.mark();
                 let step = match relay.step(&mut progress).await {
                     // Until an acknowledgement or a new append (or a
@@ -325,20 +363,24 @@ impl Relay {
                     break;
                 }
             }
-            // Stopping: what is in flight counts if the broker takes it soon
-            // (otherwise it goes out again after a restart).
-            let drain = async {
-                while let Some(done) = progress.in_flight.next().await {
-                    relay.settle(&mut progress, done).await?;
-                }
-                let published = progress.published;
-                relay.save(&mut progress, published, true).await
-            };
-            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), drain).await {
-                tracing::warn!(error = %e, "relay stopped before everything sent was published");
-            }
+            relay.drain(&mut progress).await;
         }));
         tasks
+    }
+
+    /// Stopping or standing down: what is in flight counts if the broker
+    /// takes it soon (otherwise it goes out again from the checkpoint).
+    async fn drain(&self, progress: &mut Progress) {
+        let drain = async {
+            while let Some(done) = progress.in_flight.next().await {
+                self.settle(progress, done).await?;
+            }
+            let published = progress.published;
+            self.save(progress, published, true).await
+        };
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), drain).await {
+            tracing::warn!(error = %e, "relay stopped before everything sent was published");
+        }
     }
 
     /// Entries of the log not yet published (for the relay-lag metric).

@@ -192,7 +192,9 @@ pub(crate) async fn set_checkpoint(
     position: i64,
 ) -> Result<(), StoreError> {
     tx.run(
-        include_str!("../sql/save_checkpoint.sql").to_string(),
+        "INSERT INTO checkpoints (name, position) VALUES ($1, $2) \
+         ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+            .to_string(),
         vec![name.into(), position.into()],
     )
     .await?;
