@@ -163,6 +163,15 @@ impl Saga {
         error: &str,
         payload: &str,
     ) -> Result<(), StoreError> {
+        // Stored first: of several instances giving up on one message, the
+        // one that stores it counts and publishes it.
+        let first = self
+            .store
+            .record_dead_letter(side.group(), &delivery.topic, event_id, error, payload)
+            .await?;
+        if !first {
+            return Ok(());
+        }
         tracing::error!(group = side.group(), topic = %delivery.topic, error, "dead-lettered");
         metrics::counter!("order_saga_dead_letters_total", "consumer" => side.group()).increment(1);
         if let Some(sink) = &self.dead_letter_sink {
@@ -170,8 +179,6 @@ impl Saga {
                 tracing::warn!(error = %e, "could not publish the dead letter; it is in the store");
             }
         }
-        self.store
-            .record_dead_letter(side.group(), &delivery.topic, event_id, error, payload)
-            .await
+        Ok(())
     }
 }

@@ -4,7 +4,9 @@
 use super::{Store, StoreError};
 
 impl Store {
-    /// Keeps a message its consumer gave up on, with the reason.
+    /// Keeps a message its consumer gave up on, with the reason; `false`
+    /// when the group had dead-lettered this event already (another
+    /// instance gave up on it too).
     pub async fn record_dead_letter(
         &self,
         consumer: &str,
@@ -12,11 +14,12 @@ impl Store {
         event_id: Option<&str>,
         error: &str,
         payload: &str,
-    ) -> Result<(), StoreError> {
-        on_pool!(self, |pool| {
+    ) -> Result<bool, StoreError> {
+        let inserted = on_pool!(self, |pool| {
             sqlx::query(
                 "INSERT INTO dead_letters (consumer, topic, event_id, error, payload) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (consumer, event_id) WHERE event_id IS NOT NULL DO NOTHING",
             )
             .bind(consumer)
             .bind(topic)
@@ -25,9 +28,9 @@ impl Store {
             .bind(payload)
             .execute(pool)
             .await
-            .map(|_| ())
+            .map(|done| done.rows_affected() > 0)
         })?;
-        Ok(())
+        Ok(inserted)
     }
 
     /// Dead letters as (consumer, topic, event id, error), oldest first.

@@ -118,7 +118,7 @@ mod timers;
 pub use aggregates::Executed;
 pub use leases::{LeaderSession, SESSION_IDLE_TIMEOUT};
 pub use log::{AppendWatch, LogEntry};
-pub use notifications::{AttemptRow, Claim, NotificationAttempt};
+pub use notifications::{AttemptRow, Claim, NotificationAttempt, CLAIM_LEASE_MS};
 pub use sqlite::{lock_data_dir, DataDirLock};
 use statements::Statements;
 pub use timers::{Timer, TimerKind};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use cqrs_es::{AggregateError, DomainEvent};
 use order_saga::service::product_services;
-use order_saga::store::{LogEntry, Store, SNAPSHOT_EVERY};
+use order_saga::store::{AttemptRow, Claim, LogEntry, Store, SNAPSHOT_EVERY};
 use order_saga_domain::{Money, Product, ProductCommand, ProductEvent};
 
 use crate::helpers::{Backend, TestStore};
@@ -21,6 +21,9 @@ on_both_backends!(
     the_global_log_is_read_exactly_once_under_concurrent_writers,
     a_busy_product_loads_from_its_snapshot_and_reads_its_holds_from_its_events,
     notification_records_made_together_are_each_counted,
+    a_checkpoint_never_moves_backwards_unless_reset,
+    a_notification_attempt_is_claimed_by_one_caller_and_a_lapsed_claim_taken_over,
+    a_message_is_dead_lettered_once_per_group,
 );
 
 fn set_product(price_minor: i64, stock: u32) -> ProductCommand {
@@ -686,5 +689,124 @@ async fn notification_records_made_together_are_each_counted(backend: Backend) {
         let expected = ((n % 3) as u32, n % 3 == 2);
         assert_eq!(progress.expect("progress"), expected, "event-{n}");
     }
+    t.cleanup().await;
+}
+
+async fn a_checkpoint_never_moves_backwards_unless_reset(backend: Backend) {
+    let t = TestStore::new(backend).await;
+    t.store.save_checkpoint("c", 10).await.expect("save");
+    // A late write of an instance that lost its role, say.
+    t.store.save_checkpoint("c", 4).await.expect("save");
+    assert_eq!(t.store.load_checkpoint("c").await.expect("load"), 10);
+    t.store.save_checkpoint("c", 12).await.expect("save");
+    assert_eq!(t.store.load_checkpoint("c").await.expect("load"), 12);
+    // An operator's replay.
+    t.store.reset_checkpoint("c", 0).await.expect("reset");
+    assert_eq!(t.store.load_checkpoint("c").await.expect("load"), 0);
+    t.cleanup().await;
+}
+
+fn claim(event: &str, attempt: i64, at_ms: i64) -> AttemptRow {
+    AttemptRow {
+        event_id: event.to_string(),
+        attempt,
+        order_id: "order-1".to_string(),
+        kind: "ORDER_CONFIRMED",
+        outcome: "delivered",
+        error: None,
+        attempted_at_ms: at_ms,
+    }
+}
+
+async fn a_notification_attempt_is_claimed_by_one_caller_and_a_lapsed_claim_taken_over(
+    backend: Backend,
+) {
+    let t = TestStore::new(backend).await;
+    // Eight callers (instances, redeliveries) at once: one sends.
+    let claims: Vec<_> = (0..8)
+        .map(|_| {
+            let store = t.store.clone();
+            tokio::spawn(async move { store.claim_notification(claim("e-1", 0, 1_000)).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for c in claims {
+        outcomes.push(c.await.expect("task").expect("claim"));
+    }
+    assert_eq!(
+        outcomes.iter().filter(|c| **c == Claim::Taken).count(),
+        1,
+        "{outcomes:?}"
+    );
+    let lapses = 1_000 + order_saga::store::CLAIM_LEASE_MS;
+    assert!(
+        outcomes
+            .iter()
+            .all(|c| matches!(c, Claim::Taken) || *c == Claim::HeldUntil(lapses)),
+        "{outcomes:?}"
+    );
+    // Its claimer died while sending: after the lease another takes it over.
+    assert_eq!(
+        t.store
+            .claim_notification(claim("e-1", 0, lapses - 1))
+            .await
+            .expect("claim"),
+        Claim::HeldUntil(lapses)
+    );
+    assert_eq!(
+        t.store
+            .claim_notification(claim("e-1", 0, lapses))
+            .await
+            .expect("claim"),
+        Claim::Taken
+    );
+    // Once its outcome is recorded, nobody sends that attempt again.
+    t.store
+        .record_notification_attempt(claim("e-1", 0, lapses + 5))
+        .await
+        .expect("record");
+    assert_eq!(
+        t.store
+            .claim_notification(claim("e-1", 0, lapses * 10))
+            .await
+            .expect("claim"),
+        Claim::Done
+    );
+    // Nor a later attempt of a delivered notification.
+    assert_eq!(
+        t.store
+            .claim_notification(claim("e-1", 1, lapses * 10))
+            .await
+            .expect("claim"),
+        Claim::Done
+    );
+    let attempts = t
+        .store
+        .notification_attempts("order-1")
+        .await
+        .expect("attempts");
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].outcome, "delivered");
+    t.cleanup().await;
+}
+
+async fn a_message_is_dead_lettered_once_per_group(backend: Backend) {
+    let t = TestStore::new(backend).await;
+    let record = |consumer: &'static str, event: Option<&'static str>| {
+        let store = t.store.clone();
+        async move {
+            store
+                .record_dead_letter(consumer, "order.created", event, "cannot", "{}")
+                .await
+                .expect("record")
+        }
+    };
+    assert!(record("g-1", Some("e-1")).await);
+    assert!(!record("g-1", Some("e-1")).await, "the same group again");
+    assert!(record("g-2", Some("e-1")).await, "another group");
+    // Without an event id (undecodable), every message is its own.
+    assert!(record("g-1", None).await);
+    assert!(record("g-1", None).await);
+    assert_eq!(t.store.dead_letters().await.expect("list").len(), 4);
     t.cleanup().await;
 }
