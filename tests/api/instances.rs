@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use order_saga::store::Store;
 use order_saga_domain::{Order, OrderStatus};
 use serde_json::{json, Value};
+use sqlx::Connection;
 use tokio::process::Child;
 use tokio::sync::Semaphore;
 
@@ -488,5 +489,105 @@ async fn a_second_serve_on_an_embedded_data_directory_in_use_is_refused_naming_i
     );
     let _ = first.start_kill();
     let _ = first.wait().await;
+    t.cleanup().await;
+}
+
+/// The roles' `since` times an instance reports, by role.
+async fn held_since(client: &reqwest::Client, url: &str) -> HashMap<String, String> {
+    let Ok(response) = client.get(format!("{url}/readyz")).send().await else {
+        return HashMap::new();
+    };
+    let ready: Value = response.json().await.unwrap_or_default();
+    ready["roles"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["held"] == true)
+        .filter_map(|r| {
+            Some((
+                r["role"].as_str()?.to_string(),
+                r["since"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_loses_its_postgresql_session_gives_its_roles_up_and_they_are_taken_again() {
+    let t = TestStore::new(Backend::Postgres).await;
+    let env = vec![("DATABASE_POOL_SIZE".to_string(), "4".to_string())];
+    let mut instances = vec![serve_with(&t, &env).await, serve_with(&t, &env).await];
+    let urls: Vec<String> = instances.iter().map(|(_, u)| u.clone()).collect();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let role = "projections";
+    let before = loop {
+        let mut held = Vec::new();
+        for url in &urls {
+            held.push(held_since(&client, url).await.remove(role));
+        }
+        if held.iter().flatten().count() == 1 {
+            break held;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The database ends the holder's leader session (as a failover of the
+    // database, or an operator, would): its locks are free at once.
+    let mut admin = sqlx::PgConnection::connect(&crate::helpers::postgres_url())
+        .await
+        .expect("admin");
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM (SELECT DISTINCT pid FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
+           AND classid::bigint = (hashtext($1)::bigint & 4294967295)) AS holders",
+    )
+    .bind(&t.schema)
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate");
+    assert_eq!(ended, [true], "one leader session holds the schema's roles");
+    let lost = Instant::now();
+    // Someone holds the role again, taken after the loss.
+    loop {
+        let mut now = Vec::new();
+        for url in &urls {
+            now.push(held_since(&client, url).await.remove(role));
+        }
+        let holders: Vec<_> = now.iter().flatten().collect();
+        if holders.len() == 1 && !before.contains(&Some(holders[0].clone())) {
+            println!(
+                "MEASURED leader session lost: {role} held again after {} ms",
+                lost.elapsed().as_millis()
+            );
+            break;
+        }
+        assert!(
+            lost.elapsed() < Duration::from_secs(10),
+            "{role} not taken over within 10 s: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the saga runs on: an order sent now ends.
+    order_saga::service::App::new(t.store.clone())
+        .set_product("p-1", Some("1.00".parse().expect("price")), Some(5))
+        .await
+        .expect("set product");
+    let created: Value = client
+        .post(format!("{}/api/v1/orders", urls[1]))
+        .json(&crate::helpers::order_body(&[("p-1", 1)]))
+        .send()
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("json");
+    let id = created["orderId"].as_str().expect("orderId").to_string();
+    wait_until_all_end(&t.store, &[id]).await;
+    for (mut child, _) in instances.drain(..) {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
     t.cleanup().await;
 }
