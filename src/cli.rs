@@ -24,7 +24,11 @@ use crate::store::StoreConfig;
     long_about = "Event-sourced order service running the Order Creation SAGA.\n\n\
         With no DATABASE_URL the events live in an embedded SQLite file under --data-dir; \
         with DATABASE_URL=postgres://... they live in PostgreSQL. Migrations are applied \
-        at start. Without a subcommand, `serve` runs."
+        at start. Without a subcommand, `serve` runs.\n\n\
+        Several instances may serve one PostgreSQL database: the relay, and with the \
+        in-process bus each saga consumer and the projection, run on one instance at a \
+        time (elected through the database; see /readyz). The embedded store serves one \
+        process: `serve` and `migrate` lock --data-dir."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -42,7 +46,7 @@ pub struct StoreArgs {
     pub database_url: Option<String>,
 
     /// Directory of the embedded SQLite store (used when DATABASE_URL is
-    /// unset); created if missing.
+    /// unset); created if missing. One process serves it at a time.
     #[arg(long, env = "DATA_DIR", default_value = "./data", global = true)]
     pub data_dir: PathBuf,
 

@@ -5,7 +5,7 @@
 //! Each batch of log entries is applied in one transaction together with
 //! the projection's checkpoint, and the checkpoint moves only if it still
 //! holds the position the batch was read from — so every event is applied
-//! exactly once, even with several instances running the projection, and a
+//! exactly once, even should two instances apply it at once, and a
 //! crash at any instant loses nothing. After a commit, status changes go to
 //! subscribers and waiters learn the new position.
 
