@@ -183,7 +183,7 @@ impl ServiceProcess {
     }
 
     /// SIGKILL and wait; returns the tail of its log.
-    async fn kill(&mut self) -> String {
+    pub async fn kill(&mut self) -> String {
         let _ = self.child.kill().await;
         self.log_tail()
     }

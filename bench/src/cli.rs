@@ -61,8 +61,9 @@ pub struct BenchArgs {
 /// 35 minutes; --quick: about 10.
 #[derive(Debug, Args)]
 pub struct SuiteArgs {
-    /// Run the benchmark suite (ramp, maximum sustainable rate, hot product,
-    /// long run, ceilings) instead of one load run against --url.
+    /// Run the benchmark suite (ramp, maximum sustainable rate, 2 instances
+    /// and their failover, hot product, long run, ceilings) instead of one
+    /// load run against --url.
     #[arg(long = "suite")]
     pub enabled: bool,
     /// PostgreSQL server for the suite: it creates a database bench_<random>
@@ -134,6 +135,10 @@ pub struct SuiteArgs {
     /// [default: 100000; --quick: 10000].
     #[arg(long, requires = "enabled")]
     pub long_orders: Option<u64>,
+    /// Skip the runs with 2 instances on one PostgreSQL store (their ramp
+    /// and bisection, and the failover after SIGKILL).
+    #[arg(long, requires = "enabled")]
+    pub skip_instances: bool,
     /// Skip the ceilings (PostgreSQL commits, event-store appends, broker).
     #[arg(long, requires = "enabled")]
     pub skip_ceilings: bool,
@@ -224,6 +229,7 @@ impl SuiteArgs {
                 probe: Duration::from_secs(if quick { 5 } else { 15 }),
                 products: 10,
             }),
+            instances: !self.skip_instances,
             invoked_as: self.invoked_as.clone(),
             command,
         })

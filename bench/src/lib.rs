@@ -30,7 +30,11 @@ use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
+    /// The instance set up and queried (the read model).
     pub url: String,
+    /// Where the orders go, round-robin (several instances on one store);
+    /// empty: `url`.
+    pub order_urls: Vec<String>,
     /// Orders per second offered.
     pub rate: f64,
     pub duration: Duration,
@@ -183,7 +187,12 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
     let started_at = Utc::now();
     let results = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
     let (products, max_items, hot) = (config.products, config.max_items, config.hot);
-    let (url, runtime) = (config.url.clone(), tokio::runtime::Handle::current());
+    let order_urls: Arc<[String]> = if config.order_urls.is_empty() {
+        Arc::new([config.url.clone()])
+    } else {
+        config.order_urls.iter().cloned().collect()
+    };
+    let runtime = tokio::runtime::Handle::current();
     let (sent, client_, user_) = (results.clone(), client.clone(), user.clone());
     // The orders leave on schedule from a thread of their own: a tokio
     // timer ticks in whole milliseconds and a parked runtime wakes later
@@ -201,7 +210,8 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
             std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
             // Finished requests leave the set as we go (long runs send millions).
             while tasks.try_join_next().is_some() {}
-            let (client, url, results) = (client_.clone(), url.clone(), sent.clone());
+            let url = order_urls[i as usize % order_urls.len()].clone();
+            let (client, results) = (client_.clone(), sent.clone());
             let request = async move {
                 let lag = due.elapsed();
                 let outcome = client

@@ -36,6 +36,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let config = BenchConfig {
         url: args.url.trim_end_matches('/').to_string(),
+        order_urls: Vec::new(),
         rate: args.rate,
         duration: args.duration,
         products: args.products,

@@ -10,7 +10,8 @@ use anyhow::Context;
 use super::ceilings::{Rate, APPEND_POOL_SIZE, APPEND_WRITERS};
 use super::BenchReport;
 use crate::results::{
-    ms, per_s, Backend, BackendResult, Step, SuiteResults, KEEP_UP, SAGA_P99_LIMIT_MS,
+    ms, per_s, Backend, BackendResult, Step, SuiteResults, FAILOVER_KILLS, KEEP_UP,
+    SAGA_P99_LIMIT_MS,
 };
 use crate::suite;
 use order_saga::store::SNAPSHOT_EVERY;
@@ -129,6 +130,61 @@ fn backend_section(md: &mut String, b: &BackendResult) {
             .map_or("none".to_string(), |r| format!("{r:.0} orders/s")),
         b.max_sustainable_how
     );
+}
+
+fn failover_section(md: &mut String, r: &SuiteResults) {
+    let _ = writeln!(md, "## Failover\n");
+    if let Some(why) = &r.instances_skipped {
+        let _ = writeln!(md, "Not run: {}.\n", cell(why));
+        return;
+    }
+    if r.failover.is_empty() {
+        let _ = writeln!(md, "Not run yet.\n");
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "Two instances on one fresh PostgreSQL store. {FAILOVER_KILLS} times: the one holding the \
+         roles is SIGKILLed one second into {:.0} orders/s sent to the other for {:.0} s; the \
+         takeover is the time from the kill until the survivor's `/readyz` shows every role held \
+         (asked every 20 ms); every saga of that load must finish; then a replacement starts.\n",
+        r.failover[0].load_rate, r.failover[0].load_s,
+    );
+    for f in &r.failover {
+        let _ = writeln!(md, "{}:\n", f.backend.title());
+        let _ = writeln!(
+            md,
+            "| kill | roles of the killed instance | taken over | accepted | failed | unfinished | saga p99 |\n|---:|---|---:|---:|---:|---:|---:|"
+        );
+        for (i, k) in f.kills.iter().enumerate() {
+            let load =
+                |pick: fn(&BenchReport) -> String| k.load.as_ref().map_or("—".to_string(), pick);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                i + 1,
+                cell(&k.roles.join(", ")),
+                k.taken_over_ms
+                    .map_or("not within 60 s".to_string(), |v| format!("{} ms", ms(v))),
+                load(|l| l.accepted.to_string()),
+                load(|l| l.failed.to_string()),
+                load(|l| l.unfinished.to_string()),
+                load(|l| format!("{} ms", ms(l.saga.p99_ms))),
+            );
+        }
+        match f.p50_max_ms() {
+            Some((p50, max)) => {
+                let _ = writeln!(md, "\n**Takeover p50 {} ms, max {} ms.**", ms(p50), ms(max));
+            }
+            None => {
+                let _ = writeln!(md, "\n**Not every kill was taken over.**");
+            }
+        }
+        for e in &f.errors {
+            let _ = writeln!(md, "\nProblem: {}", cell(e));
+        }
+        let _ = writeln!(md);
+    }
 }
 
 fn kib(v: Option<u64>) -> String {
@@ -318,8 +374,12 @@ pub fn markdown(r: &SuiteResults) -> String {
     for b in &r.backends {
         let _ = writeln!(
             md,
-            "| {} | {} | {} |",
+            "| {}{} | {} | {} |",
             b.backend.name(),
+            match b.instances {
+                1 => String::new(),
+                n => format!(", {n} instances"),
+            },
             b.max_sustainable
                 .map_or("—".to_string(), |v| format!("{v:.0}")),
             b.skipped
@@ -331,6 +391,8 @@ pub fn markdown(r: &SuiteResults) -> String {
         );
     }
     let _ = writeln!(md);
+
+    failover_section(&mut md, r);
 
     let _ = writeln!(md, "## One hot product\n");
     let _ = writeln!(
@@ -456,7 +518,7 @@ pub fn markdown(r: &SuiteResults) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::{targets, BackendResult, Machine, Settings};
+    use crate::results::{targets, BackendResult, Failover, Kill, Machine, Settings};
     use crate::Percentiles;
 
     fn report(rate: f64, saga_p99_ms: f64) -> BenchReport {
@@ -507,6 +569,7 @@ mod tests {
         let backend = |backend: Backend, ramp: Vec<Step>, max: f64| BackendResult {
             backend,
             title: backend.title().into(),
+            instances: 1,
             skipped: None,
             ramp,
             bisect: vec![],
@@ -554,8 +617,29 @@ mod tests {
                     vec![step(100.0, 10.0), step(200.0, 40.0), step(400.0, 2000.0)],
                     300.0,
                 ),
+                backend(Backend::Postgres, vec![step(100.0, 10.0)], 400.0),
+                BackendResult {
+                    instances: 2,
+                    title: "PostgreSQL (in-process bus), 2 instances".into(),
+                    ..backend(Backend::Postgres, vec![step(100.0, 10.0)], 380.0)
+                },
                 backend(Backend::PostgresKafka, vec![step(100.0, 5000.0)], 50.0),
             ],
+            failover: vec![Failover {
+                backend: Backend::Postgres,
+                kills: [400.0, 900.0, 500.0]
+                    .into_iter()
+                    .map(|ms| Kill {
+                        roles: vec!["relay".into()],
+                        taken_over_ms: Some(ms),
+                        load: Some(report(50.0, 40.0)),
+                    })
+                    .collect(),
+                load_rate: 50.0,
+                load_s: 4.0,
+                errors: vec![],
+            }],
+            instances_skipped: None,
             hot: vec![],
             long_run: None,
             long_run_skipped: Some("--skip-long".into()),
@@ -582,6 +666,32 @@ mod tests {
         assert_eq!(kafka.met, Some(false), "saturated below 200/s misses it");
         assert_eq!(find("saga p99 at 200/s, PostgreSQL").met, None);
         assert_eq!(find("max sustainable rate, embedded").met, Some(false));
+        let two = find("max sustainable rate, 2 instances ÷ one, PostgreSQL");
+        assert_eq!(
+            (two.met, two.measured.as_str()),
+            (Some(true), "0.95 (380/s ÷ 400/s)"),
+            "the 2-instance run is not taken for the single-instance one"
+        );
+        let kafka_two = find("max sustainable rate, 2 instances ÷ one, PostgreSQL + Kafka");
+        assert_eq!(kafka_two.met, None, "not measured");
+        let failover = find("failover after SIGKILL, p50 / max over 5 kills, PostgreSQL");
+        assert_eq!(
+            (failover.met, failover.measured.as_str()),
+            (Some(true), "500 / 900 ms, 0 sagas failed or unfinished")
+        );
+        let mut lost = r.clone();
+        if let Some(load) = lost.failover[0].kills[0].load.as_mut() {
+            load.unfinished = 1;
+        }
+        let targets = crate::results::targets(&lost);
+        let failover = targets.iter().find(|t| {
+            t.figure.starts_with("failover after SIGKILL") && t.figure.ends_with("PostgreSQL")
+        });
+        assert_eq!(
+            failover.and_then(|t| t.met),
+            Some(false),
+            "a lost saga misses it"
+        );
     }
 
     #[test]
@@ -596,6 +706,10 @@ mod tests {
             "scripts/bench",
             "## Ceilings",
             "### Embedded (SQLite, in-process bus)",
+            "### PostgreSQL (in-process bus), 2 instances",
+            "| postgres, 2 instances | 380 |",
+            "## Failover",
+            "**Takeover p50 500 ms, max 900 ms.**",
             "## One hot product",
             "## Long run",
             "## Targets",

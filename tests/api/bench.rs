@@ -15,6 +15,7 @@ async fn the_load_generator_counts_every_order_and_saga_it_caused(backend: Backe
     let app = spawn_service(t.store.clone()).await;
     let config = BenchConfig {
         url: app.address.clone(),
+        order_urls: Vec::new(),
         rate: 40.0,
         duration: Duration::from_secs(1),
         products: 4,

@@ -1,6 +1,8 @@
 //! Starting and stopping the suite's instances: a fresh store (a
 //! temporary directory, or a PostgreSQL database made for the run) and a
-//! fresh topic prefix for every run, all removed afterwards.
+//! fresh topic prefix for every run, all removed afterwards. A run on
+//! PostgreSQL may start several processes of the service on that one store
+//! (and prefix), as an operator runs several instances.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,15 +14,37 @@ use crate::ceilings::{
 use crate::child::ServiceProcess;
 use crate::results::Backend;
 
-/// A running instance and what to clean up after it.
+/// A running instance — one or more processes of the service on one
+/// store — and what to clean up after it.
 pub(super) struct Instance {
-    pub(super) service: ServiceProcess,
+    /// Never empty while the instance runs.
+    pub(super) services: Vec<ServiceProcess>,
+    /// The flags every process of it is started with.
+    args: Vec<String>,
+    /// Processes started so far (each its own log file).
+    started: usize,
     pub(super) workdir: PathBuf,
     pub(super) database: Option<String>,
     pub(super) topic_prefix: Option<String>,
 }
 
 /// What stopping an instance found.
+impl Instance {
+    /// The first process: the one queries go to.
+    pub(super) fn service(&self) -> &ServiceProcess {
+        &self.services[0]
+    }
+
+    pub(super) fn service_mut(&mut self) -> &mut ServiceProcess {
+        &mut self.services[0]
+    }
+
+    /// Every process's address: where the orders go, round-robin.
+    pub(super) fn urls(&self) -> Vec<String> {
+        self.services.iter().map(|s| s.url.clone()).collect()
+    }
+}
+
 pub(super) struct Stopped {
     pub(super) crash: Option<String>,
     pub(super) note: Option<String>,
@@ -39,10 +63,22 @@ impl Suite {
         }
     }
 
-    /// A fresh instance: a new store (and topic prefix), the service
-    /// started on it and ready.
+    /// A fresh instance: a new store (and topic prefix), one process of
+    /// the service started on it and ready.
     pub(super) async fn start(&self, backend: Backend) -> Result<Instance, String> {
+        self.start_many(backend, 1).await
+    }
+
+    /// A fresh instance of `count` processes on one new store, each ready.
+    pub(super) async fn start_many(
+        &self,
+        backend: Backend,
+        count: usize,
+    ) -> Result<Instance, String> {
         self.usable(backend)?;
+        if count > 1 && !backend.uses_postgres() {
+            return Err("the embedded store serves one process".to_string());
+        }
         let id = short_id();
         let workdir = std::env::temp_dir().join(format!("order-saga-bench-{id}"));
         std::fs::create_dir_all(&workdir)
@@ -85,35 +121,50 @@ impl Suite {
         }
         self.leftovers()
             .push((workdir.clone(), database.clone(), topic_prefix.clone()));
-        match ServiceProcess::start(
-            &self.config.service_bin,
-            &instance_args,
-            &workdir.join("serve.log"),
-        )
-        .await
-        {
-            Ok(service) => Ok(Instance {
-                service,
-                workdir,
-                database,
-                topic_prefix,
-            }),
-            Err(e) => {
-                self.clean_up(&workdir, database.as_deref(), topic_prefix.as_deref())
-                    .await;
-                Err(e)
+        let mut instance = Instance {
+            services: Vec::with_capacity(count),
+            args: instance_args,
+            started: 0,
+            workdir,
+            database,
+            topic_prefix,
+        };
+        for _ in 0..count.max(1) {
+            if let Err(e) = self.add_service(&mut instance).await {
+                self.stop(instance).await;
+                return Err(e);
             }
         }
+        Ok(instance)
+    }
+
+    /// Starts one more process of the instance, on its store, and waits
+    /// until it is ready.
+    pub(super) async fn add_service(&self, instance: &mut Instance) -> Result<(), String> {
+        instance.started += 1;
+        let log = match instance.started {
+            1 => instance.workdir.join("serve.log"),
+            n => instance.workdir.join(format!("serve-{n}.log")),
+        };
+        let service = ServiceProcess::start(&self.config.service_bin, &instance.args, &log).await?;
+        instance.services.push(service);
+        Ok(())
     }
 
     /// Stops the service and removes its store; reads the database's commit
     /// counter last (the service's connections flush their statistics as
     /// they close).
     pub(super) async fn stop(&self, instance: Instance) -> Stopped {
-        let (crash, note) = match instance.service.stop().await {
-            Ok(note) => (None, note),
-            Err(crash) => (Some(crash), None),
-        };
+        let (mut crashes, mut notes) = (Vec::new(), Vec::new());
+        for service in instance.services {
+            match service.stop().await {
+                Ok(Some(note)) => notes.push(note),
+                Ok(None) => {}
+                Err(crash) => crashes.push(crash),
+            }
+        }
+        let joined = |texts: Vec<String>| (!texts.is_empty()).then(|| texts.join("; "));
+        let (crash, note) = (joined(crashes), joined(notes));
         let mut xact_commit = None;
         if let Some(db) = &instance.database {
             tokio::time::sleep(Duration::from_millis(500)).await;

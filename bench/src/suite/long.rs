@@ -45,9 +45,10 @@ impl Suite {
                 return run;
             }
         };
-        let url = instance.service.url.clone();
+        let url = instance.service().url.clone();
         let phase = |rate: f64, duration: Duration| BenchConfig {
             url: url.clone(),
+            order_urls: Vec::new(),
             rate,
             duration,
             products: long.products,
@@ -83,7 +84,7 @@ impl Suite {
         // sees the service at the soak's rate, not answering the listing
         // of the orders that follows the sending.
         let soak_config = phase(long.rate, long.duration + SOAK_OVERRUN);
-        let service = &instance.service;
+        let service = instance.service();
         let sampler = async {
             let start = Instant::now();
             tokio::time::sleep_until(start + long.duration / 10).await;
@@ -135,7 +136,7 @@ impl Suite {
             }
             Err(e) => run.errors.push(format!("second probe: {e}")),
         }
-        if let Some(exit) = instance.service.exited() {
+        if let Some(exit) = instance.service_mut().exited() {
             run.errors.push(format!("the service exited ({exit})"));
         }
         let stopped = self.stop(instance).await;

@@ -5,8 +5,10 @@
 //! PostgreSQL database dropped afterwards, plus a fresh topic prefix with
 //! Kafka), and is driven by the open-loop generator ([`super::run`]).
 //! Scenarios: a doubling ramp until saturation, a bisection for the maximum
-//! sustainable rate, one hot product, and a long run (memory and rate over
-//! time); plus the platform's ceilings ([`super::ceilings`]). The results
+//! sustainable rate (also with 2 instances on one PostgreSQL store), the
+//! failover of 2 instances when the one holding the roles is SIGKILLed,
+//! one hot product, and a long run (memory and rate over time); plus the
+//! platform's ceilings ([`super::ceilings`]). The results
 //! go to BENCHMARKS.md and a JSON file beside it ([`super::report`]),
 //! rewritten after every scenario so an interrupted suite leaves what it
 //! measured.
@@ -17,6 +19,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::time::Instant;
 
+mod failover;
 mod instances;
 mod long;
 
@@ -48,6 +51,8 @@ pub struct SuiteConfig {
     pub ceiling_duration: Duration,
     pub broker_messages: u64,
     pub long: Option<LongConfig>,
+    /// Run the 2-instance ramps and the failover scenario.
+    pub instances: bool,
     /// How the suite was started (scripts/bench passes its command line).
     pub invoked_as: Option<String>,
     /// This process's command line.
@@ -124,6 +129,8 @@ pub async fn run(config: SuiteConfig) -> anyhow::Result<SuiteResults> {
         ceilings: Ceilings::default(),
         ceilings_skipped: None,
         backends: Vec::new(),
+        failover: Vec::new(),
+        instances_skipped: None,
         hot: Vec::new(),
         long_run: None,
         long_run_skipped: None,
@@ -197,8 +204,32 @@ impl Suite {
         self.ceilings().await;
         self.write()?;
         for backend in self.config.backends.clone() {
-            let result = self.ramp_and_bisect(backend).await;
+            let result = self.ramp_and_bisect(backend, 1).await;
             self.results.backends.push(result);
+            self.write()?;
+        }
+        let several: Vec<Backend> = [Backend::Postgres, Backend::PostgresKafka]
+            .into_iter()
+            .filter(|b| self.config.backends.contains(b))
+            .collect();
+        if !self.config.instances {
+            self.results.instances_skipped = Some("--skip-instances".into());
+        } else if several.is_empty() {
+            self.results.instances_skipped = Some("no PostgreSQL backend was chosen".into());
+        }
+        let several = if self.config.instances {
+            several
+        } else {
+            Vec::new()
+        };
+        for &backend in &several {
+            let result = self.ramp_and_bisect(backend, 2).await;
+            self.results.backends.push(result);
+            self.write()?;
+        }
+        for &backend in &several {
+            let result = self.failover(backend).await;
+            self.results.failover.push(result);
             self.write()?;
         }
         for backend in [Backend::Embedded, Backend::Postgres] {
@@ -311,6 +342,7 @@ impl Suite {
     fn load(&self, rate: f64, duration: Duration, settle: Duration) -> BenchConfig {
         BenchConfig {
             url: String::new(),
+            order_urls: Vec::new(),
             rate,
             duration,
             products: PRODUCTS,
@@ -322,10 +354,16 @@ impl Suite {
         }
     }
 
-    async fn ramp_and_bisect(&self, backend: Backend) -> BackendResult {
+    /// The ramp and the bisection, every run on `instances` fresh
+    /// processes of the service on one fresh store.
+    async fn ramp_and_bisect(&self, backend: Backend, instances: usize) -> BackendResult {
         let mut result = BackendResult {
             backend,
-            title: backend.title().to_string(),
+            title: match instances {
+                1 => backend.title().to_string(),
+                n => format!("{}, {n} instances", backend.title()),
+            },
+            instances,
             skipped: None,
             ramp: Vec::new(),
             bisect: Vec::new(),
@@ -340,7 +378,7 @@ impl Suite {
         let mut rate = self.config.start_rate;
         loop {
             let config = self.load(rate, self.config.step_duration, self.config.ramp_settle);
-            let step = self.fresh_run(backend, "ramp", config).await;
+            let step = self.fresh_run(backend, instances, "ramp", config).await;
             let saturated = !step.kept_up();
             result.ramp.push(step);
             if saturated || rate * 2.0 > self.config.max_rate {
@@ -385,7 +423,7 @@ impl Suite {
                 if mid <= lo || mid >= hi {
                     break;
                 }
-                let step = self.sustain(backend, mid).await;
+                let step = self.sustain(backend, instances, mid).await;
                 if step.kept_up() {
                     lo = mid;
                 } else {
@@ -406,7 +444,7 @@ impl Suite {
                     format!("none: no rate below {top:.0}/s kept up for {sustain:.0} s");
                 break;
             }
-            let step = self.sustain(backend, floor).await;
+            let step = self.sustain(backend, instances, floor).await;
             let kept_up = step.kept_up();
             result.bisect.push(step);
             if kept_up {
@@ -420,7 +458,7 @@ impl Suite {
             hi = floor;
         }
         self.progress(&format!(
-            "{}: maximum sustainable rate {} ({})",
+            "{} ×{instances}: maximum sustainable rate {} ({})",
             backend.name(),
             result
                 .max_sustainable
@@ -431,13 +469,13 @@ impl Suite {
     }
 
     /// One run of the maximum-rate search: `rate` for the full sustain time.
-    async fn sustain(&self, backend: Backend, rate: f64) -> Step {
+    async fn sustain(&self, backend: Backend, instances: usize, rate: f64) -> Step {
         let config = self.load(
             rate,
             self.config.sustain_duration,
             self.config.sustain_settle,
         );
-        self.fresh_run(backend, "sustain", config).await
+        self.fresh_run(backend, instances, "sustain", config).await
     }
 
     async fn hot(&self, backend: Backend) -> Step {
@@ -452,20 +490,27 @@ impl Suite {
                 self.config.ramp_settle,
             )
         };
-        self.fresh_run(backend, "hot product", config).await
+        self.fresh_run(backend, 1, "hot product", config).await
     }
 
-    /// One generator run on a fresh instance, judged; commits per order
+    /// One generator run on a fresh instance of `instances` processes
+    /// (the orders sent round-robin over them), judged; commits per order
     /// counted on PostgreSQL.
-    async fn fresh_run(&self, backend: Backend, what: &str, mut config: BenchConfig) -> Step {
+    async fn fresh_run(
+        &self,
+        backend: Backend,
+        instances: usize,
+        what: &str,
+        mut config: BenchConfig,
+    ) -> Step {
         let mut step = Step::new(&config);
         self.progress(&format!(
-            "{what} {} {:.0}/s for {:.0}s …",
+            "{what} {} ×{instances} {:.0}/s for {:.0}s …",
             backend.name(),
             config.rate,
             config.duration.as_secs_f64()
         ));
-        let instance = match self.start(backend).await {
+        let instance = match self.start_many(backend, instances).await {
             Ok(instance) => instance,
             Err(e) => {
                 step.error = Some(format!("starting the service: {e}"));
@@ -474,7 +519,8 @@ impl Suite {
                 return step;
             }
         };
-        config.url = instance.service.url.clone();
+        config.url = instance.service().url.clone();
+        config.order_urls = instance.urls();
         if let Err(e) = warm_up(&config).await {
             step.note = Some(e);
         }
