@@ -20,7 +20,7 @@ use std::time::Duration;
 use order_saga_projections::{project, OrderStatusView, StageStart, StatusChange};
 use tokio::sync::{broadcast, watch};
 
-use crate::health::{pause_until_append, Heartbeat, Shutdown, Tasks};
+use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::leadership::Roles;
 pub use crate::store::read_models::CHECKPOINT;
 use crate::store::read_models::{claim, ReadModelTx, Target};
@@ -33,6 +33,10 @@ const BATCH: i64 = 500;
 /// read models lag the log by about this much more, for a fraction of the
 /// statements (under steady load a pass per append had been the norm).
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// How often an instance that does not apply the log looks at what the
+/// applying one has applied (for its subscribers). Its own appends do not
+/// wake it: the other instance applies them first.
+const FOLLOW_EVERY: Duration = Duration::from_millis(50);
 
 /// The read models' maintainer: applies the log to them and tells
 /// subscribers and waiters what changed.
@@ -272,9 +276,13 @@ impl ReadModels {
                         true
                     }
                 };
-                if (idle && pause_until_append(poll, &mut shutdown, &mut appends).await)
-                    || *shutdown.borrow()
-                {
+                let applying = this.roles.holds(PROJECTIONS_ROLE);
+                let stop = match (idle, applying) {
+                    (false, _) => false,
+                    (true, true) => pause_until_append(poll, &mut shutdown, &mut appends).await,
+                    (true, false) => pause(FOLLOW_EVERY, &mut shutdown).await,
+                };
+                if stop || *shutdown.borrow() {
                     break;
                 }
                 // Let more appends gather, so one batch — one transaction,

@@ -248,13 +248,46 @@ impl Store {
         &self,
         aggregate_id: &str,
     ) -> Result<Option<(A, usize)>, AggregateError<A::Error>> {
-        let context = match self.shared().cache.get::<A>(aggregate_id) {
+        let cached = self.shared().cache.get::<A>(aggregate_id);
+        let had = cached.as_ref().map(|c| c.current_sequence);
+        let context = match cached {
             Some(cached) => self.catch_up(aggregate_id, cached).await?,
             None => self.load_context::<A>(aggregate_id).await?,
         };
-        // Only commands (one at a time per aggregate) write the cache: a
-        // load racing a command could put back an older snapshot number.
+        self.remember(aggregate_id, &context, had);
         Ok((context.current_sequence > 0).then_some((context.aggregate, context.current_sequence)))
+    }
+
+    /// Caches what a read found when it is newer than the entry the read
+    /// started from (`had`) and no command of this process is on the
+    /// aggregate, so that the next read catches up from here instead of
+    /// loading it whole again — on an instance whose commands never touch
+    /// it, every read would. An entry changed meanwhile is left alone: a
+    /// command put a newer state, or forgot a wrong one.
+    fn remember<A: Aggregate + Clone + 'static>(
+        &self,
+        aggregate_id: &str,
+        context: &EventStoreAggregateContext<A>,
+        had: Option<usize>,
+    ) {
+        if context.current_sequence == 0 || had == Some(context.current_sequence) {
+            return;
+        }
+        let shared = self.shared();
+        let Some(_turn) = shared.writers.try_lock(A::TYPE, aggregate_id) else {
+            return;
+        };
+        if shared.cache.sequence_of::<A>(aggregate_id) == had {
+            shared.cache.put(
+                aggregate_id,
+                EventStoreAggregateContext {
+                    aggregate_id: aggregate_id.to_string(),
+                    aggregate: context.aggregate.clone(),
+                    current_sequence: context.current_sequence,
+                    current_snapshot: context.current_snapshot,
+                },
+            );
+        }
     }
 
     /// [`Store::load`] of several aggregates of one type, in order: the
@@ -267,6 +300,10 @@ impl Store {
         let cache = &self.shared().cache;
         let mut contexts: Vec<Option<EventStoreAggregateContext<A>>> =
             aggregate_ids.iter().map(|id| cache.get::<A>(id)).collect();
+        let had: Vec<Option<usize>> = contexts
+            .iter()
+            .map(|c| c.as_ref().map(|c| c.current_sequence))
+            .collect();
         let remembered: Vec<(&str, usize)> = aggregate_ids
             .iter()
             .zip(&contexts)
@@ -287,9 +324,12 @@ impl Store {
             }
         }
         let mut loaded = Vec::with_capacity(aggregate_ids.len());
-        for (id, context) in aggregate_ids.iter().zip(contexts) {
+        for ((id, context), had) in aggregate_ids.iter().zip(contexts).zip(had) {
             loaded.push(match context {
-                Some(c) => (c.current_sequence > 0).then_some((c.aggregate, c.current_sequence)),
+                Some(c) => {
+                    self.remember(id, &c, had);
+                    (c.current_sequence > 0).then_some((c.aggregate, c.current_sequence))
+                }
                 None => self.load::<A>(id).await?,
             });
         }

@@ -14,8 +14,11 @@ use cqrs_es::Aggregate;
 /// events stored since (none, usually) instead of its snapshot and the
 /// events after it. Never a source of truth: every load still asks the
 /// store for newer events, and a failed command forgets the entry. Written
-/// only by commands, under their aggregate's lock, so an entry is exactly
-/// what this process committed last. Bounded, in two generations: new
+/// under the aggregate's lock: by commands, and by reads that found a newer
+/// state while no command of this process was on it (another instance
+/// writes the products this one prices orders with) — so an entry is what
+/// this process committed or read last, and a stale one only costs a
+/// conflict and a reload. Bounded, in two generations: new
 /// entries go to the young one; when it is full the old one is dropped and
 /// the young one becomes old, and an old entry that is used again moves
 /// back to the young one. So what is in use — a busy product above all —
@@ -75,6 +78,26 @@ impl KeyedLocks {
             key,
             guard: Some(guard),
         }
+    }
+
+    /// The aggregate's turn if no command of this process has it now.
+    pub(super) fn try_lock(
+        &self,
+        aggregate_type: &'static str,
+        aggregate_id: &str,
+    ) -> Option<Turn<'_>> {
+        let key = (aggregate_type, aggregate_id.to_string());
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(key.clone()).or_default().clone()
+        };
+        // Taken: its holder's turn removes the entry when it is done.
+        let guard = lock.try_lock_owned().ok()?;
+        Some(Turn {
+            locks: self,
+            key,
+            guard: Some(guard),
+        })
     }
 }
 
@@ -137,6 +160,19 @@ impl AggregateCache {
                 context.current_snapshot,
             )),
         );
+    }
+
+    /// The cached entry's sequence, if there is one.
+    pub(super) fn sequence_of<A: Aggregate + 'static>(&self, aggregate_id: &str) -> Option<usize> {
+        let key = (A::TYPE, aggregate_id.to_string());
+        let generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = generations
+            .young
+            .get(&key)
+            .or_else(|| generations.old.get(&key))?;
+        entry
+            .downcast_ref::<(A, usize, Option<usize>)>()
+            .map(|cached| cached.1)
     }
 
     pub(super) fn forget<A: Aggregate>(&self, aggregate_id: &str) {
