@@ -58,7 +58,7 @@ pub struct BenchArgs {
 
 /// The benchmark suite (`--suite`): starts `order-saga serve` itself, on a
 /// fresh store for every run, and writes BENCHMARKS.md. Full suite: about
-/// 35 minutes; --quick: about 10.
+/// 45 minutes; --quick: about 10.
 #[derive(Debug, Args)]
 pub struct SuiteArgs {
     /// Run the benchmark suite (ramp, maximum sustainable rate, 2 instances
