@@ -117,6 +117,10 @@ pub enum Command {
     /// Maintain the read models.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// Print an HS256 token for development (needs no store).
+    ///
+    /// Example: order-saga token --sub u-1 --role operator --secret "$AUTH_JWT_SECRET"
+    Token(crate::auth::TokenArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +181,20 @@ pub struct ServeArgs {
     /// chosen address is printed on start).
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+
+    /// Serve /metrics (with /healthz and /readyz) on this address instead
+    /// of HTTP_ADDR, so it need not face the internet.
+    #[arg(long, env = "ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+
+    /// A browser origin allowed to call the API (CORS), e.g.
+    /// https://shop.example.com; repeatable, or comma-separated in the
+    /// environment.
+    #[arg(long = "cors-origin", env = "CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
 
     /// Webhook that customer notifications are POSTed to as JSON (http://
     /// only). When unset, notifications are written to the log.

@@ -1,29 +1,40 @@
 //! The HTTP surface (axum): the REST API (`POST /api/v1/orders`,
 //! `GET /api/v1/orders/{id}`), GraphQL (`POST /graphql`, GraphiQL on
 //! `GET /graphql`, subscriptions over WebSocket on `/graphql/ws`),
-//! `/healthz`, `/readyz` and `/metrics`.
+//! `/healthz`, `/readyz` and `/metrics` (or those three on a separate
+//! admin listener, [`admin_router`]).
 //!
-//! Errors are JSON, `{"error": {"code", "message", "field"?}}`, with a 4xx
-//! status for anything the client can fix: 400 for a body that is not the
-//! request's JSON shape, 422 for a value the domain refuses, 404 for an
-//! unknown order, 409 for a conflict.
+//! Every API route asks the [`Authenticator`] who calls (bearer JWT, or
+//! nobody with `--auth none`) and applies [`Caller`]'s rules; health and
+//! metrics stay open. Errors are JSON, `{"error": {"code", "message",
+//! "field"?}}`, with a 4xx status for anything the client can fix: 400 for
+//! a body that is not the request's JSON shape, 401 (with
+//! `WWW-Authenticate: Bearer`) for missing or bad credentials, 403 for a
+//! caller lacking the right, 422 for a value the domain refuses, 404 for
+//! an unknown order (or another customer's), 409 for a conflict.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_graphql::http::GraphiQLSource;
-use async_graphql_axum::GraphQLSubscription;
+use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::Data;
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
 use order_saga_domain::FieldError;
-use order_saga_graphql::{Backend, OrderSagaSchema};
+use order_saga_graphql::{Backend, BackendError, Caller, ErrorCode, OrderSagaSchema};
 use serde::Serialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::auth::{Authenticator, Unauthenticated};
 use crate::graphql_backend::ApiBackend;
 use crate::health::Readiness;
 use crate::leadership::Roles;
@@ -32,6 +43,13 @@ use crate::service::{App, AppError, CreateOrderRequest, OrderView};
 
 /// Largest request body accepted; a 100-item order is far below it.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How long a WebSocket may take to send `connection_init`.
+const CONNECTION_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WebSocket close codes of graphql-transport-ws.
+const CLOSE_UNAUTHORIZED: u16 = 4401;
+const CLOSE_BAD_REQUEST: u16 = 4400;
 
 /// What the routes need.
 #[derive(Clone)]
@@ -44,6 +62,12 @@ pub struct HttpState {
     pub relay: bool,
     /// The single-instance roles, for `/readyz` to say which this instance holds.
     pub roles: Roles,
+    /// Who calls the API routes.
+    pub auth: Arc<Authenticator>,
+    /// Browser origins allowed by CORS (none: no CORS headers).
+    pub cors_origins: Vec<HeaderValue>,
+    /// `/metrics` is served by [`admin_router`] on its own listener, not here.
+    pub admin_apart: bool,
 }
 
 impl HttpState {
@@ -61,24 +85,77 @@ impl HttpState {
             readiness,
             metrics: crate::telemetry::prometheus(),
             roles: Roles::solo(),
+            auth: Arc::new(Authenticator::none()),
+            cors_origins: Vec::new(),
+            admin_apart: false,
         }
+    }
+
+    /// The same routes behind `auth`.
+    pub fn with_auth(mut self, auth: Authenticator) -> Self {
+        self.auth = Arc::new(auth);
+        self
     }
 }
 
+/// The API: REST, GraphQL, health, and `/metrics` unless it is apart.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/api/v1/orders", post(create_order))
         .route("/api/v1/orders/{order_id}", get(get_order))
         .route("/graphql", get(graphiql).post(graphql))
-        .route_service(
-            "/graphql/ws",
-            GraphQLSubscription::new(state.schema.clone()),
-        )
+        .route("/graphql/ws", get(graphql_ws))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready));
+    if !state.admin_apart {
+        router = router.route("/metrics", get(metrics));
+    }
+    if !state.cors_origins.is_empty() {
+        router = router.layer(cors(state.cors_origins.clone()));
+    }
+    router
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The admin listener's routes (`--admin-addr`): `/metrics`, `/healthz`
+/// and `/readyz`, for the network that monitors, not the internet.
+pub fn admin_router(state: HttpState) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Browser frontends on `origins` may call the API (preflight answered).
+fn cors(origins: Vec<HeaderValue>) -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers([header::LOCATION])
+        .max_age(Duration::from_secs(600))
+}
+
+/// The caller of an API request; refuses (401) missing or bad credentials.
+pub struct Authenticated(pub Caller);
+
+impl FromRequestParts<HttpState> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, ApiError> {
+        let header = parts.headers.get(header::AUTHORIZATION);
+        state
+            .auth
+            .caller(header.map(HeaderValue::as_bytes))
+            .map(Authenticated)
+            .map_err(ApiError::from)
+    }
 }
 
 #[derive(Serialize)]
@@ -109,6 +186,37 @@ impl ApiError {
             code: "BAD_USER_INPUT",
             message,
             field,
+        }
+    }
+}
+
+impl From<Unauthenticated> for ApiError {
+    fn from(e: Unauthenticated) -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "UNAUTHENTICATED",
+            message: e.0,
+            field: None,
+        }
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        let status = match e.code {
+            ErrorCode::BadUserInput => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        };
+        ApiError {
+            status,
+            code: e.code.as_str(),
+            message: e.message,
+            field: e.field,
         }
     }
 }
@@ -149,7 +257,13 @@ impl IntoResponse for ApiError {
                 field: self.field,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 
@@ -181,10 +295,12 @@ fn missing_field(message: &str) -> Option<String> {
 
 async fn create_order(
     State(HttpState { app, .. }): State<HttpState>,
+    Authenticated(caller): Authenticated,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let request = parse_body(&body)?;
+    let mut request = parse_body(&body)?;
+    request.user_id = caller.order_user(std::mem::take(&mut request.user_id))?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| {
@@ -204,12 +320,15 @@ async fn create_order(
         .into_response())
 }
 
+/// The order; another customer's is 404, as an unknown one.
 async fn get_order(
     State(HttpState { app, .. }): State<HttpState>,
+    Authenticated(caller): Authenticated,
     Path(order_id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
     app.order(&order_id)
         .await?
+        .filter(|order| caller.owns(&order.user_id))
         .map(Json)
         .ok_or_else(|| AppError::NotFound.into())
 }
@@ -254,8 +373,27 @@ async fn graphiql() -> Html<String> {
 }
 
 /// GraphQL over POST. The body is read here, under the same size limit as
-/// the REST API, and must be one JSON request.
-async fn graphql(State(state): State<HttpState>, body: Bytes) -> Response {
+/// the REST API, and must be one JSON request. Missing or bad credentials
+/// refuse the whole request (401, `extensions.code` UNAUTHENTICATED).
+async fn graphql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let header = headers.get(header::AUTHORIZATION);
+    let caller = match state.auth.caller(header.map(HeaderValue::as_bytes)) {
+        Ok(caller) => caller,
+        Err(e) => {
+            let error =
+                async_graphql::Error::from(BackendError::new(ErrorCode::Unauthenticated, e.0))
+                    .into_server_error(async_graphql::Pos::default());
+            let mut response = (
+                StatusCode::UNAUTHORIZED,
+                Json(async_graphql::Response::from_errors(vec![error])),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    };
     let request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {
@@ -263,7 +401,7 @@ async fn graphql(State(state): State<HttpState>, body: Bytes) -> Response {
                 .into_response()
         }
     };
-    let mut response = state.schema.execute(request).await;
+    let mut response = state.schema.execute(request.data(caller)).await;
     // Errors the schema raises itself (parse, validation, depth) are the
     // client's: give them the same code as refused input.
     for error in &mut response.errors {
@@ -273,4 +411,78 @@ async fn graphql(State(state): State<HttpState>, body: Bytes) -> Response {
         }
     }
     Json(response).into_response()
+}
+
+/// GraphQL subscriptions over WebSocket (graphql-transport-ws, and the
+/// older graphql-ws). The token travels in `connection_init`'s payload
+/// (`{"Authorization": "Bearer …"}`); missing or bad credentials close the
+/// socket with 4401 before anything else happens.
+async fn graphql_ws(
+    State(state): State<HttpState>,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| serve_ws(state, protocol, socket))
+}
+
+async fn serve_ws(state: HttpState, protocol: GraphQLProtocol, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let first = match tokio::time::timeout(CONNECTION_INIT_TIMEOUT, stream.next()).await {
+        Ok(Some(Ok(message))) => message,
+        _ => return,
+    };
+    let caller = match connection_init_caller(&state.auth, &first) {
+        Ok(caller) => caller,
+        Err((code, reason)) => {
+            let frame = CloseFrame {
+                code,
+                reason: close_reason(&reason).into(),
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
+            return;
+        }
+    };
+    let mut data = Data::default();
+    data.insert(caller);
+    let stream = futures_util::stream::iter([Ok(first)]).chain(stream);
+    GraphQLWebSocket::new_with_pair(sink, stream, state.schema.clone(), protocol)
+        .with_data(data)
+        .serve()
+        .await;
+}
+
+/// The caller named by a `connection_init` message's payload.
+fn connection_init_caller(
+    auth: &Authenticator,
+    message: &Message,
+) -> Result<Caller, (u16, String)> {
+    let init: serde_json::Value = match message {
+        Message::Text(text) => serde_json::from_str(text.as_str())
+            .map_err(|e| (CLOSE_BAD_REQUEST, format!("not JSON: {e}")))?,
+        _ => return Err((CLOSE_BAD_REQUEST, "expected connection_init as text".into())),
+    };
+    if init.get("type").and_then(|t| t.as_str()) != Some("connection_init") {
+        return Err((CLOSE_UNAUTHORIZED, "connection_init must come first".into()));
+    }
+    let header = init
+        .get("payload")
+        .and_then(|p| p.as_object())
+        .and_then(|p| {
+            p.iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case("authorization"))
+        })
+        .and_then(|(_, value)| value.as_str());
+    auth.caller(header.map(str::as_bytes))
+        .map_err(|e| (CLOSE_UNAUTHORIZED, e.0))
+}
+
+/// A close frame's reason is at most 123 bytes.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
 }

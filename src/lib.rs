@@ -18,6 +18,7 @@
 //! - [`cli`]: the command line and its settings (clap).
 
 pub mod analytics;
+pub mod auth;
 pub mod cli;
 pub mod graphql_backend;
 pub mod health;

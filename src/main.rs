@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::http::HeaderValue;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use order_saga::analytics::{self, ReplayFilter};
+use order_saga::auth::Authenticator;
 use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
 use order_saga::cli::{OutputFormat, ProjectionsCommand, ReplayArgs};
 use order_saga::health::{pause, Readiness, Shutdown};
@@ -69,12 +71,24 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Serve(Box::new(ServeArgs::from_env())));
+    if let Command::Token(args) = &command {
+        println!("{}", args.mint().context("minting the token")?);
+        return Ok(());
+    }
+    // Settings that need no store are refused before it is opened.
+    let front = match &command {
+        Command::Serve(args) => FrontDoor::from_args(args)?,
+        _ => FrontDoor::default(),
+    };
     let config = cli.store.config().map_err(anyhow::Error::msg)?;
     // The embedded store serves one process: `serve` and `migrate` take its
     // data directory for themselves (the analysts' commands, `product set`
     // and `projections rebuild` run beside a service).
-    let _data_dir = match (&config, &cli.command) {
-        (StoreConfig::Sqlite { data_dir }, None | Some(Command::Serve(_) | Command::Migrate)) => {
+    let _data_dir = match (&config, &command) {
+        (StoreConfig::Sqlite { data_dir }, Command::Serve(_) | Command::Migrate) => {
             Some(lock_data_dir(data_dir)?)
         }
         _ => None,
@@ -82,11 +96,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let store = Store::open(&config).await.context("opening the store")?;
     store.migrate().await.context("migrating the store")?;
     let app = App::new(store.clone());
-    let result = match cli
-        .command
-        .unwrap_or_else(|| Command::Serve(Box::new(ServeArgs::from_env())))
-    {
-        Command::Serve(args) => serve(app, *args).await,
+    let result = match command {
+        Command::Serve(args) => serve(app, *args, front).await,
+        Command::Token(_) => Ok(()),
         Command::Migrate => {
             println!("migrations applied ({})", store.backend());
             Ok(())
@@ -149,7 +161,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
+/// Who may call, from where: checked before anything starts.
+#[derive(Default)]
+struct FrontDoor {
+    auth: Authenticator,
+    cors_origins: Vec<HeaderValue>,
+}
+
+impl FrontDoor {
+    fn from_args(args: &ServeArgs) -> anyhow::Result<Self> {
+        let auth = Authenticator::from_args(&args.auth, args.http_addr)?;
+        let cors_origins = args
+            .cors_origins
+            .iter()
+            .filter(|o| !o.trim().is_empty())
+            .map(|origin| {
+                HeaderValue::from_str(origin.trim())
+                    .ok()
+                    .filter(|_| origin.starts_with("http://") || origin.starts_with("https://"))
+                    .with_context(|| {
+                        format!("CORS_ORIGINS (--cors-origin): '{origin}' is not an origin like https://shop.example.com")
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(FrontDoor { auth, cors_origins })
+    }
+}
+
+async fn serve(app: Arc<App>, args: ServeArgs, front: FrontDoor) -> anyhow::Result<()> {
     let addr = args.http_addr;
     let notifier: Arc<dyn Notifier> = match args.notify_webhook_url.as_deref() {
         Some(url) if !url.trim().is_empty() => {
@@ -210,6 +249,16 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("HTTP_ADDR (--http-addr): cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
+    let admin = match args.admin_addr {
+        Some(admin_addr) => Some(
+            tokio::net::TcpListener::bind(admin_addr)
+                .await
+                .with_context(|| {
+                    format!("ADMIN_ADDR (--admin-addr): cannot listen on {admin_addr}")
+                })?,
+        ),
+        None => None,
+    };
 
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let mut tasks = saga.spawn(shutdown.clone());
@@ -231,15 +280,27 @@ async fn serve(app: Arc<App>, args: ServeArgs) -> anyhow::Result<()> {
         )));
     }
     tasks.push(tokio::spawn(sequence_log(store.clone(), shutdown)));
-    let mut state = HttpState::new(app, projections, readiness);
+    let mut state = HttpState::new(app, projections, readiness).with_auth(front.auth);
     state.roles = roles;
+    state.cors_origins = front.cors_origins;
+    state.admin_apart = admin.is_some();
+    if let Some(admin) = admin {
+        println!("admin listening on http://{}", admin.local_addr()?);
+        let router = order_saga::http::admin_router(state.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(admin, router).await {
+                tracing::error!(error = %e, "the admin listener stopped");
+            }
+        }));
+    }
 
     let bus = if kafka.is_some() {
         "kafka"
     } else {
         "in-process"
     };
-    tracing::info!(store = store.backend(), bus, %local, "order-saga serving");
+    let auth = if state.auth.required() { "jwt" } else { "none" };
+    tracing::info!(store = store.backend(), bus, auth, %local, "order-saga serving");
     println!("listening on http://{local}");
     axum::serve(listener, order_saga::http::router(state))
         .with_graceful_shutdown(shutdown_signal())

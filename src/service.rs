@@ -101,6 +101,9 @@ fn from_product_error(e: ProductError) -> AppError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateOrderRequest {
+    /// May be omitted by a customer (their token's `sub` is used); empty
+    /// when omitted.
+    #[serde(default)]
     pub user_id: String,
     pub store_id: String,
     pub items: Vec<ItemRequest>,

@@ -5,11 +5,17 @@
 //! The schema knows nothing of stores or HTTP: everything it reads or does
 //! goes through the [`Backend`] trait, which the service implements. Errors
 //! carry `extensions.code` (`BAD_USER_INPUT`, `NOT_FOUND`, `CONFLICT`,
-//! `INTERNAL`, `UNAVAILABLE`) and, for bad input, `extensions.field`.
+//! `INTERNAL`, `UNAVAILABLE`, `UNAUTHENTICATED`, `FORBIDDEN`) and, for bad
+//! input, `extensions.field`.
+//!
+//! Every resolver asks the request's [`Caller`] (request or connection
+//! data, set by the HTTP layer) what it may see: see [`access`].
 
+pub mod access;
 mod objects;
 mod roots;
 
+pub use access::Caller;
 pub use roots::{MutationRoot, QueryRoot, SubscriptionRoot};
 
 use std::sync::Arc;
@@ -36,6 +42,8 @@ pub enum ErrorCode {
     Conflict,
     Unavailable,
     Internal,
+    Unauthenticated,
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -46,6 +54,8 @@ impl ErrorCode {
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::Forbidden => "FORBIDDEN",
         }
     }
 }
@@ -149,6 +159,19 @@ pub fn schema(backend: Option<Arc<dyn Backend>>) -> OrderSagaSchema {
 
 fn backend<'a>(ctx: &'a Context<'_>) -> Result<&'a Arc<dyn Backend>, Error> {
     ctx.data::<Arc<dyn Backend>>()
+}
+
+/// The request's caller; a request without one (never from the HTTP
+/// layer) is refused.
+fn caller<'a>(ctx: &'a Context<'_>) -> Result<&'a Caller, Error> {
+    ctx.data_opt::<Caller>().ok_or_else(|| {
+        BackendError::new(ErrorCode::Unauthenticated, "no caller on this request").into()
+    })
+}
+
+/// NOT_FOUND for an order, unknown or another customer's alike.
+fn order_not_found(order_id: &str) -> BackendError {
+    BackendError::new(ErrorCode::NotFound, format!("order '{order_id}' not found"))
 }
 
 fn rfc3339(ms: i64) -> String {

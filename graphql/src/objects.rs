@@ -300,7 +300,8 @@ pub(crate) struct OrderItemInput {
 
 #[derive(InputObject)]
 pub(crate) struct CreateOrderInput {
-    pub(crate) user_id: String,
+    /// Whose order: a customer's own when omitted (and only theirs).
+    pub(crate) user_id: Option<String>,
     pub(crate) store_id: String,
     pub(crate) items: Vec<OrderItemInput>,
 }

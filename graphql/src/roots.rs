@@ -5,13 +5,26 @@ use async_graphql::connection::{query, Connection, Edge};
 use async_graphql::{Context, Error, Object, Subscription, ID};
 use futures_util::stream::{Stream, StreamExt};
 use order_saga_domain as domain;
-use order_saga_projections::OrderFilter;
+use order_saga_projections::{OrderFilter, OrderStatusView};
 
 use crate::objects::{
     CreateOrderInput, HistoryEvent, LogEvent, Order, OrderFilterInput, OrderStatusChange, Product,
     SagaStats,
 };
-use crate::{backend, BackendError, ErrorCode, NewOrder, MAX_EVENTS, MAX_PAGE};
+use crate::{backend, caller, order_not_found, BackendError, NewOrder, MAX_EVENTS, MAX_PAGE};
+
+/// The order if the caller may see it: another customer's is `None`, as an
+/// unknown one.
+async fn visible_order(
+    ctx: &Context<'_>,
+    order_id: &str,
+) -> Result<Option<OrderStatusView>, Error> {
+    let caller = caller(ctx)?;
+    Ok(backend(ctx)?
+        .order(order_id)
+        .await?
+        .filter(|order| caller.owns(&order.user_id)))
+}
 
 pub struct QueryRoot;
 
@@ -19,11 +32,11 @@ pub struct QueryRoot;
 impl QueryRoot {
     /// One order, from the read model.
     async fn order(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Order>, Error> {
-        Ok(backend(ctx)?.order(&id).await?.map(Order))
+        Ok(visible_order(ctx, &id).await?.map(Order))
     }
 
     /// Orders, oldest first, filtered; Relay-style cursor pagination
-    /// (`first` at most 100, default 20).
+    /// (`first` at most 100, default 20). A customer sees only their own.
     async fn orders(
         &self,
         ctx: &Context<'_>,
@@ -33,11 +46,18 @@ impl QueryRoot {
     ) -> Result<Connection<i64, Order>, Error> {
         let backend = backend(ctx)?.clone();
         let filter = filter.unwrap_or_default();
-        let filter = OrderFilter {
+        let mut filter = OrderFilter {
             status: filter.status.map(Into::into),
             user_id: filter.user_id,
             store_id: filter.store_id,
         };
+        // A customer's filter is narrowed to their own orders: asking for
+        // another user's finds none.
+        let mut nobody_else = false;
+        if let Some(me) = caller(ctx)?.customer() {
+            nobody_else = filter.user_id.as_deref().is_some_and(|u| u != me);
+            filter.user_id = Some(me.to_string());
+        }
         let first = first.unwrap_or(20);
         if !(0..=MAX_PAGE).contains(&first) {
             return Err(BackendError::bad_input(
@@ -53,9 +73,13 @@ impl QueryRoot {
             None,
             |after: Option<i64>, _before: Option<i64>, first, _last| async move {
                 let limit = first.unwrap_or(20) as i64;
-                let mut records = backend
-                    .orders(&filter, after.unwrap_or(0), limit + 1)
-                    .await?;
+                let mut records = if nobody_else {
+                    Vec::new()
+                } else {
+                    backend
+                        .orders(&filter, after.unwrap_or(0), limit + 1)
+                        .await?
+                };
                 let has_next = records.len() as i64 > limit;
                 records.truncate(limit as usize);
                 let mut connection = Connection::new(after.is_some(), has_next);
@@ -72,15 +96,10 @@ impl QueryRoot {
 
     /// The order's history: its events and its stock reservation's.
     async fn order_history(&self, ctx: &Context<'_>, id: ID) -> Result<Vec<HistoryEvent>, Error> {
-        let backend = backend(ctx)?;
-        if backend.order(&id).await?.is_none() {
-            return Err(BackendError::new(
-                ErrorCode::NotFound,
-                format!("order '{}' not found", id.as_str()),
-            )
-            .into());
+        if visible_order(ctx, &id).await?.is_none() {
+            return Err(order_not_found(&id).into());
         }
-        Ok(backend
+        Ok(backend(ctx)?
             .history(&id)
             .await?
             .into_iter()
@@ -94,6 +113,7 @@ impl QueryRoot {
 
     /// The global log after a position, for analysts' notebooks: at most
     /// `first` (≤ 1000) events, optionally only of the given event types.
+    /// Operators only.
     async fn events(
         &self,
         ctx: &Context<'_>,
@@ -101,6 +121,7 @@ impl QueryRoot {
         #[graphql(default = 100)] first: i32,
         #[graphql(name = "type")] types: Option<Vec<String>>,
     ) -> Result<Vec<LogEvent>, Error> {
+        caller(ctx)?.require_operator("events")?;
         if !(1..=MAX_EVENTS).contains(&first) {
             return Err(BackendError::bad_input(
                 "first",
@@ -115,7 +136,9 @@ impl QueryRoot {
     }
 
     /// Counts per outcome and cancel reason, and per-stage durations.
+    /// Operators only.
     async fn saga_stats(&self, ctx: &Context<'_>) -> Result<SagaStats, Error> {
+        caller(ctx)?.require_operator("sagaStats")?;
         Ok(SagaStats::from_records(&backend(ctx)?.stats().await?))
     }
 }
@@ -131,7 +154,7 @@ impl MutationRoot {
         input: CreateOrderInput,
     ) -> Result<Order, Error> {
         let order = NewOrder {
-            user_id: input.user_id,
+            user_id: caller(ctx)?.order_user(input.user_id.unwrap_or_default())?,
             store_id: input.store_id,
             items: input
                 .items
@@ -146,12 +169,16 @@ impl MutationRoot {
     }
 
     /// Cancels an order at the customer's request (CUSTOMER_REQUEST); only
-    /// before it waits for payment.
+    /// before it waits for payment. A customer only their own.
     async fn cancel_order(&self, ctx: &Context<'_>, id: ID) -> Result<Order, Error> {
+        if caller(ctx)?.customer().is_some() && visible_order(ctx, &id).await?.is_none() {
+            return Err(order_not_found(&id).into());
+        }
         Ok(Order(backend(ctx)?.cancel_order(&id).await?))
     }
 
     /// Sets a product's price (decimal string) and/or available stock.
+    /// Operators only.
     async fn set_product(
         &self,
         ctx: &Context<'_>,
@@ -159,6 +186,7 @@ impl MutationRoot {
         price: Option<String>,
         stock: Option<i64>,
     ) -> Result<Product, Error> {
+        caller(ctx)?.require_operator("setProduct")?;
         let price = price
             .map(|p| p.parse::<domain::Money>())
             .transpose()
@@ -183,15 +211,10 @@ impl SubscriptionRoot {
         ctx: &Context<'_>,
         order_id: ID,
     ) -> Result<impl Stream<Item = OrderStatusChange>, Error> {
-        let backend = backend(ctx)?;
-        if backend.order(&order_id).await?.is_none() {
-            return Err(BackendError::new(
-                ErrorCode::NotFound,
-                format!("order '{}' not found", order_id.as_str()),
-            )
-            .into());
+        if visible_order(ctx, &order_id).await?.is_none() {
+            return Err(order_not_found(&order_id).into());
         }
-        Ok(backend
+        Ok(backend(ctx)?
             .status_changes(&order_id)
             .map(OrderStatusChange::from))
     }

@@ -162,3 +162,103 @@ async fn the_service_runs_without_transparent_huge_pages() {
     assert_eq!(thp, Some("0"), "{status}");
     t.cleanup().await;
 }
+
+/// Settings that would expose the service refuse to start, each naming the
+/// setting; `order-saga token` mints what `--auth jwt` then accepts.
+#[tokio::test]
+async fn unsafe_or_incomplete_auth_settings_refuse_to_start() {
+    let t = TestStore::new(Backend::Sqlite).await;
+    let refusals: [(&[(&str, &str)], &str); 4] = [
+        (&[("HTTP_ADDR", "0.0.0.0:0")], "--allow-anonymous"),
+        (&[("AUTH_MODE", "jwt")], "AUTH_JWT_SECRET"),
+        (
+            &[
+                ("AUTH_MODE", "jwt"),
+                ("AUTH_JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem"),
+            ],
+            "AUTH_JWT_PUBLIC_KEY_FILE",
+        ),
+        (
+            &[
+                ("AUTH_MODE", "jwt"),
+                ("AUTH_JWKS_FILE", "/nonexistent/jwks.json"),
+            ],
+            "AUTH_JWKS_FILE",
+        ),
+    ];
+    for (env, setting) in refusals {
+        let output = order_saga(&t)
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .envs(env.iter().copied())
+            .output()
+            .await
+            .expect("run order-saga");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{env:?} must not start");
+        assert!(stderr.contains(setting), "{env:?}: {stderr}");
+    }
+    let secret = [
+        ("AUTH_MODE".to_string(), "jwt".to_string()),
+        (
+            "AUTH_JWT_SECRET".to_string(),
+            "binary-test-secret".to_string(),
+        ),
+        (
+            "CORS_ORIGINS".to_string(),
+            "https://shop.example.test".to_string(),
+        ),
+    ];
+    let token = order_saga(&t)
+        .args(["token", "--sub", "ops-1", "--role", "operator"])
+        .env("AUTH_JWT_SECRET", "binary-test-secret")
+        .output()
+        .await
+        .expect("order-saga token");
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let (_child, url) = serve_with(&t, &secret).await;
+    let client = reqwest::Client::new();
+    let stats = |auth: Option<String>| {
+        let mut request = client
+            .post(format!("{url}/graphql"))
+            .json(&serde_json::json!({"query": "{ sagaStats { ordersCreated } }"}));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        request.send()
+    };
+    let anonymous = stats(None).await.expect("POST /graphql");
+    assert_eq!(anonymous.status(), 401);
+    let operator = stats(Some(format!("Bearer {token}")))
+        .await
+        .expect("POST /graphql");
+    assert_eq!(operator.status(), 200);
+    let body: Value = operator.json().await.expect("json");
+    assert_eq!(body["data"]["sagaStats"]["ordersCreated"], 0, "{body}");
+    // A browser frontend on the configured origin: its preflight is answered.
+    let preflight = |origin: &'static str| {
+        client
+            .request(reqwest::Method::OPTIONS, format!("{url}/graphql"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let allowed = preflight("https://shop.example.test")
+        .await
+        .expect("preflight");
+    assert_eq!(
+        allowed
+            .headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://shop.example.test")
+    );
+    let other = preflight("https://evil.example.test")
+        .await
+        .expect("preflight");
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    t.cleanup().await;
+}

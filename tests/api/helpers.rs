@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use order_saga::auth::Authenticator;
 use order_saga::health::{Readiness, Tasks};
 use order_saga::http::HttpState;
 use order_saga::read_models::ReadModels;
@@ -154,15 +155,20 @@ impl Drop for TestApp {
 
 /// The HTTP API alone: no saga, no projection running.
 pub async fn spawn_app(store: Store) -> TestApp {
-    start(store, false).await
+    start(store, false, Authenticator::none()).await
 }
 
 /// The whole service, as `serve` runs it: HTTP, saga and projections.
 pub async fn spawn_service(store: Store) -> TestApp {
-    start(store, true).await
+    start(store, true, Authenticator::none()).await
 }
 
-async fn start(store: Store, with_loops: bool) -> TestApp {
+/// [`spawn_service`] behind `auth`.
+pub async fn spawn_service_with_auth(store: Store, auth: Authenticator) -> TestApp {
+    start(store, true, auth).await
+}
+
+async fn start(store: Store, with_loops: bool, auth: Authenticator) -> TestApp {
     let app = App::new(store.clone());
     let projections = ReadModels::new(store.clone());
     let mut readiness = Readiness::default();
@@ -189,8 +195,9 @@ async fn start(store: Store, with_loops: bool) -> TestApp {
         .await
         .expect("bind port 0");
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
-    let router =
-        order_saga::http::router(HttpState::new(app.clone(), projections.clone(), readiness));
+    let router = order_saga::http::router(
+        HttpState::new(app.clone(), projections.clone(), readiness).with_auth(auth),
+    );
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });

@@ -7,6 +7,7 @@
 //! `postgres://postgres@127.0.0.1:5432/test`.
 
 mod analytics;
+mod auth;
 mod bench;
 mod binary;
 mod contract;
