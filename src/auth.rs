@@ -53,15 +53,8 @@ pub struct AuthArgs {
     /// picks the key.
     #[arg(long, env = "AUTH_JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
-    /// The `iss` tokens must carry (unchecked when unset).
-    #[arg(long, env = "AUTH_ISSUER")]
-    pub issuer: Option<String>,
-    /// An `aud` tokens must carry (unchecked when unset).
-    #[arg(long, env = "AUTH_AUDIENCE")]
-    pub audience: Option<String>,
-    /// The claim holding the caller's roles (an array of strings).
-    #[arg(long, env = "AUTH_ROLES_CLAIM", default_value = "roles")]
-    pub roles_claim: String,
+    #[command(flatten)]
+    pub claims: ClaimArgs,
     /// Serve --auth none on a non-loopback HTTP_ADDR anyway (logs a warning).
     #[arg(long, env = "ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
@@ -74,10 +67,32 @@ impl Default for AuthArgs {
             jwt_secret: None,
             jwt_public_key_file: None,
             jwks_file: None,
+            claims: ClaimArgs::default(),
+            allow_anonymous: false,
+        }
+    }
+}
+
+/// The claims both the service checks and `order-saga token` writes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClaimArgs {
+    /// The `iss` tokens carry (checked by serve when set).
+    #[arg(long, env = "AUTH_ISSUER")]
+    pub issuer: Option<String>,
+    /// The `aud` tokens carry (checked by serve when set).
+    #[arg(long, env = "AUTH_AUDIENCE")]
+    pub audience: Option<String>,
+    /// The claim holding the caller's roles (an array of strings).
+    #[arg(long, env = "AUTH_ROLES_CLAIM", default_value = "roles")]
+    pub roles_claim: String,
+}
+
+impl Default for ClaimArgs {
+    fn default() -> Self {
+        ClaimArgs {
             issuer: None,
             audience: None,
             roles_claim: "roles".into(),
-            allow_anonymous: false,
         }
     }
 }
@@ -154,9 +169,9 @@ impl Authenticator {
                 algorithm: Algorithm::HS256,
                 key: DecodingKey::from_secret(secret.as_bytes()),
             }]),
-            issuer: args.issuer.clone(),
-            audience: args.audience.clone(),
-            roles_claim: args.roles_claim.clone(),
+            issuer: args.claims.issuer.clone(),
+            audience: args.claims.audience.clone(),
+            roles_claim: args.claims.roles_claim.clone(),
         }
     }
 
@@ -191,9 +206,9 @@ impl Authenticator {
         };
         Ok(Authenticator {
             keys: Some(keys),
-            issuer: args.issuer.clone(),
-            audience: args.audience.clone(),
-            roles_claim: args.roles_claim.clone(),
+            issuer: args.claims.issuer.clone(),
+            audience: args.claims.audience.clone(),
+            roles_claim: args.claims.roles_claim.clone(),
         })
     }
 
@@ -379,15 +394,8 @@ pub struct TokenArgs {
     /// How long the token is valid (`exp`).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: std::time::Duration,
-    /// The `iss` claim, if any.
-    #[arg(long, env = "AUTH_ISSUER")]
-    pub issuer: Option<String>,
-    /// The `aud` claim, if any.
-    #[arg(long, env = "AUTH_AUDIENCE")]
-    pub audience: Option<String>,
-    /// The claim the roles go in.
-    #[arg(long, env = "AUTH_ROLES_CLAIM", default_value = "roles")]
-    pub roles_claim: String,
+    #[command(flatten)]
+    pub claims: ClaimArgs,
 }
 
 impl TokenArgs {
@@ -398,9 +406,7 @@ impl TokenArgs {
             roles: roles.iter().map(|r| r.to_string()).collect(),
             secret: secret.into(),
             ttl: std::time::Duration::from_secs(3600),
-            issuer: None,
-            audience: None,
-            roles_claim: "roles".into(),
+            claims: ClaimArgs::default(),
         }
     }
 
@@ -411,11 +417,11 @@ impl TokenArgs {
         claims.insert("sub".into(), self.sub.clone().into());
         claims.insert("iat".into(), now.into());
         claims.insert("exp".into(), (now + self.ttl.as_secs()).into());
-        claims.insert(self.roles_claim.clone(), self.roles.clone().into());
-        if let Some(issuer) = &self.issuer {
+        claims.insert(self.claims.roles_claim.clone(), self.roles.clone().into());
+        if let Some(issuer) = &self.claims.issuer {
             claims.insert("iss".into(), issuer.clone().into());
         }
-        if let Some(audience) = &self.audience {
+        if let Some(audience) = &self.claims.audience {
             claims.insert("aud".into(), audience.clone().into());
         }
         jsonwebtoken::encode(
@@ -505,8 +511,11 @@ mod tests {
     #[test]
     fn bad_credentials_are_refused_saying_why() {
         let auth = jwt(AuthArgs {
-            issuer: Some("https://id.test".into()),
-            audience: Some("order-saga".into()),
+            claims: ClaimArgs {
+                issuer: Some("https://id.test".into()),
+                audience: Some("order-saga".into()),
+                ..ClaimArgs::default()
+            },
             ..secret_args()
         })
         .expect("config");

@@ -149,13 +149,26 @@ impl FromRequestParts<HttpState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, ApiError> {
-        let header = parts.headers.get(header::AUTHORIZATION);
-        state
-            .auth
-            .caller(header.map(HeaderValue::as_bytes))
+        caller_of(&state.auth, &parts.headers)
             .map(Authenticated)
             .map_err(ApiError::from)
     }
+}
+
+fn caller_of(auth: &Authenticator, headers: &HeaderMap) -> Result<Caller, Unauthenticated> {
+    auth.caller(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+/// A 401 asks for a bearer token (RFC 6750).
+fn challenge(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 #[derive(Serialize)]
@@ -257,13 +270,11 @@ impl IntoResponse for ApiError {
                 field: self.field,
             },
         };
-        let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let response = (self.status, Json(body)).into_response();
+        match self.status {
+            StatusCode::UNAUTHORIZED => challenge(response),
+            _ => response,
         }
-        response
     }
 }
 
@@ -376,22 +387,19 @@ async fn graphiql() -> Html<String> {
 /// the REST API, and must be one JSON request. Missing or bad credentials
 /// refuse the whole request (401, `extensions.code` UNAUTHENTICATED).
 async fn graphql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let header = headers.get(header::AUTHORIZATION);
-    let caller = match state.auth.caller(header.map(HeaderValue::as_bytes)) {
+    let caller = match caller_of(&state.auth, &headers) {
         Ok(caller) => caller,
         Err(e) => {
             let error =
                 async_graphql::Error::from(BackendError::new(ErrorCode::Unauthenticated, e.0))
                     .into_server_error(async_graphql::Pos::default());
-            let mut response = (
-                StatusCode::UNAUTHORIZED,
-                Json(async_graphql::Response::from_errors(vec![error])),
-            )
-                .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
+            return challenge(
+                (
+                    StatusCode::UNAUTHORIZED,
+                    Json(async_graphql::Response::from_errors(vec![error])),
+                )
+                    .into_response(),
+            );
         }
     };
     let request: async_graphql::Request = match serde_json::from_slice(&body) {

@@ -5,10 +5,9 @@
 
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header};
-use order_saga::auth::{AuthArgs, Authenticator};
+use order_saga::auth::{AuthArgs, Authenticator, ClaimArgs};
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{order_body, spawn_service_with_auth, Backend, TestApp, TestStore};
@@ -80,8 +79,11 @@ struct Fixture {
 async fn fixture(backend: Backend) -> Fixture {
     let t = TestStore::new(backend).await;
     let args = AuthArgs {
-        issuer: Some(ISSUER.into()),
-        audience: Some(AUDIENCE.into()),
+        claims: ClaimArgs {
+            issuer: Some(ISSUER.into()),
+            audience: Some(AUDIENCE.into()),
+            ..ClaimArgs::default()
+        },
         ..AuthArgs::default()
     };
     let app = spawn_service_with_auth(t.store.clone(), Authenticator::hs256(SECRET, &args)).await;
@@ -91,14 +93,7 @@ async fn fixture(backend: Backend) -> Fixture {
     let operator = bearer(&claims("ops-1", &["operator"]));
     let mut ids = Vec::new();
     for caller in [&a, &b] {
-        let created = graphql(
-            &app,
-            caller,
-            r#"mutation { createOrder(input: {storeId: "s-1", items: [{productId: "p-1", quantity: 1}]}) { orderId userId } }"#,
-            json!({}),
-        )
-        .await
-        .1;
+        let created = create_order(&app, caller, None).await;
         ids.push(
             created["data"]["createOrder"]["orderId"]
                 .as_str()
@@ -175,6 +170,14 @@ async fn graphql(
     (status, body)
 }
 
+/// `createOrder` of one p-1 as `auth`, for `user_id` if given.
+async fn create_order(app: &TestApp, auth: &Option<String>, user_id: Option<&str>) -> Value {
+    let query =
+        "mutation($input: CreateOrderInput!) { createOrder(input: $input) { orderId userId } }";
+    let input = json!({"userId": user_id, "storeId": "s-1", "items": [{"productId": "p-1", "quantity": 1}]});
+    graphql(app, auth, query, json!({"input": input})).await.1
+}
+
 fn code(body: &Value) -> &str {
     body["error"]["code"]
         .as_str()
@@ -191,15 +194,7 @@ enum Subscribed {
 }
 
 async fn subscribe(app: &TestApp, auth: &Option<String>, order_id: &str) -> Subscribed {
-    let url = format!("{}/graphql/ws", app.address.replacen("http", "ws", 1));
-    let mut request = url.into_client_request().expect("ws request");
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        "graphql-transport-ws".parse().expect("header"),
-    );
-    let (mut socket, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("connect");
+    let mut socket = app.graphql_ws().await;
     let payload = match auth {
         Some(header) => json!({"Authorization": header}),
         None => json!({}),
@@ -441,14 +436,7 @@ async fn a_customer_reaches_only_their_own_orders(backend: Backend) {
     .await;
     assert_eq!((for_a.0, code(&for_a.1)), (403, "FORBIDDEN"), "{}", for_a.1);
     let before = log_len(&f).await;
-    let mutation = graphql(
-        &f.app,
-        &f.b,
-        r#"mutation { createOrder(input: {userId: "u-a", storeId: "s-1", items: [{productId: "p-1", quantity: 1}]}) { orderId } }"#,
-        json!({}),
-    )
-    .await
-    .1;
+    let mutation = create_order(&f.app, &f.b, Some("u-a")).await;
     assert_eq!(code(&mutation), "FORBIDDEN", "{mutation}");
     assert_eq!(log_len(&f).await, before, "refused: nothing stored");
     match subscribe(&f.app, &f.b, &f.order_a).await {
@@ -521,14 +509,7 @@ async fn an_operator_may_do_everything(backend: Backend) {
         })
         .unwrap_or_default();
     assert!(users.contains(&"u-a") && users.contains(&"u-b"), "{listed}");
-    let for_b = graphql(
-        &f.app,
-        &f.operator,
-        r#"mutation { createOrder(input: {userId: "u-b", storeId: "s-1", items: [{productId: "p-1", quantity: 1}]}) { userId } }"#,
-        json!({}),
-    )
-    .await
-    .1;
+    let for_b = create_order(&f.app, &f.operator, Some("u-b")).await;
     assert_eq!(for_b["data"]["createOrder"]["userId"], "u-b", "{for_b}");
     match subscribe(&f.app, &f.operator, &f.order_b).await {
         Subscribed::Next(_) => {}

@@ -212,6 +212,24 @@ async fn start(store: Store, with_loops: bool, auth: Authenticator) -> TestApp {
 }
 
 impl TestApp {
+    /// A WebSocket to `/graphql/ws` speaking graphql-transport-ws.
+    pub async fn graphql_ws(
+        &self,
+    ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}/graphql/ws", self.address.replacen("http", "ws", 1));
+        let mut request = url.into_client_request().expect("ws request");
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "graphql-transport-ws".parse().expect("header"),
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("connect");
+        socket
+    }
+
     pub async fn set_product(&self, product_id: &str, price: &str, stock: u32) {
         self.app
             .set_product(product_id, Some(price.parse().expect("price")), Some(stock))

@@ -10,7 +10,6 @@ use futures_util::{SinkExt, StreamExt};
 use order_saga::service::CreateOrderRequest;
 use order_saga_domain::ItemRequest;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use order_saga::health::{Heartbeat, Readiness};
@@ -285,15 +284,7 @@ async fn pagination_walks_250_orders_without_gaps_or_repeats(backend: Backend) {
 /// Subscribes over graphql-transport-ws and collects the statuses until the
 /// server completes the stream.
 async fn statuses_over_websocket(app: &TestApp, order_id: &str) -> Vec<(String, Value)> {
-    let url = format!("{}/graphql/ws", app.address.replacen("http", "ws", 1));
-    let mut request = url.into_client_request().expect("ws request");
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        "graphql-transport-ws".parse().expect("header"),
-    );
-    let (mut socket, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("connect");
+    let mut socket = app.graphql_ws().await;
     socket
         .send(Message::Text(
             json!({"type": "connection_init"}).to_string().into(),
