@@ -284,8 +284,8 @@ async fn serve(app: Arc<App>, args: ServeArgs, front: FrontDoor) -> anyhow::Resu
     state.roles = roles;
     state.cors_origins = front.cors_origins;
     state.admin_apart = admin.is_some();
+    let admin_local = admin.as_ref().map(|a| a.local_addr()).transpose()?;
     if let Some(admin) = admin {
-        println!("admin listening on http://{}", admin.local_addr()?);
         let router = order_saga::http::admin_router(state.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(admin, router).await {
@@ -301,7 +301,11 @@ async fn serve(app: Arc<App>, args: ServeArgs, front: FrontDoor) -> anyhow::Resu
     };
     let auth = if state.auth.required() { "jwt" } else { "none" };
     tracing::info!(store = store.backend(), bus, auth, %local, "order-saga serving");
+    // The first line names the API's address (scripts and tests read it).
     println!("listening on http://{local}");
+    if let Some(admin_local) = admin_local {
+        println!("admin listening on http://{admin_local}");
+    }
     axum::serve(listener, order_saga::http::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;

@@ -48,6 +48,11 @@ pub struct BenchArgs {
     /// Create (or restock) the products first, through GraphQL.
     #[arg(long)]
     pub setup: bool,
+    /// The HS256 secret of an instance run with `--auth jwt`: the
+    /// generator signs an operator token for set-up and queries and a
+    /// customer token for its orders.
+    #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -62,7 +67,8 @@ pub struct BenchArgs {
 #[derive(Debug, Args)]
 pub struct SuiteArgs {
     /// Run the benchmark suite (ramp, maximum sustainable rate, 2 instances
-    /// and their failover, hot product, long run, ceilings) instead of one
+    /// and their failover, the cost of JWT authentication, hot product,
+    /// long run, ceilings) instead of one
     /// load run against --url.
     #[arg(long = "suite")]
     pub enabled: bool,

@@ -49,6 +49,10 @@ pub struct BenchConfig {
     pub settle: Duration,
     /// Create the products first (through GraphQL `setProduct`).
     pub setup: bool,
+    /// The HS256 secret of an instance started with `--auth jwt`: the
+    /// generator then signs an operator token for its set-up and queries,
+    /// and every order carries a customer token of the run's user.
+    pub jwt_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -109,6 +113,8 @@ pub enum BenchError {
     Settings,
     #[error("{0}")]
     Http(String),
+    #[error("signing a token: {0}")]
+    Token(String),
 }
 
 /// A small deterministic generator, so runs are comparable.
@@ -161,11 +167,18 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
     {
         return Err(BenchError::Settings);
     }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(256)
-        .build()
-        .map_err(|e| BenchError::Http(e.to_string()))?;
+    // This run's orders are told apart by their user.
+    let user = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let (client, orders_client) = match &config.jwt_secret {
+        Some(secret) => (
+            http_client(Some(token(secret, "order-saga-bench", &["operator"])?))?,
+            http_client(Some(token(secret, &user, &[])?))?,
+        ),
+        None => {
+            let client = http_client(None)?;
+            (client.clone(), client)
+        }
+    };
     if config.setup {
         for i in 0..config.products {
             graphql(
@@ -177,8 +190,6 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
             .await?;
         }
     }
-    // This run's orders are told apart by their user.
-    let user = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let created_before = saga_counts(&client, &config.url).await?.0;
     let total = (config.rate * config.duration.as_secs_f64())
         .round()
@@ -193,7 +204,7 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
         config.order_urls.iter().cloned().collect()
     };
     let runtime = tokio::runtime::Handle::current();
-    let (sent, client_, user_) = (results.clone(), client.clone(), user.clone());
+    let (sent, client_, user_) = (results.clone(), orders_client, user.clone());
     // The orders leave on schedule from a thread of their own: a tokio
     // timer ticks in whole milliseconds and a parked runtime wakes later
     // still, which sent orders 1.3–1.7 ms late (p50) — time the service
@@ -278,6 +289,29 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
         cancelled: settled.cancelled,
         unfinished: settled.unfinished,
     })
+}
+
+/// The generator's HTTP client; with a token, every request bears it.
+fn http_client(token: Option<String>) -> Result<reqwest::Client, BenchError> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|e| BenchError::Token(e.to_string()))?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .default_headers(headers)
+        .build()
+        .map_err(|e| BenchError::Http(e.to_string()))
+}
+
+/// An HS256 token for `sub`, as `order-saga token` signs it.
+fn token(secret: &str, sub: &str, roles: &[&str]) -> Result<String, BenchError> {
+    order_saga::auth::TokenArgs::new(secret, sub, roles)
+        .mint()
+        .map_err(|e| BenchError::Token(e.to_string()))
 }
 
 /// One order of `user`'s: 1 to `max_items` distinct products of

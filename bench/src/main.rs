@@ -45,6 +45,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         hot: args.hot.clamp(0.0, 1.0),
         settle: args.settle,
         setup: args.setup,
+        jwt_secret: args.jwt_secret.clone(),
     };
     let report = order_saga_bench::run(&config).await?;
     print!("{report}");

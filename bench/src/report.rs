@@ -187,6 +187,51 @@ fn failover_section(md: &mut String, r: &SuiteResults) {
     }
 }
 
+fn auth_section(md: &mut String, r: &SuiteResults) {
+    let _ = writeln!(md, "## Authentication cost\n");
+    let a = match (&r.auth, &r.auth_skipped) {
+        (Some(a), _) => a,
+        (None, Some(why)) => {
+            let _ = writeln!(md, "Not run: {}.\n", cell(why));
+            return;
+        }
+        (None, None) => {
+            let _ = writeln!(md, "Not run yet.\n");
+            return;
+        }
+    };
+    let _ = writeln!(
+        md,
+        "{}, {:.0} orders/s for {:.0} s on a fresh instance each run, alternated: without \
+         authentication, with `--auth jwt` (HS256; every order bears a customer token, the set-up \
+         and queries an operator's), with, without.\n",
+        a.backend.title(),
+        a.rate,
+        r.settings.step_duration_s
+    );
+    for (title, steps) in [
+        ("Without authentication", &a.without),
+        ("With JWT", &a.with_jwt),
+    ] {
+        let _ = writeln!(md, "{title}:\n");
+        steps_table(md, steps, false);
+        let _ = writeln!(md);
+    }
+    match a.p99_ms() {
+        Some((without, with)) => {
+            let _ = writeln!(
+                md,
+                "**Acceptance p99: {} ms with JWT, {} ms without (means of the runs).**\n",
+                ms(with),
+                ms(without)
+            );
+        }
+        None => {
+            let _ = writeln!(md, "**Not every run reported.**\n");
+        }
+    }
+}
+
 fn kib(v: Option<u64>) -> String {
     v.map_or("—".to_string(), |k| {
         format!("{:.1} MiB", k as f64 / 1024.0)
@@ -393,6 +438,7 @@ pub fn markdown(r: &SuiteResults) -> String {
     let _ = writeln!(md);
 
     failover_section(&mut md, r);
+    auth_section(&mut md, r);
 
     let _ = writeln!(md, "## One hot product\n");
     let _ = writeln!(
@@ -518,7 +564,7 @@ pub fn markdown(r: &SuiteResults) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::{targets, BackendResult, Failover, Kill, Machine, Settings};
+    use crate::results::{targets, AuthCost, BackendResult, Failover, Kill, Machine, Settings};
     use crate::Percentiles;
 
     fn report(rate: f64, saga_p99_ms: f64) -> BenchReport {
@@ -640,6 +686,13 @@ mod tests {
                 errors: vec![],
             }],
             instances_skipped: None,
+            auth: Some(AuthCost {
+                backend: Backend::Postgres,
+                rate: 200.0,
+                without: vec![step(200.0, 10.0), step(200.0, 10.0)],
+                with_jwt: vec![step(200.0, 10.0), step(200.0, 10.0)],
+            }),
+            auth_skipped: None,
             hot: vec![],
             long_run: None,
             long_run_skipped: Some("--skip-long".into()),
@@ -692,6 +745,30 @@ mod tests {
             Some(false),
             "a lost saga misses it"
         );
+        let jwt = "acceptance p99 at 200/s, PostgreSQL: with JWT (HS256) ÷ without";
+        let auth = find(jwt);
+        assert_eq!(
+            (auth.met, auth.measured.as_str()),
+            (Some(true), "1.00 (2.00 ms ÷ 2.00 ms, means of 2 runs each)")
+        );
+        let mut slower = r.clone();
+        if let Some(report) = slower
+            .auth
+            .as_mut()
+            .and_then(|a| a.with_jwt[0].report.as_mut())
+        {
+            report.acceptance.p99_ms = 2.6;
+        }
+        let targets = crate::results::targets(&slower);
+        let auth = targets.iter().find(|t| t.figure == jwt);
+        assert_eq!(
+            auth.map(|t| (t.met, t.measured.as_str())),
+            Some((
+                Some(false),
+                "1.15 (2.30 ms ÷ 2.00 ms, means of 2 runs each)"
+            )),
+            "the mean of the JWT runs is 15 % slower"
+        );
     }
 
     #[test]
@@ -709,6 +786,7 @@ mod tests {
             "### PostgreSQL (in-process bus), 2 instances",
             "| postgres, 2 instances | 380 |",
             "## Failover",
+            "## Authentication cost",
             "**Takeover p50 500 ms, max 900 ms.**",
             "## One hot product",
             "## Long run",

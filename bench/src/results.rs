@@ -242,6 +242,32 @@ impl Failover {
     }
 }
 
+/// The same load on fresh instances without authentication and with
+/// `--auth jwt` (HS256), alternated.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuthCost {
+    pub backend: Backend,
+    pub rate: f64,
+    pub without: Vec<Step>,
+    pub with_jwt: Vec<Step>,
+}
+
+impl AuthCost {
+    /// The acceptance p99 without and with JWT, each the mean over its
+    /// runs; `None` unless every run reported.
+    pub fn p99_ms(&self) -> Option<(f64, f64)> {
+        let mean = |steps: &[Step]| -> Option<f64> {
+            let p99s: Option<Vec<f64>> = steps
+                .iter()
+                .map(|s| s.report.as_ref().map(|r| r.acceptance.p99_ms))
+                .collect();
+            let p99s = p99s.filter(|v| !v.is_empty())?;
+            Some(p99s.iter().sum::<f64>() / p99s.len() as f64)
+        };
+        Some((mean(&self.without)?, mean(&self.with_jwt)?))
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct HotResult {
     pub backend: Backend,
@@ -298,6 +324,9 @@ pub struct SuiteResults {
     pub failover: Vec<Failover>,
     /// Why the 2-instance runs were not made.
     pub instances_skipped: Option<String>,
+    pub auth: Option<AuthCost>,
+    /// Why the authentication-cost runs were not made.
+    pub auth_skipped: Option<String>,
     pub hot: Vec<HotResult>,
     pub long_run: Option<LongRun>,
     pub long_run_skipped: Option<String>,
@@ -445,6 +474,26 @@ pub fn targets(r: &SuiteResults) -> Vec<Target> {
             |v| v >= 1500.0,
         ),
     ];
+    rows.push(target(
+        "acceptance p99 at 200/s, PostgreSQL: with JWT (HS256) ÷ without",
+        "≤ 1.10".into(),
+        r.auth.as_ref().and_then(|a| {
+            let (without, with) = a.p99_ms()?;
+            (without > 0.0).then(|| {
+                let v = with / without;
+                let runs = a.with_jwt.len().min(a.without.len());
+                (
+                    v,
+                    format!(
+                        "{v:.2} ({} ms ÷ {} ms, means of {runs} runs each)",
+                        ms(with),
+                        ms(without)
+                    ),
+                )
+            })
+        }),
+        |v| v <= 1.10,
+    ));
     let commit_8 = r.ceilings.commit_8.as_ref().and_then(|c| c.per_second);
     let pg_target = match (commit_8, r.tx_per_order()) {
         (Some(c), Some((tx, _))) if tx > 0.0 => Some(0.5 * c / tx),

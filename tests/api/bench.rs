@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use order_saga_bench::{run, BenchConfig};
 
-use crate::helpers::{spawn_service, Backend, TestStore};
+use order_saga::auth::{AuthArgs, Authenticator};
+
+use crate::helpers::{spawn_service, spawn_service_with_auth, Backend, TestStore};
 use crate::on_both_backends;
 
 on_both_backends!(the_load_generator_counts_every_order_and_saga_it_caused);
+on_both_backends!(the_load_generator_signs_its_requests_for_a_service_with_jwt);
 
 async fn the_load_generator_counts_every_order_and_saga_it_caused(backend: Backend) {
     let t = TestStore::new(backend).await;
@@ -24,6 +27,7 @@ async fn the_load_generator_counts_every_order_and_saga_it_caused(backend: Backe
         hot: 0.5,
         settle: Duration::from_secs(60),
         setup: true,
+        jwt_secret: None,
     };
     let report = run(&config).await.expect("bench runs");
     assert_eq!(report.sent, 40);
@@ -43,6 +47,46 @@ async fn the_load_generator_counts_every_order_and_saga_it_caused(backend: Backe
         ..config
     };
     assert!(run(&bad).await.is_err());
+    drop(app);
+    t.cleanup().await;
+}
+
+/// Against `--auth jwt` the generator's set-up, orders and queries all
+/// bear tokens of the secret: every order is accepted as its customer's.
+async fn the_load_generator_signs_its_requests_for_a_service_with_jwt(backend: Backend) {
+    const SECRET: &str = "bench-test-secret";
+    let t = TestStore::new(backend).await;
+    let auth = Authenticator::hs256(SECRET, &AuthArgs::default());
+    let app = spawn_service_with_auth(t.store.clone(), auth).await;
+    let config = BenchConfig {
+        url: app.address.clone(),
+        order_urls: Vec::new(),
+        rate: 20.0,
+        duration: Duration::from_secs(1),
+        products: 2,
+        stock: 100,
+        max_items: 2,
+        hot: 0.0,
+        settle: Duration::from_secs(60),
+        setup: true,
+        jwt_secret: Some(SECRET.to_string()),
+    };
+    let report = run(&config).await.expect("bench runs with tokens");
+    assert_eq!((report.accepted, report.failed), (20, 0), "{report:?}");
+    assert_eq!(report.payment_wait + report.cancelled, 20, "{report:?}");
+    let unsigned = BenchConfig {
+        jwt_secret: None,
+        ..config.clone()
+    };
+    assert!(
+        run(&unsigned).await.is_err(),
+        "without tokens the set-up is refused"
+    );
+    let wrong = BenchConfig {
+        jwt_secret: Some("another-secret".to_string()),
+        ..config
+    };
+    assert!(run(&wrong).await.is_err(), "a wrong secret is refused");
     drop(app);
     t.cleanup().await;
 }

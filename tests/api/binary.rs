@@ -34,6 +34,14 @@ pub async fn serve(t: &TestStore) -> (Child, String) {
 
 /// [`serve`] with more environment.
 pub async fn serve_with(t: &TestStore, env: &[(String, String)]) -> (Child, String) {
+    let (child, mut lines) = spawn_serve(t, env);
+    let url = printed_address(&mut lines, "listening on ").await;
+    (child, url)
+}
+
+type Stdout = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+fn spawn_serve(t: &TestStore, env: &[(String, String)]) -> (Child, Stdout) {
     let mut child = order_saga(t)
         .env("HTTP_ADDR", "127.0.0.1:0")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -41,17 +49,19 @@ pub async fn serve_with(t: &TestStore, env: &[(String, String)]) -> (Child, Stri
         .spawn()
         .expect("start order-saga");
     let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
+    (child, BufReader::new(stdout).lines())
+}
+
+/// The address on the next line of `serve`'s output, which starts `prefix`.
+async fn printed_address(lines: &mut Stdout, prefix: &str) -> String {
     let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
         .await
         .expect("order-saga printed its address in time")
         .expect("read stdout")
         .expect("a line");
-    let url = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    (child, url)
+    line.strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("expected `{prefix}…`, got: {line}"))
+        .to_string()
 }
 
 async fn the_binary_serves_orders_priced_by_product_set_across_a_restart(backend: Backend) {
@@ -260,5 +270,62 @@ async fn unsafe_or_incomplete_auth_settings_refuse_to_start() {
         .await
         .expect("preflight");
     assert!(other.headers().get("access-control-allow-origin").is_none());
+    t.cleanup().await;
+}
+
+/// With `--admin-addr`, `/metrics` is served there only — beside the
+/// health checks, without a token — and no longer on the API's address.
+#[tokio::test]
+async fn metrics_move_to_the_admin_listener() {
+    let t = TestStore::new(Backend::Sqlite).await;
+    let env = [
+        ("ADMIN_ADDR", "127.0.0.1:0"),
+        ("AUTH_MODE", "jwt"),
+        ("AUTH_JWT_SECRET", "admin-test-secret"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let (_child, mut lines) = spawn_serve(&t, &env);
+    let api = printed_address(&mut lines, "listening on ").await;
+    let admin = printed_address(&mut lines, "admin listening on ").await;
+    assert_ne!(api, admin);
+    let client = reqwest::Client::new();
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let response = client.get(&url).send().await.expect("GET");
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        }
+    };
+    // The gauges appear with the first upkeep pass after start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let (status, metrics) = get(format!("{admin}/metrics")).await;
+        assert_eq!(status, 200, "{metrics}");
+        if metrics.contains("order_saga_") || tokio::time::Instant::now() >= deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(metrics.contains("order_saga_"), "{metrics}");
+    assert_eq!(get(format!("{admin}/readyz")).await.0, 200);
+    assert_eq!(get(format!("{admin}/healthz")).await.0, 200);
+    assert_eq!(get(format!("{api}/metrics")).await.0, 404, "not on the API");
+    assert_eq!(
+        get(format!("{api}/readyz")).await.0,
+        200,
+        "health stays open"
+    );
+    let graphql = client
+        .post(format!("{admin}/graphql"))
+        .json(&serde_json::json!({"query": "{ sagaStats { ordersCreated } }"}))
+        .send()
+        .await
+        .expect("POST /graphql");
+    assert_eq!(
+        graphql.status(),
+        404,
+        "the API is not on the admin listener"
+    );
     t.cleanup().await;
 }

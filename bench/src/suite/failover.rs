@@ -38,7 +38,7 @@ impl Suite {
             "failover {} ×2: {FAILOVER_KILLS} SIGKILLs of the role holder …",
             backend.name()
         ));
-        let mut instance = match self.start_many(backend, 2).await {
+        let mut instance = match self.start_many(backend, 2, None).await {
             Ok(instance) => instance,
             Err(e) => {
                 result.errors.push(format!("starting the service: {e}"));

@@ -66,14 +66,16 @@ impl Suite {
     /// A fresh instance: a new store (and topic prefix), one process of
     /// the service started on it and ready.
     pub(super) async fn start(&self, backend: Backend) -> Result<Instance, String> {
-        self.start_many(backend, 1).await
+        self.start_many(backend, 1, None).await
     }
 
-    /// A fresh instance of `count` processes on one new store, each ready.
+    /// A fresh instance of `count` processes on one new store, each ready;
+    /// with `jwt_secret`, run with `--auth jwt` and that HS256 secret.
     pub(super) async fn start_many(
         &self,
         backend: Backend,
         count: usize,
+        jwt_secret: Option<&str>,
     ) -> Result<Instance, String> {
         self.usable(backend)?;
         if count > 1 && !backend.uses_postgres() {
@@ -118,6 +120,9 @@ impl Suite {
                 BENCH_KAFKA_PRODUCER_CONFIG.to_string(),
             ]);
             topic_prefix = Some(prefix);
+        }
+        if let Some(secret) = jwt_secret {
+            instance_args.extend(["--auth", "jwt", "--jwt-secret", secret].map(String::from));
         }
         self.leftovers()
             .push((workdir.clone(), database.clone(), topic_prefix.clone()));

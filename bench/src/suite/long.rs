@@ -57,6 +57,7 @@ impl Suite {
             hot: 0.0,
             settle: LONG_SETTLE,
             setup: true,
+            jwt_secret: None,
         };
         if let Err(e) = warm_up(&phase(1.0, long.probe)).await {
             run.errors.push(e);

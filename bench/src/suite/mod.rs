@@ -7,7 +7,8 @@
 //! Scenarios: a doubling ramp until saturation, a bisection for the maximum
 //! sustainable rate (also with 2 instances on one PostgreSQL store), the
 //! failover of 2 instances when the one holding the roles is SIGKILLed,
-//! one hot product, and a long run (memory and rate over time); plus the
+//! the acceptance latency with and without JWT authentication, one hot
+//! product, and a long run (memory and rate over time); plus the
 //! platform's ceilings ([`super::ceilings`]). The results
 //! go to BENCHMARKS.md and a JSON file beside it ([`super::report`]),
 //! rewritten after every scenario so an interrupted suite leaves what it
@@ -26,7 +27,9 @@ mod long;
 use crate::admin::Admin;
 use crate::ceilings::{self, Ceilings};
 use crate::report;
-use crate::results::{Backend, BackendResult, HotResult, Machine, Settings, Step, SuiteResults};
+use crate::results::{
+    AuthCost, Backend, BackendResult, HotResult, Machine, Settings, Step, SuiteResults,
+};
 use crate::BenchConfig;
 
 /// The suite's settings (see `order-saga-bench --help`).
@@ -75,6 +78,8 @@ pub struct LongConfig {
 const PRODUCTS: usize = 20;
 const MAX_ITEMS: usize = 3;
 const STOCK: u32 = 1_000_000;
+/// Orders per second of the authentication-cost runs.
+const AUTH_RATE: f64 = 200.0;
 /// Stock of the hot product: it never runs out.
 const HOT_STOCK: u32 = 100_000_000;
 /// Settle time after each long-run phase.
@@ -131,6 +136,8 @@ pub async fn run(config: SuiteConfig) -> anyhow::Result<SuiteResults> {
         backends: Vec::new(),
         failover: Vec::new(),
         instances_skipped: None,
+        auth: None,
+        auth_skipped: None,
         hot: Vec::new(),
         long_run: None,
         long_run_skipped: None,
@@ -208,6 +215,14 @@ impl Suite {
             self.results.backends.push(result);
             self.write()?;
         }
+        match self.usable(Backend::Postgres) {
+            _ if !self.config.backends.contains(&Backend::Postgres) => {
+                self.results.auth_skipped = Some("the postgres backend was not chosen".into())
+            }
+            Err(why) => self.results.auth_skipped = Some(why),
+            Ok(()) => self.results.auth = Some(self.auth_cost().await),
+        }
+        self.write()?;
         let several: Vec<Backend> = [Backend::Postgres, Backend::PostgresKafka]
             .into_iter()
             .filter(|b| self.config.backends.contains(b))
@@ -351,6 +366,7 @@ impl Suite {
             hot: 0.0,
             settle,
             setup: true,
+            jwt_secret: None,
         }
     }
 
@@ -478,6 +494,36 @@ impl Suite {
         self.fresh_run(backend, instances, "sustain", config).await
     }
 
+    /// The same load on fresh PostgreSQL instances without authentication
+    /// and with `--auth jwt` (HS256), alternated — without, with, with,
+    /// without — so a drift of the machine over the runs weighs on both.
+    async fn auth_cost(&self) -> AuthCost {
+        let mut cost = AuthCost {
+            backend: Backend::Postgres,
+            rate: AUTH_RATE,
+            without: Vec::new(),
+            with_jwt: Vec::new(),
+        };
+        for jwt in [false, true, true, false] {
+            let config = BenchConfig {
+                jwt_secret: jwt.then(|| format!("bench-secret-{}", short_id())),
+                ..self.load(
+                    AUTH_RATE,
+                    self.config.step_duration,
+                    self.config.ramp_settle,
+                )
+            };
+            let what = if jwt { "with JWT" } else { "without auth" };
+            let step = self.fresh_run(Backend::Postgres, 1, what, config).await;
+            if jwt {
+                cost.with_jwt.push(step);
+            } else {
+                cost.without.push(step);
+            }
+        }
+        cost
+    }
+
     async fn hot(&self, backend: Backend) -> Step {
         let config = BenchConfig {
             products: 1,
@@ -510,7 +556,10 @@ impl Suite {
             config.rate,
             config.duration.as_secs_f64()
         ));
-        let instance = match self.start_many(backend, instances).await {
+        let instance = match self
+            .start_many(backend, instances, config.jwt_secret.as_deref())
+            .await
+        {
             Ok(instance) => instance,
             Err(e) => {
                 step.error = Some(format!("starting the service: {e}"));
