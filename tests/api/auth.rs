@@ -3,7 +3,7 @@
 //! wrong issuer or audience, no `sub`, customers A and B, an operator —
 //! against each operation, with the log unchanged after every refusal.
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use jsonwebtoken::{EncodingKey, Header};
 use order_saga::auth::{AuthArgs, Authenticator, ClaimArgs};
 use serde_json::{json, Value};
@@ -194,28 +194,12 @@ enum Subscribed {
 }
 
 async fn subscribe(app: &TestApp, auth: &Option<String>, order_id: &str) -> Subscribed {
-    let mut socket = app.graphql_ws().await;
     let payload = match auth {
         Some(header) => json!({"Authorization": header}),
         None => json!({}),
     };
-    let init = json!({"type": "connection_init", "payload": payload});
-    socket
-        .send(Message::Text(init.to_string().into()))
-        .await
-        .expect("init");
-    let subscribe = json!({
-        "id": "1",
-        "type": "subscribe",
-        "payload": {
-            "query": "subscription($id: ID!) { orderStatusChanged(orderId: $id) { orderId status } }",
-            "variables": {"id": order_id}
-        }
-    });
     // The server may have closed already; a failed send shows below.
-    let _ = socket
-        .send(Message::Text(subscribe.to_string().into()))
-        .await;
+    let (mut socket, _sent) = app.follow_order(payload, order_id, "orderId status").await;
     loop {
         let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
             .await
@@ -388,15 +372,7 @@ async fn a_customer_reaches_only_their_own_orders(backend: Backend) {
     assert_eq!(code(&answer("orderHistory").1), "NOT_FOUND");
     assert_eq!(code(&answer("cancelOrder").1), "NOT_FOUND");
     let listed = answer("orders").1;
-    let ids: Vec<&str> = listed["data"]["orders"]["edges"]
-        .as_array()
-        .map(|edges| {
-            edges
-                .iter()
-                .filter_map(|e| e["node"]["orderId"].as_str())
-                .collect()
-        })
-        .unwrap_or_default();
+    let ids = listed_field(&listed, "orderId");
     assert!(
         ids.contains(&f.order_b.as_str()),
         "B sees their own: {listed}"
@@ -499,15 +475,7 @@ async fn an_operator_may_do_everything(backend: Backend) {
     )
     .await
     .1;
-    let users: Vec<&str> = listed["data"]["orders"]["edges"]
-        .as_array()
-        .map(|edges| {
-            edges
-                .iter()
-                .filter_map(|e| e["node"]["userId"].as_str())
-                .collect()
-        })
-        .unwrap_or_default();
+    let users = listed_field(&listed, "userId");
     assert!(users.contains(&"u-a") && users.contains(&"u-b"), "{listed}");
     let for_b = create_order(&f.app, &f.operator, Some("u-b")).await;
     assert_eq!(for_b["data"]["createOrder"]["userId"], "u-b", "{for_b}");
@@ -524,3 +492,16 @@ on_both_backends!(
     a_customer_reaches_only_their_own_orders,
     an_operator_may_do_everything,
 );
+
+/// `field` of every order an `orders` answer lists.
+fn listed_field<'a>(listed: &'a Value, field: &str) -> Vec<&'a str> {
+    listed["data"]["orders"]["edges"]
+        .as_array()
+        .map(|edges| {
+            edges
+                .iter()
+                .filter_map(|e| e["node"][field].as_str())
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -211,12 +211,48 @@ async fn start(store: Store, with_loops: bool, auth: Authenticator) -> TestApp {
     }
 }
 
+/// A client's end of `/graphql/ws`.
+pub type GraphqlSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 impl TestApp {
-    /// A WebSocket to `/graphql/ws` speaking graphql-transport-ws.
-    pub async fn graphql_ws(
+    /// Opens `/graphql/ws`, sends `connection_init` with `init_payload` and
+    /// subscribes (id "1") to `orderStatusChanged(orderId)` selecting
+    /// `fields`. Returns the socket and how sending the subscription went
+    /// (a server that refused the init may have closed already).
+    pub async fn follow_order(
         &self,
-    ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>
-    {
+        init_payload: serde_json::Value,
+        order_id: &str,
+        fields: &str,
+    ) -> (
+        GraphqlSocket,
+        Result<(), tokio_tungstenite::tungstenite::Error>,
+    ) {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let mut socket = self.graphql_ws().await;
+        let init = serde_json::json!({"type": "connection_init", "payload": init_payload});
+        socket
+            .send(Message::Text(init.to_string().into()))
+            .await
+            .expect("init");
+        let subscribe = serde_json::json!({
+            "id": "1",
+            "type": "subscribe",
+            "payload": {
+                "query": format!("subscription($id: ID!) {{ orderStatusChanged(orderId: $id) {{ {fields} }} }}"),
+                "variables": {"id": order_id}
+            }
+        });
+        let sent = socket
+            .send(Message::Text(subscribe.to_string().into()))
+            .await;
+        (socket, sent)
+    }
+
+    /// A WebSocket to `/graphql/ws` speaking graphql-transport-ws.
+    pub async fn graphql_ws(&self) -> GraphqlSocket {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let url = format!("{}/graphql/ws", self.address.replacen("http", "ws", 1));
         let mut request = url.into_client_request().expect("ws request");

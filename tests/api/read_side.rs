@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use order_saga::service::CreateOrderRequest;
 use order_saga_domain::ItemRequest;
 use serde_json::{json, Value};
@@ -284,25 +284,10 @@ async fn pagination_walks_250_orders_without_gaps_or_repeats(backend: Backend) {
 /// Subscribes over graphql-transport-ws and collects the statuses until the
 /// server completes the stream.
 async fn statuses_over_websocket(app: &TestApp, order_id: &str) -> Vec<(String, Value)> {
-    let mut socket = app.graphql_ws().await;
-    socket
-        .send(Message::Text(
-            json!({"type": "connection_init"}).to_string().into(),
-        ))
-        .await
-        .expect("init");
-    let subscribe = json!({
-        "id": "1",
-        "type": "subscribe",
-        "payload": {
-            "query": "subscription($id: ID!) { orderStatusChanged(orderId: $id) { orderId status cancelReason version } }",
-            "variables": {"id": order_id}
-        }
-    });
-    socket
-        .send(Message::Text(subscribe.to_string().into()))
-        .await
-        .expect("subscribe");
+    let (mut socket, sent) = app
+        .follow_order(json!({}), order_id, "orderId status cancelReason version")
+        .await;
+    sent.expect("subscribe");
     let mut statuses = Vec::new();
     let deadline = Duration::from_secs(60);
     loop {
