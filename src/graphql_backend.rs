@@ -15,6 +15,7 @@ use order_saga_projections::{
 };
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::fault::Fault;
 use crate::read_models::ReadModels;
 use crate::service::{App, AppError, CreateOrderRequest};
 use crate::store::StoreError;
@@ -68,7 +69,13 @@ impl From<AppError> for BackendError {
             },
             AppError::NotFound => BackendError::new(ErrorCode::NotFound, message),
             AppError::Conflict(_) => BackendError::new(ErrorCode::Conflict, message),
-            AppError::Unavailable(_) => BackendError::new(ErrorCode::Unavailable, message),
+            AppError::Fault { fault, .. } => BackendError::new(
+                match fault {
+                    Fault::StoreUnavailable => ErrorCode::StoreUnavailable,
+                    Fault::StorageFull => ErrorCode::StorageFull,
+                },
+                message,
+            ),
             AppError::Internal(_) => BackendError::new(ErrorCode::Internal, message),
         }
     }

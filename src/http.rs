@@ -35,6 +35,7 @@ use serde::Serialize;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{Authenticator, Unauthenticated};
+use crate::fault::Fault;
 use crate::graphql_backend::ApiBackend;
 use crate::health::Readiness;
 use crate::leadership::Roles;
@@ -190,6 +191,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     field: Option<String>,
+    /// `Retry-After`, for a fault the client should wait out.
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -199,6 +202,7 @@ impl ApiError {
             code: "BAD_USER_INPUT",
             message,
             field,
+            retry_after: None,
         }
     }
 }
@@ -210,6 +214,7 @@ impl From<Unauthenticated> for ApiError {
             code: "UNAUTHENTICATED",
             message: e.0,
             field: None,
+            retry_after: None,
         }
     }
 }
@@ -220,16 +225,24 @@ impl From<BackendError> for ApiError {
             ErrorCode::BadUserInput => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Conflict => StatusCode::CONFLICT,
-            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable | ErrorCode::StoreUnavailable | ErrorCode::StorageFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        };
+        let retry_after = match e.code {
+            ErrorCode::StoreUnavailable => Some(Fault::StoreUnavailable.retry_after()),
+            ErrorCode::StorageFull => Some(Fault::StorageFull.retry_after()),
+            _ => None,
         };
         ApiError {
             status,
             code: e.code.as_str(),
             message: e.message,
             field: e.field,
+            retry_after,
         }
     }
 }
@@ -237,6 +250,7 @@ impl From<BackendError> for ApiError {
 impl From<AppError> for ApiError {
     fn from(e: AppError) -> Self {
         let message = e.to_string();
+        let mut retry_after = None;
         let (status, code, field) = match e {
             AppError::Invalid(FieldError { field, .. })
             | AppError::UnknownProduct { field, .. } => (
@@ -246,10 +260,15 @@ impl From<AppError> for ApiError {
             ),
             AppError::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND", None),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT", None),
-            AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", None),
+            AppError::Fault { fault, .. } => {
+                retry_after = Some(fault.retry_after());
+                (StatusCode::SERVICE_UNAVAILABLE, fault.code(), None)
+            }
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", None),
         };
-        if status.is_server_error() {
+        if retry_after.is_some() {
+            tracing::warn!(error = %message, "request refused for now");
+        } else if status.is_server_error() {
             tracing::error!(error = %message, "request failed");
         }
         ApiError {
@@ -257,6 +276,7 @@ impl From<AppError> for ApiError {
             code,
             message,
             field,
+            retry_after,
         }
     }
 }
@@ -270,7 +290,13 @@ impl IntoResponse for ApiError {
                 field: self.field,
             },
         };
-        let response = (self.status, Json(body)).into_response();
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(wait) = self.retry_after {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(wait.as_secs().max(1)),
+            );
+        }
         match self.status {
             StatusCode::UNAUTHORIZED => challenge(response),
             _ => response,
@@ -346,19 +372,20 @@ async fn get_order(
 
 /// Ready when the store answers and every background loop is alive.
 async fn ready(State(state): State<HttpState>) -> Response {
-    let unavailable = |reason: String| {
+    let unavailable = |reason: String, code: Option<&str>| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "unavailable", "reason": reason})),
+            Json(serde_json::json!({"status": "unavailable", "reason": reason, "code": code})),
         )
             .into_response()
     };
     if let Err(e) = state.app.store().ping().await {
-        return unavailable(format!("store: {e}"));
+        let fault = Fault::of(&e).unwrap_or(Fault::StoreUnavailable);
+        return unavailable(format!("store: {e}"), Some(fault.code()));
     }
     for (name, heartbeat) in &state.readiness.components {
         if !heartbeat.alive(Duration::from_secs(5)) {
-            return unavailable(format!("{name}: not running"));
+            return unavailable(format!("{name}: not running"), None);
         }
     }
     Json(serde_json::json!({"status": "ready", "roles": state.roles.states()})).into_response()
@@ -366,7 +393,13 @@ async fn ready(State(state): State<HttpState>) -> Response {
 
 async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {
     let Some(handle) = &state.metrics else {
-        return Err(AppError::Unavailable("metrics recorder not installed".into()).into());
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "UNAVAILABLE",
+            message: "metrics recorder not installed".into(),
+            field: None,
+            retry_after: None,
+        });
     };
     let text = crate::telemetry::render(state.app.store(), handle, state.relay)
         .await

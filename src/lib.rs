@@ -15,11 +15,13 @@
 //!   consumers, projection) this process holds, elected through PostgreSQL;
 //! - [`http`]: the REST API (axum);
 //! - [`analytics`]: the analysts' history, time-travel and replay tools;
+//! - [`fault`]: which failures are infrastructure faults, waited out;
 //! - [`cli`]: the command line and its settings (clap).
 
 pub mod analytics;
 pub mod auth;
 pub mod cli;
+pub mod fault;
 pub mod graphql_backend;
 pub mod health;
 pub mod http;

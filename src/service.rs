@@ -22,6 +22,7 @@ use order_saga_domain::{
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::fault::Fault;
 use crate::store::{Store, StoreError};
 
 /// How often a command is retried when a concurrent writer changed its
@@ -41,20 +42,37 @@ pub enum AppError {
     NotFound,
     #[error("conflict: {0}")]
     Conflict(String),
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    /// The store is unreachable or full: a 503 naming which, with
+    /// `Retry-After`.
+    #[error("{}: {message}", fault.code())]
+    Fault { fault: Fault, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Connect(_) | StoreError::Database(sqlx::Error::PoolTimedOut) => {
-                AppError::Unavailable(e.to_string())
-            }
-            _ => AppError::Internal(e.to_string()),
+        match Fault::of(&e) {
+            Some(fault) => AppError::fault(fault, &e),
+            None => AppError::Internal(e.to_string()),
         }
+    }
+}
+
+impl AppError {
+    fn fault(fault: Fault, e: &dyn std::fmt::Display) -> Self {
+        AppError::Fault {
+            fault,
+            message: e.to_string(),
+        }
+    }
+
+    /// A failure of the store reached through an adapter, as its text:
+    /// a fault, the store unreachable unless the text says full.
+    fn store_text(e: &dyn std::fmt::Display) -> Self {
+        let message = e.to_string();
+        let fault = Fault::in_text(&message).unwrap_or(Fault::StoreUnavailable);
+        AppError::Fault { fault, message }
     }
 }
 
@@ -67,10 +85,14 @@ fn from_aggregate<E: std::error::Error>(
         AggregateError::AggregateConflict => {
             AppError::Conflict("changed concurrently, try again".into())
         }
-        AggregateError::DatabaseConnectionError(e) => AppError::Unavailable(e.to_string()),
-        AggregateError::DeserializationError(e) | AggregateError::UnexpectedError(e) => {
-            AppError::Internal(e.to_string())
+        AggregateError::DatabaseConnectionError(e) => {
+            AppError::fault(Fault::of(&*e).unwrap_or(Fault::StoreUnavailable), &e)
         }
+        AggregateError::UnexpectedError(e) => match Fault::of(&*e) {
+            Some(fault) => AppError::fault(fault, &e),
+            None => AppError::Internal(e.to_string()),
+        },
+        AggregateError::DeserializationError(e) => AppError::Internal(e.to_string()),
     }
 }
 
@@ -84,7 +106,7 @@ fn from_order_error(e: OrderError) -> AppError {
         OrderError::AlreadyExists | OrderError::InvalidTransition { .. } => {
             AppError::Conflict(e.to_string())
         }
-        OrderError::Catalog(e) => AppError::Unavailable(e.to_string()),
+        OrderError::Catalog(e) => AppError::store_text(&e),
     }
 }
 
@@ -93,7 +115,7 @@ fn from_product_error(e: ProductError) -> AppError {
         ProductError::Invalid(e) => AppError::Invalid(e),
         ProductError::UnknownProduct => AppError::NotFound,
         ProductError::InsufficientStock { .. } => AppError::Conflict(e.to_string()),
-        ProductError::Records(e) => AppError::Unavailable(e.to_string()),
+        ProductError::Records(e) => AppError::store_text(&e),
     }
 }
 

@@ -5,8 +5,8 @@
 //! The schema knows nothing of stores or HTTP: everything it reads or does
 //! goes through the [`Backend`] trait, which the service implements. Errors
 //! carry `extensions.code` (`BAD_USER_INPUT`, `NOT_FOUND`, `CONFLICT`,
-//! `INTERNAL`, `UNAVAILABLE`, `UNAUTHENTICATED`, `FORBIDDEN`) and, for bad
-//! input, `extensions.field`.
+//! `INTERNAL`, `UNAVAILABLE`, `STORE_UNAVAILABLE`, `STORAGE_FULL`,
+//! `UNAUTHENTICATED`, `FORBIDDEN`) and, for bad input, `extensions.field`.
 //!
 //! Every resolver asks the request's [`Caller`] (request or connection
 //! data, set by the HTTP layer) what it may see: see [`access`].
@@ -41,6 +41,10 @@ pub enum ErrorCode {
     NotFound,
     Conflict,
     Unavailable,
+    /// The store is unreachable; try again shortly.
+    StoreUnavailable,
+    /// The store has no space left; try again later.
+    StorageFull,
     Internal,
     Unauthenticated,
     Forbidden,
@@ -53,6 +57,8 @@ impl ErrorCode {
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::StoreUnavailable => "STORE_UNAVAILABLE",
+            ErrorCode::StorageFull => "STORAGE_FULL",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::Unauthenticated => "UNAUTHENTICATED",
             ErrorCode::Forbidden => "FORBIDDEN",

@@ -44,6 +44,7 @@ use self::notifier::{LogNotifier, Notification, Notifier};
 
 use self::runtime::Consumer;
 use self::transport::{DeadLetterSink, Transport, TransportError};
+use crate::fault::{self, Backoff, Fault};
 use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::leadership::Roles;
 use crate::service::{store_ledger, StoreCatalog};
@@ -172,25 +173,49 @@ pub enum SagaError {
     Store(#[from] StoreError),
 }
 
-/// How a handler failed: worth another try, or never going to work.
+/// How a handler failed: the store is down or full (waited out, for as
+/// long as it lasts), worth a few more tries, or never going to work.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
+    #[error("{1}")]
+    Fault(Fault, String),
     #[error("{0}")]
     Transient(String),
     #[error("{0}")]
     Permanent(String),
 }
 
+impl HandlerError {
+    /// A failure known only by its text: a fault if the text names one.
+    pub(super) fn transient(message: String) -> Self {
+        match Fault::in_text(&message) {
+            Some(fault) => HandlerError::Fault(fault, message),
+            None => HandlerError::Transient(message),
+        }
+    }
+}
+
 impl From<StoreError> for HandlerError {
     fn from(e: StoreError) -> Self {
-        HandlerError::Transient(e.to_string())
+        match Fault::of(&e) {
+            Some(fault) => HandlerError::Fault(fault, e.to_string()),
+            None => HandlerError::Transient(e.to_string()),
+        }
     }
 }
 
 fn store_failure<E: std::error::Error>(e: AggregateError<E>) -> HandlerError {
     match e {
         AggregateError::DeserializationError(e) => HandlerError::Permanent(e.to_string()),
-        other => HandlerError::Transient(other.to_string()),
+        AggregateError::DatabaseConnectionError(e) => HandlerError::Fault(
+            Fault::of(&*e).unwrap_or(Fault::StoreUnavailable),
+            e.to_string(),
+        ),
+        AggregateError::UnexpectedError(e) => match Fault::of(&*e) {
+            Some(fault) => HandlerError::Fault(fault, e.to_string()),
+            None => HandlerError::Transient(e.to_string()),
+        },
+        other => HandlerError::transient(other.to_string()),
     }
 }
 
@@ -246,6 +271,7 @@ impl Saga {
                 waits: subscription.waits(),
                 subscription: Mutex::new(subscription),
                 failures: Mutex::new(HashMap::new()),
+                backoff: Mutex::new(Backoff::default()),
             });
         }
         Ok(Arc::new(Saga {
@@ -275,6 +301,13 @@ impl Saga {
                     Some(consumer) => saga.store.appends_of(consumer.side.wakes_on()),
                     None => saga.store.appends(),
                 };
+                let name = saga
+                    .consumers
+                    .get(index)
+                    .map_or("timers", |consumer| consumer.side.group());
+                // A pass that fails (the store or the broker down) is tried
+                // again with backoff, for as long as it lasts.
+                let mut backoff = Backoff::default();
                 loop {
                     saga.heartbeat.beat();
                     appends.mark();
@@ -282,11 +315,26 @@ impl Saga {
                         Some(consumer) => saga.run_consumer(consumer).await,
                         None => saga.run_timers().await,
                     };
-                    let (idle, failed) = match pass {
-                        Ok(n) => (n == 0, false),
+                    let idle = match pass {
+                        Ok(n) => {
+                            if backoff.waited() {
+                                backoff.reset();
+                                fault::waiting(name, None);
+                            }
+                            n == 0
+                        }
                         Err(e) => {
-                            tracing::warn!(error = %e, "saga loop failed; retrying");
-                            (true, true)
+                            let wait = backoff.next_wait();
+                            let fault = match &e {
+                                SagaError::Store(e) => Fault::of(e),
+                                SagaError::Transport(_) => None,
+                            };
+                            fault::waiting(name, fault);
+                            tracing::warn!(loop = name, error = %e, ?wait, "saga loop failed; retrying");
+                            if pause(wait, &mut shutdown).await {
+                                break;
+                            }
+                            continue;
                         }
                     };
                     // Consumers of the in-process transport wake on an
@@ -296,7 +344,7 @@ impl Saga {
                     let consumer = saga.consumers.get(index);
                     let stop = match idle {
                         false => false,
-                        true if !failed && consumer.is_some_and(|c| c.waits) => false,
+                        true if consumer.is_some_and(|c| c.waits) => false,
                         true if consumer.is_some() => {
                             pause_until_append(
                                 saga.config.poll_interval,

@@ -172,6 +172,9 @@ impl Saga {
                 }
                 Ok(Err(OrderError::InvalidTransition { .. })) => return Ok(()),
                 Ok(Err(e)) => return Err(HandlerError::Permanent(e.to_string())),
+                // Waited out, not a try of the step: an outage must not
+                // use the step's tries up and cancel the order.
+                Err(e @ HandlerError::Fault(..)) => return Err(e),
                 Err(e) => e.to_string(),
             },
         };

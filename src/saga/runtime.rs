@@ -2,6 +2,9 @@
 //! messages in order to the handlers (several orders at a time), retries a
 //! transient failure by delivering the batch again, dead-letters what can
 //! never work, and commits the batch when every message in it is done.
+//! A store fault (`crate::fault`) is waited out with backoff for as long
+//! as it lasts: it is not the message's fault, so it never counts toward
+//! dead-lettering.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +16,7 @@ use uuid::Uuid;
 
 use super::transport::{Delivery, Subscription};
 use super::{HandlerError, Saga, SagaError, Side};
+use crate::fault::{self, Backoff, Fault};
 use crate::store::StoreError;
 
 pub(super) struct Consumer {
@@ -28,6 +32,20 @@ pub(super) struct Consumer {
     pub(super) subscription: Mutex<Box<dyn Subscription>>,
     /// Failed tries per event id, for dead-lettering.
     pub(super) failures: Mutex<HashMap<Uuid, u32>>,
+    /// The wait before delivering a batch again that met a store fault.
+    pub(super) backoff: Mutex<Backoff>,
+}
+
+/// How one delivery went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Handled, or dead-lettered: the batch may move past it.
+    Done,
+    /// Failed for now: the batch is delivered again.
+    Again,
+    /// The store is down or full: the batch is delivered again after a
+    /// backoff, and the try is not counted.
+    Waiting(Fault),
 }
 
 impl Saga {
@@ -59,45 +77,72 @@ impl Saga {
             });
             by_key[slot].push(delivery.clone());
         }
-        let outcomes: Vec<Result<bool, SagaError>> = futures_util::stream::iter(by_key)
+        let outcomes: Vec<Result<Outcome, SagaError>> = futures_util::stream::iter(by_key)
             .map(|group| self.deliver_in_order(consumer, group))
             .buffer_unordered(self.config.handler_concurrency.max(1))
             .collect()
             .await;
         let mut all_done = true;
+        let mut waiting = None;
         for outcome in outcomes {
-            all_done &= outcome?;
+            match outcome? {
+                Outcome::Done => {}
+                Outcome::Again => all_done = false,
+                Outcome::Waiting(fault) => {
+                    all_done = false;
+                    waiting = Some(fault);
+                }
+            }
         }
         if all_done {
             subscription.commit(&deliveries).await?;
         } else {
             subscription.rewind().await?;
         }
+        let mut backoff = consumer.backoff.lock().await;
+        match waiting {
+            Some(fault) => {
+                fault::waiting(consumer.side.group(), Some(fault));
+                let wait = backoff.next_wait();
+                tracing::warn!(
+                    group = consumer.side.group(),
+                    fault = fault.code(),
+                    ?wait,
+                    "waiting the store out"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            None if backoff.waited() => {
+                backoff.reset();
+                fault::waiting(consumer.side.group(), None);
+            }
+            None => {}
+        }
         Ok(deliveries.len())
     }
 
-    /// Handles one order's deliveries in order; `Ok(false)` when one must be
-    /// delivered again.
+    /// Handles one order's deliveries in order, up to the first that is not
+    /// done.
     pub(super) async fn deliver_in_order(
         &self,
         consumer: &Consumer,
         group: Vec<Delivery>,
-    ) -> Result<bool, SagaError> {
+    ) -> Result<Outcome, SagaError> {
         for delivery in &group {
-            if !self.deliver(consumer, delivery).await? {
-                return Ok(false);
+            let outcome = self.deliver(consumer, delivery).await?;
+            if outcome != Outcome::Done {
+                return Ok(outcome);
             }
         }
-        Ok(true)
+        Ok(Outcome::Done)
     }
 
-    /// Handles one delivery. `Ok(false)`: it failed for now and must be
-    /// delivered again; a message that cannot work is dead-lettered.
+    /// Handles one delivery; a message that cannot work is dead-lettered.
     pub(super) async fn deliver(
         &self,
         consumer: &Consumer,
         delivery: &Delivery,
-    ) -> Result<bool, SagaError> {
+    ) -> Result<Outcome, SagaError> {
         let event = match &delivery.event {
             Ok(event) => event,
             Err(undecodable) => {
@@ -109,7 +154,7 @@ impl Saga {
                     &undecodable.payload,
                 )
                 .await?;
-                return Ok(true);
+                return Ok(Outcome::Done);
             }
         };
         let span = tracing::info_span!(
@@ -129,13 +174,17 @@ impl Saga {
                 let age = (started - event.occurred_at).to_std().unwrap_or_default();
                 metrics::histogram!("order_saga_stage_seconds", "stage" => delivery.topic.clone())
                     .record(age.as_secs_f64());
-                Ok(true)
+                Ok(Outcome::Done)
+            }
+            Err(HandlerError::Fault(fault, error)) => {
+                tracing::debug!(%error, "handler met a store fault");
+                Ok(Outcome::Waiting(fault))
             }
             Err(HandlerError::Permanent(error)) => {
                 let id = event.event_id.to_string();
                 self.dead_letter(consumer.side, delivery, Some(&id), &error, &payload())
                     .await?;
-                Ok(true)
+                Ok(Outcome::Done)
             }
             Err(HandlerError::Transient(error)) => {
                 let mut failures = consumer.failures.lock().await;
@@ -143,14 +192,14 @@ impl Saga {
                 *tries += 1;
                 if *tries < self.config.handler_attempts {
                     tracing::warn!(tries = *tries, %error, "handler failed; will retry");
-                    return Ok(false);
+                    return Ok(Outcome::Again);
                 }
                 failures.remove(&event.event_id);
                 drop(failures);
                 let id = event.event_id.to_string();
                 self.dead_letter(consumer.side, delivery, Some(&id), &error, &payload())
                     .await?;
-                Ok(true)
+                Ok(Outcome::Done)
             }
         }
     }

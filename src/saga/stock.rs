@@ -67,7 +67,7 @@ impl Saga {
                     HandlerError::Permanent(e.to_string())
                 }
                 AggregateError::UserError(StockReservationError::Ledger(e)) => {
-                    HandlerError::Transient(e.to_string())
+                    HandlerError::transient(e.to_string())
                 }
                 other => store_failure(other),
             })

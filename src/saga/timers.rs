@@ -32,6 +32,12 @@ impl Saga {
                 Err(HandlerError::Transient(error)) => {
                     tracing::warn!(timer = %timer.id(), %error, "timer action failed; will retry");
                 }
+                // Left leased, like the rest of the pass: the loop backs
+                // off until the store answers its next claim.
+                Err(HandlerError::Fault(fault, error)) => {
+                    tracing::warn!(timer = %timer.id(), fault = fault.code(), %error, "timer action met a store fault; will retry");
+                    break;
+                }
             }
         }
         Ok(due.len())
