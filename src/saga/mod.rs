@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_es::{Aggregate, AggregateError};
-use order_saga_domain::{CancelReason, OrderServices, StockItem, StockServices};
+use order_saga_domain::{CancelReason, OrderServices, OrderStatus, StockItem, StockServices};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -419,6 +419,12 @@ impl Saga {
             }
             (Side::Order, Body::OrderCreated { .. }) => self.start_deadlines(event).await,
             (Side::Order, Body::StockReserved { .. }) => {
+                let cause = Cause::of(event);
+                // Redelivered or replayed once the order moved on: the
+                // confirmation is a no-op, and no deadline is set again.
+                if self.order_status(&event.order_id).await? != Some(OrderStatus::OrderCreated) {
+                    return self.try_confirm(&event.order_id, &cause, 0).await;
+                }
                 let deadline = self.timer(
                     TimerKind::ConfirmationDeadline,
                     &event.order_id,
@@ -430,7 +436,6 @@ impl Saga {
                 self.store
                     .cancel_and_schedule(TimerKind::StockReplyTimeout, &deadline)
                     .await?;
-                let cause = Cause::of(event);
                 self.try_confirm(&event.order_id, &cause, 0).await
             }
             (Side::Order, Body::StockReservationFailed { .. }) => {

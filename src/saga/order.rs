@@ -18,6 +18,11 @@ impl Saga {
         &self,
         event: &IntegrationEvent,
     ) -> Result<(), HandlerError> {
+        // A redelivered or replayed order.created of a saga that moved on
+        // schedules nothing: its deadlines are done with.
+        if self.order_status(&event.order_id).await? != Some(OrderStatus::OrderCreated) {
+            return Ok(());
+        }
         // Deadlines count from when the order side learns of the order.
         let timers = [
             (
@@ -75,12 +80,14 @@ impl Saga {
         Ok(loaded.and_then(|(order, _)| order.status))
     }
 
+    /// Runs a command on the order; `Appended(false)` when it was a no-op
+    /// (the same cause handled before).
     pub(super) async fn order_command(
         &self,
         order_id: &str,
         command: OrderCommand,
         cause: &Cause,
-    ) -> Result<Result<(), OrderError>, HandlerError> {
+    ) -> Result<Result<Appended, OrderError>, HandlerError> {
         match self
             .store
             .execute_retrying::<Order>(
@@ -92,7 +99,7 @@ impl Saga {
             )
             .await
         {
-            Ok(_) => Ok(Ok(())),
+            Ok(done) => Ok(Ok(Appended(!done.events.is_empty()))),
             Err(AggregateError::UserError(e)) => Ok(Err(e)),
             Err(e) => Err(store_failure(e)),
         }
@@ -160,13 +167,17 @@ impl Saga {
         let failure = match self.fault(step, order_id) {
             Err(injected) => injected,
             Ok(()) => match self.order_command(order_id, command, cause).await {
-                Ok(Ok(())) => {
+                Ok(Ok(Appended(appended))) => {
                     if step == Step::PaymentWait {
                         // Counted once its timers are gone: a finished saga
-                        // leaves nothing pending.
+                        // leaves nothing pending. Counted by the delivery
+                        // that appended the event only, so a redelivery or
+                        // a replay changes no figure.
                         self.store.cancel_saga_timers(order_id).await?;
-                        metrics::counter!("order_saga_sagas_completed_total", "outcome" => "PAYMENT_WAIT")
-                            .increment(1);
+                        if appended {
+                            metrics::counter!("order_saga_sagas_completed_total", "outcome" => "PAYMENT_WAIT")
+                                .increment(1);
+                        }
                     }
                     return Ok(());
                 }
@@ -209,11 +220,13 @@ impl Saga {
             causation_id: Some(cause.causation),
         };
         match self.order_command(order_id, command, cause).await? {
-            Ok(()) => {
-                metrics::counter!("order_saga_compensations_total", "reason" => reason.as_str())
-                    .increment(1);
+            Ok(Appended(appended)) => {
                 self.store.cancel_saga_timers(order_id).await?;
-                metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1);
+                if appended {
+                    metrics::counter!("order_saga_compensations_total", "reason" => reason.as_str())
+                        .increment(1);
+                    metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1);
+                }
                 Ok(())
             }
             Err(OrderError::InvalidTransition { .. }) => Ok(()),
@@ -221,3 +234,6 @@ impl Saga {
         }
     }
 }
+
+/// Whether a command appended events (or found its effect already there).
+pub(super) struct Appended(bool);

@@ -32,6 +32,7 @@ on_both_backends!(
     stock_shortage_cancels_the_order_and_notifies_the_customer,
     no_stock_reply_in_3_minutes_cancels_the_order_and_a_late_reservation_is_released,
     a_failing_confirmation_is_retried_twice_30s_apart_then_cancelled_with_stock_released,
+    an_order_still_unconfirmed_2_minutes_after_its_stock_reply_gets_one_last_try_then_is_cancelled,
     a_failing_payment_wait_is_retried_3_times_1_min_apart_then_cancelled_with_stock_released,
     a_saga_not_finished_in_10_minutes_is_cancelled,
     a_cancellation_reaching_the_stock_side_before_the_order_leaves_no_stock_held,
@@ -106,6 +107,10 @@ const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
 
 async fn harness(backend: Backend, failing: Vec<Step>) -> Harness {
+    harness_with(backend, failing, SagaConfig::default()).await
+}
+
+async fn harness_with(backend: Backend, failing: Vec<Step>, config: SagaConfig) -> Harness {
     let t = TestStore::new(backend).await;
     let app = App::new(t.store.clone());
     for (product, price, stock) in [("p-1", "12900.00", 5), ("p-2", "0.10", 100)] {
@@ -120,12 +125,13 @@ async fn harness(backend: Backend, failing: Vec<Step>) -> Harness {
         clock: clock.clone(),
         tries: Mutex::new(Vec::new()),
     });
-    let saga = saga_on(
+    let saga = saga_with(
         &t.store,
         &LogTransport::new(t.store.clone()),
         &clock,
         notifier.clone(),
         Some(faults.clone()),
+        config,
     )
     .await;
     Harness {
@@ -145,9 +151,28 @@ async fn saga_on(
     notifier: Arc<dyn Notifier>,
     faults: Option<Arc<ScriptedFaults>>,
 ) -> Arc<Saga> {
+    saga_with(
+        store,
+        transport,
+        clock,
+        notifier,
+        faults,
+        SagaConfig::default(),
+    )
+    .await
+}
+
+async fn saga_with(
+    store: &Store,
+    transport: &dyn Transport,
+    clock: &Arc<ManualClock>,
+    notifier: Arc<dyn Notifier>,
+    faults: Option<Arc<ScriptedFaults>>,
+    config: SagaConfig,
+) -> Arc<Saga> {
     let options = SagaOptions {
         clock: clock.clone(),
-        config: SagaConfig::default(),
+        config,
         notifier,
         faults: faults.map(|f| f as Arc<dyn FaultInjector>),
         ..SagaOptions::default()
@@ -420,6 +445,59 @@ async fn a_failing_confirmation_is_retried_twice_30s_apart_then_cancelled_with_s
     h.finish().await;
 }
 
+async fn an_order_still_unconfirmed_2_minutes_after_its_stock_reply_gets_one_last_try_then_is_cancelled(
+    backend: Backend,
+) {
+    // Given retries spaced wider than the deadline (so only the deadline
+    // can act) and a confirmation that keeps failing,
+    let config = SagaConfig {
+        confirm_retry_interval: 5 * MINUTE,
+        ..SagaConfig::default()
+    };
+    let h = harness_with(backend, vec![Step::Confirm], config).await;
+    let start = h.clock.now();
+    let order = h.order(&[("p-1", 2)]).await;
+    h.run().await;
+    h.assert_stock("p-1", 3, 2).await;
+    // when 2 minutes pass after the stock reply, not a moment before,
+    h.advance(2 * MINUTE - Duration::from_millis(1)).await;
+    h.run().await;
+    assert_eq!(h.state(&order).await.status, OrderStatus::OrderCreated);
+    assert_eq!(
+        h.faults.tries(Step::Confirm).len(),
+        1,
+        "nothing before 2 minutes"
+    );
+    h.advance(Duration::from_millis(1)).await;
+    h.run().await;
+    // then the confirmation is tried once more, and, failing, the order is
+    // cancelled (CONFIRMATION_FAILED) and its stock released.
+    let offsets: Vec<i64> = h
+        .faults
+        .tries(Step::Confirm)
+        .iter()
+        .map(|t| (*t - start).num_seconds())
+        .collect();
+    assert_eq!(offsets, vec![0, 120], "the first try and the deadline's");
+    let state = h.state(&order).await;
+    assert_eq!(state.cancel_reason, Some(CancelReason::ConfirmationFailed));
+    h.assert_stock("p-1", 5, 0).await;
+    assert!(h.notified().contains(&(
+        order.clone(),
+        NotificationKind::OrderCancelled,
+        Some(CancelReason::ConfirmationFailed)
+    )));
+    // The retry that was due later finds the order cancelled.
+    h.advance(5 * MINUTE).await;
+    h.run().await;
+    assert_eq!(h.faults.tries(Step::Confirm).len(), 2);
+    assert_eq!(
+        h.order_events(&order).await,
+        ["OrderCreated", "OrderCancelled"]
+    );
+    h.finish().await;
+}
+
 async fn a_failing_payment_wait_is_retried_3_times_1_min_apart_then_cancelled_with_stock_released(
     backend: Backend,
 ) {
@@ -654,6 +732,11 @@ async fn replaying_every_consumer_from_checkpoint_0_changes_nothing(backend: Bac
     h.order(&[("p-1", 9)]).await;
     h.run().await;
     let log_before = h.t.store.read_log(0, 10_000).await.expect("log").len();
+    assert_eq!(
+        h.t.store.pending_timers().await.expect("timers"),
+        0,
+        "the sagas ended"
+    );
     let attempts_before =
         h.t.store
             .notification_attempts(&ok)
@@ -678,6 +761,11 @@ async fn replaying_every_consumer_from_checkpoint_0_changes_nothing(backend: Bac
         h.t.store.read_log(0, 10_000).await.expect("log").len(),
         log_before,
         "no new events"
+    );
+    assert_eq!(
+        h.t.store.pending_timers().await.expect("timers"),
+        0,
+        "no deadline set again for an ended saga"
     );
     assert_eq!(
         h.t.store
