@@ -12,6 +12,7 @@ mod bench;
 mod binary;
 mod contract;
 mod e2e;
+mod faults;
 mod helpers;
 mod instances;
 mod kafka;
