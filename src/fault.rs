@@ -145,7 +145,12 @@ fn io_fault(io: &std::io::Error) -> Fault {
 
 /// PostgreSQL's SQLSTATE or SQLite's (extended) result code.
 fn database_fault(code: &str) -> Option<Fault> {
-    if let Ok(sqlite) = code.parse::<i32>() {
+    // SQLite's codes are numbers below 10,000; SQLSTATEs are five characters.
+    if let Ok(sqlite) = code
+        .parse::<i32>()
+        .map_err(drop)
+        .and_then(|c| (c < 10_000).then_some(c).ok_or(()))
+    {
         return match sqlite & 0xff {
             13 => Some(Fault::StorageFull),
             5 | 6 | 10 | 14 => Some(Fault::StoreUnavailable),
