@@ -5,6 +5,9 @@
 #
 #   ensure_postgres NAME      NAME prefixes the messages (e.g. scripts/test)
 #   ensure_database URL       creates URL's database if it is missing (psql)
+#   ensure_postgres_tools     installs Debian's server package if `initdb` is
+#                             not at `pg_config --bindir` (the fault tests run
+#                             a private cluster of their own)
 
 pg_answers() {
   timeout 5 bash -c '</dev/tcp/127.0.0.1/5432' 2>/dev/null
@@ -30,6 +33,15 @@ ensure_postgres() {
   pg_ctlcluster --skip-systemctl-redirect "$version" main start || pg_ctlcluster "$version" main restart
   for _ in $(seq 1 30); do pg_answers && break; sleep 1; done
   pg_answers || { echo "$who: PostgreSQL did not start" >&2; exit 1; }
+}
+
+ensure_postgres_tools() {
+  local bindir
+  bindir=$(pg_config --bindir 2>/dev/null || true)
+  if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
 }
 
 ensure_database() {

@@ -171,6 +171,9 @@ pub enum SagaError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A handler met a store fault; the pass is tried again.
+    #[error("waiting out a store fault: {}", .0.code())]
+    Fault(Fault),
 }
 
 /// How a handler failed: the store is down or full (waited out, for as
@@ -271,7 +274,6 @@ impl Saga {
                 waits: subscription.waits(),
                 subscription: Mutex::new(subscription),
                 failures: Mutex::new(HashMap::new()),
-                backoff: Mutex::new(Backoff::default()),
             });
         }
         Ok(Arc::new(Saga {
@@ -327,6 +329,7 @@ impl Saga {
                             let wait = backoff.next_wait();
                             let fault = match &e {
                                 SagaError::Store(e) => Fault::of(e),
+                                SagaError::Fault(fault) => Some(*fault),
                                 SagaError::Transport(_) => None,
                             };
                             fault::waiting(name, fault);

@@ -2,9 +2,9 @@
 //! messages in order to the handlers (several orders at a time), retries a
 //! transient failure by delivering the batch again, dead-letters what can
 //! never work, and commits the batch when every message in it is done.
-//! A store fault (`crate::fault`) is waited out with backoff for as long
-//! as it lasts: it is not the message's fault, so it never counts toward
-//! dead-lettering.
+//! A store fault (`crate::fault`) fails the pass, which its loop tries
+//! again with backoff for as long as it lasts: it is not the message's
+//! fault, so it never counts toward dead-lettering.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::transport::{Delivery, Subscription};
 use super::{HandlerError, Saga, SagaError, Side};
-use crate::fault::{self, Backoff, Fault};
+use crate::fault::Fault;
 use crate::store::StoreError;
 
 pub(super) struct Consumer {
@@ -32,8 +32,6 @@ pub(super) struct Consumer {
     pub(super) subscription: Mutex<Box<dyn Subscription>>,
     /// Failed tries per event id, for dead-lettering.
     pub(super) failures: Mutex<HashMap<Uuid, u32>>,
-    /// The wait before delivering a batch again that met a store fault.
-    pub(super) backoff: Mutex<Backoff>,
 }
 
 /// How one delivery went.
@@ -43,8 +41,8 @@ pub(super) enum Outcome {
     Done,
     /// Failed for now: the batch is delivered again.
     Again,
-    /// The store is down or full: the batch is delivered again after a
-    /// backoff, and the try is not counted.
+    /// The store is down or full: the pass fails (its loop backs off)
+    /// and the batch is delivered again; the try is not counted.
     Waiting(Fault),
 }
 
@@ -99,24 +97,9 @@ impl Saga {
         } else {
             subscription.rewind().await?;
         }
-        let mut backoff = consumer.backoff.lock().await;
-        match waiting {
-            Some(fault) => {
-                fault::waiting(consumer.side.group(), Some(fault));
-                let wait = backoff.next_wait();
-                tracing::warn!(
-                    group = consumer.side.group(),
-                    fault = fault.code(),
-                    ?wait,
-                    "waiting the store out"
-                );
-                tokio::time::sleep(wait).await;
-            }
-            None if backoff.waited() => {
-                backoff.reset();
-                fault::waiting(consumer.side.group(), None);
-            }
-            None => {}
+        // Waited out by the consumer's loop, with backoff.
+        if let Some(fault) = waiting {
+            return Err(SagaError::Fault(fault));
         }
         Ok(deliveries.len())
     }

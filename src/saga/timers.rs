@@ -33,10 +33,10 @@ impl Saga {
                     tracing::warn!(timer = %timer.id(), %error, "timer action failed; will retry");
                 }
                 // Left leased, like the rest of the pass: the loop backs
-                // off until the store answers its next claim.
+                // off and claims again.
                 Err(HandlerError::Fault(fault, error)) => {
                     tracing::warn!(timer = %timer.id(), fault = fault.code(), %error, "timer action met a store fault; will retry");
-                    break;
+                    return Err(SagaError::Fault(fault));
                 }
             }
         }

@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use order_saga::saga::Side;
 use order_saga::service::App;
 use order_saga::store::{Store, StoreConfig};
-use order_saga_domain::{Order, OrderStatus};
 use serde_json::{json, Value};
 use tokio::process::Child;
 
 use crate::binary::serve_with;
-use crate::helpers::{Backend, TestStore};
+use crate::e2e::{wait_until_all_end, wait_until_ended};
+use crate::helpers::{create_order, metrics_text, order_body, Backend, TestStore};
 
 /// How long every accepted saga may take to end once the fault is gone.
 const RECOVERY: Duration = Duration::from_secs(30);
@@ -126,39 +126,6 @@ fn assert_only_201_and_503(answers: &BTreeMap<String, usize>, code: &str) {
         "answers other than 201 / 503 {code}: {answers:?}"
     );
     assert!(answers.get("201").is_some_and(|n| *n > 0), "{answers:?}");
-}
-
-/// Waits until every order in `ids` has ended (payment wait or cancelled),
-/// riding out a store that answers only now and then, at most [`RECOVERY`]
-/// after `since` (when the fault was gone); the time from `since`.
-async fn wait_until_ended(store: &Store, ids: &[String], since: Instant) -> Duration {
-    let mut open: Vec<&String> = ids.iter().collect();
-    while !open.is_empty() {
-        let mut still = Vec::new();
-        for id in open {
-            let status = match store.load::<Order>(id).await {
-                Ok(loaded) => loaded.and_then(|(o, _)| o.status),
-                Err(_) => None,
-            };
-            if !matches!(
-                status,
-                Some(OrderStatus::PaymentWait | OrderStatus::OrderCancelled)
-            ) {
-                still.push(id);
-            }
-        }
-        open = still;
-        assert!(
-            since.elapsed() < RECOVERY,
-            "{} of {} accepted orders had not ended {RECOVERY:?} after the fault was gone",
-            open.len(),
-            ids.len()
-        );
-        if !open.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    since.elapsed()
 }
 
 /// The store's dead letters, asked again while the test's own pool finds
@@ -277,16 +244,21 @@ impl Cluster {
         );
     }
 
-    fn run(&self, tool: &str, args: &[&std::ffi::OsStr]) {
+    /// One of the cluster's tools, as the `postgres` user when root.
+    fn tool(&self, tool: &str) -> StdCommand {
         let program = self.bindir.join(tool);
-        let mut command = if as_root() {
-            let mut c = StdCommand::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
-            c
+        if as_root() {
+            let mut command = StdCommand::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
         } else {
-            StdCommand::new(&program)
-        };
-        let output = command
+            StdCommand::new(program)
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&std::ffi::OsStr]) {
+        let output = self
+            .tool(tool)
             .args(args)
             .current_dir(&self.dir)
             .output()
@@ -303,15 +275,8 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let data = self.dir.join("data");
-        let program = self.bindir.join("pg_ctl");
-        let mut command = if as_root() {
-            let mut c = StdCommand::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
-            c
-        } else {
-            StdCommand::new(&program)
-        };
-        let _ = command
+        let _ = self
+            .tool("pg_ctl")
             .arg("-D")
             .arg(&data)
             .args(["-m", "immediate", "stop"])
@@ -347,7 +312,7 @@ async fn postgresql_restarted_mid_run_answers_only_201_or_503_and_every_saga_end
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (answers, accepted) = stream.finish().await;
 
-    let ended = wait_until_ended(&store, &accepted, restarted).await;
+    let ended = wait_until_ended(&store, &accepted, restarted, RECOVERY).await;
     assert_only_201_and_503(&answers, "STORE_UNAVAILABLE");
     let dead = dead_letters(&store).await;
     assert!(dead.is_empty(), "dead-lettered: {dead:?}");
@@ -430,7 +395,7 @@ async fn a_full_disk_on_the_embedded_store_answers_503_storage_full_and_every_sa
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (answers, accepted) = stream.finish().await;
 
-    let ended = wait_until_ended(&store, &accepted, freed).await;
+    let ended = wait_until_ended(&store, &accepted, freed, RECOVERY).await;
     let full = answers.get("503 STORAGE_FULL").copied().unwrap_or(0);
     assert!(
         full > 0,
@@ -486,17 +451,6 @@ fn counters(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-async fn metrics_text(client: &reqwest::Client, url: &str) -> String {
-    client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
 /// Waits until every consumer has settled: its lag in `/metrics` the same
 /// across two seconds (a consumer's checkpoint stops at the last event for
 /// it, so the lag need not reach 0).
@@ -542,18 +496,9 @@ async fn every_consumer_replayed_from_checkpoint_0_moves_no_counter() {
     let (first, url) = serve_with(&t, &[]).await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        let created: Value = client
-            .post(format!("{url}/api/v1/orders"))
-            .json(&crate::helpers::order_body(&[("p-1", 1 + i % 2)]))
-            .send()
-            .await
-            .expect("POST")
-            .json()
-            .await
-            .expect("json");
-        ids.push(created["orderId"].as_str().expect("orderId").to_string());
+        ids.push(create_order(&client, &url, &order_body(&[("p-1", 1 + i % 2)])).await);
     }
-    crate::e2e::wait_until_all_end(&t.store, &ids).await;
+    wait_until_all_end(&t.store, &ids).await;
     wait_for_consumers(&client, &url).await;
     let before = counters(&metrics_text(&client, &url).await);
     for counted in [

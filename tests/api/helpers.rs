@@ -298,6 +298,32 @@ impl TestApp {
     }
 }
 
+/// POSTs an order to the service at `url`; its id.
+pub async fn create_order(client: &reqwest::Client, url: &str, body: &Value) -> String {
+    let created: Value = client
+        .post(format!("{url}/api/v1/orders"))
+        .json(body)
+        .send()
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("json");
+    created["orderId"].as_str().expect("orderId").to_string()
+}
+
+/// The service's `/metrics` text.
+pub async fn metrics_text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 pub fn order_body(items: &[(&str, i64)]) -> Value {
     let items: Vec<Value> = items
         .iter()

@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::binary::serve_with;
 use crate::e2e::{assert_outcome, order_lines, stock_half_the_demand, wait_until_all_end};
-use crate::helpers::{Backend, TestStore};
+use crate::helpers::{create_order, order_body, Backend, TestStore};
 use crate::kafka::{
     assert_clean, broker_lock, independent_reader, kafka_env, published_events, wait_for_relay,
 };
@@ -574,16 +574,7 @@ async fn a_holder_that_loses_its_postgresql_session_gives_its_roles_up_and_they_
         .set_product("p-1", Some("1.00".parse().expect("price")), Some(5))
         .await
         .expect("set product");
-    let created: Value = client
-        .post(format!("{}/api/v1/orders", urls[1]))
-        .json(&crate::helpers::order_body(&[("p-1", 1)]))
-        .send()
-        .await
-        .expect("POST")
-        .json()
-        .await
-        .expect("json");
-    let id = created["orderId"].as_str().expect("orderId").to_string();
+    let id = create_order(&client, &urls[1], &order_body(&[("p-1", 1)])).await;
     wait_until_all_end(&t.store, &[id]).await;
     for (mut child, _) in instances.drain(..) {
         let _ = child.start_kill();

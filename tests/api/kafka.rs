@@ -20,7 +20,7 @@ use crate::e2e::{
     assert_outcome, order_lines, post_orders, report, stock_half_the_demand, wait_until_all_end,
     ORDERS,
 };
-use crate::helpers::{Backend, TestStore};
+use crate::helpers::{metrics_text, Backend, TestStore};
 
 /// One Kafka test at a time: the broker is shared, and one of them stops it.
 pub(crate) async fn broker_lock() -> MutexGuard<'static, ()> {
@@ -114,14 +114,7 @@ pub(crate) async fn wait_for_relay(store: &Store, url: &str) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let text = client
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .expect("GET")
-            .text()
-            .await
-            .expect("text");
+        let text = metrics_text(&client, url).await;
         if text.lines().any(|l| l == "order_saga_relay_lag_events 0")
             && store.head_position().await.expect("head") > 0
         {

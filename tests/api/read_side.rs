@@ -17,7 +17,9 @@ use order_saga::http::HttpState;
 use tower::ServiceExt;
 
 use crate::binary::serve;
-use crate::helpers::{order_body, spawn_app, spawn_service, Backend, TestApp, TestStore};
+use crate::helpers::{
+    create_order, order_body, spawn_app, spawn_service, Backend, TestApp, TestStore,
+};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -561,16 +563,7 @@ async fn metrics_count_what_the_orders_did(backend: Backend) {
     let mut ids = Vec::new();
     // Five orders of 2 fill the 10 units exactly; three of 11 are always short.
     for q in [2, 2, 2, 2, 2, 11, 11, 11] {
-        let created: Value = client
-            .post(format!("{url}/api/v1/orders"))
-            .json(&order_body(&[("p-1", q)]))
-            .send()
-            .await
-            .expect("POST")
-            .json()
-            .await
-            .expect("json");
-        ids.push(created["orderId"].as_str().expect("id").to_string());
+        ids.push(create_order(&client, &url, &order_body(&[("p-1", q)])).await);
     }
     let bad = client
         .post(format!("{url}/api/v1/orders"))

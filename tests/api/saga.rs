@@ -84,6 +84,14 @@ impl FaultInjector for ScriptedFaults {
 }
 
 impl ScriptedFaults {
+    /// When `step` was tried, in whole seconds after `start`.
+    fn offsets(&self, step: Step, start: DateTime<Utc>) -> Vec<i64> {
+        self.tries(step)
+            .iter()
+            .map(|t| (*t - start).num_seconds())
+            .collect()
+    }
+
     fn tries(&self, step: Step) -> Vec<DateTime<Utc>> {
         let tries = self.tries.lock().expect("tries");
         tries
@@ -420,8 +428,7 @@ async fn a_failing_confirmation_is_retried_twice_30s_apart_then_cancelled_with_s
     h.run().await;
     h.advance(30 * SECOND).await;
     h.run().await;
-    let tries = h.faults.tries(Step::Confirm);
-    let offsets: Vec<i64> = tries.iter().map(|t| (*t - start).num_seconds()).collect();
+    let offsets = h.faults.offsets(Step::Confirm, start);
     assert_eq!(
         offsets,
         vec![0, 30, 60],
@@ -472,12 +479,7 @@ async fn an_order_still_unconfirmed_2_minutes_after_its_stock_reply_gets_one_las
     h.run().await;
     // then the confirmation is tried once more, and, failing, the order is
     // cancelled (CONFIRMATION_FAILED) and its stock released.
-    let offsets: Vec<i64> = h
-        .faults
-        .tries(Step::Confirm)
-        .iter()
-        .map(|t| (*t - start).num_seconds())
-        .collect();
+    let offsets = h.faults.offsets(Step::Confirm, start);
     assert_eq!(offsets, vec![0, 120], "the first try and the deadline's");
     let state = h.state(&order).await;
     assert_eq!(state.cancel_reason, Some(CancelReason::ConfirmationFailed));
@@ -510,12 +512,7 @@ async fn a_failing_payment_wait_is_retried_3_times_1_min_apart_then_cancelled_wi
         h.advance(MINUTE).await;
         h.run().await;
     }
-    let offsets: Vec<i64> = h
-        .faults
-        .tries(Step::PaymentWait)
-        .iter()
-        .map(|t| (*t - start).num_seconds())
-        .collect();
+    let offsets = h.faults.offsets(Step::PaymentWait, start);
     assert_eq!(
         offsets,
         vec![0, 60, 120, 180],
