@@ -221,7 +221,7 @@ async fn serve(app: Arc<App>, args: ServeArgs, front: FrontDoor) -> anyhow::Resu
                 .await
                 .with_context(|| {
                     format!(
-                        "KAFKA_BROKERS ({}): cannot reach the broker",
+                        "KAFKA_BROKERS ({}): cannot set up the Kafka clients",
                         config.brokers
                     )
                 })?;
@@ -230,6 +230,7 @@ async fn serve(app: Arc<App>, args: ServeArgs, front: FrontDoor) -> anyhow::Resu
                 config.clone(),
                 contract.clone(),
                 roles.clone(),
+                transport.topics_ready(),
             )?;
             (Box::new(transport), Some(relay))
         }

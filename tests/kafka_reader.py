@@ -46,8 +46,9 @@ def main():
     })
     consumer.subscribe([prefix + t for t in TOPICS])
     report = {"messages": 0, "per_topic": {}, "bad_keys": 0, "bad_headers": 0, "undecodable": [],
-              "duplicates": [], "order_violations": [], "bad_totals": 0}
+              "duplicates": [], "conflicting": [], "order_violations": [], "bad_totals": 0}
     seen = {t: set() for t in TOPICS}
+    contents = {}  # eventId -> the record's bytes, to tell a repeat from a conflict
     first_at = {}  # (order, topic) -> offset-independent arrival index
     index = 0
     deadline = time.time() + 180
@@ -72,6 +73,8 @@ def main():
             continue
         if msg.key().decode() != record["orderId"]:
             report["bad_keys"] += 1
+        if contents.setdefault(record["eventId"], value) != value:
+            report["conflicting"].append(f"{topic}:{record['eventId']}")
         if record["eventId"] in seen[topic]:
             report["duplicates"].append(f"{topic}:{record['eventId']}")
         else:

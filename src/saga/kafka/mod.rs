@@ -39,6 +39,7 @@ use super::transport::{
     DeadLetterSink, Delivery, Offset as DeliveryOffset, Subscription, Transport, TransportError,
     Undecodable,
 };
+use crate::fault::Backoff;
 
 pub use relay::{Relay, RELAY_CHECKPOINT, RELAY_ROLE};
 
@@ -141,19 +142,74 @@ pub async fn create_topics(config: &KafkaConfig) -> Result<(), TransportError> {
     Ok(())
 }
 
+/// Whether the topics exist: set once they are created, at start or, when
+/// the broker was down then, by a background task once it answers. Until
+/// then the relay publishes nothing and the consumers do not subscribe;
+/// orders are accepted all the same (they are in the log).
+#[derive(Clone, Debug, Default)]
+pub struct TopicsReady(Arc<std::sync::atomic::AtomicBool>);
+
+impl TopicsReady {
+    pub fn is_ready(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// How long creating the topics may take before the broker counts as down.
+const CREATE_TOPICS_WITHIN: Duration = Duration::from_secs(10);
+
+async fn try_create_topics(config: &KafkaConfig) -> Result<(), String> {
+    match tokio::time::timeout(CREATE_TOPICS_WITHIN, create_topics(config)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {CREATE_TOPICS_WITHIN:?}")),
+    }
+}
+
+/// Creates the topics once the broker answers, trying with backoff.
+async fn create_topics_when_up(config: KafkaConfig, ready: TopicsReady) {
+    let mut backoff = Backoff::default();
+    loop {
+        tokio::time::sleep(backoff.next_wait()).await;
+        match try_create_topics(&config).await {
+            Ok(()) => {
+                tracing::info!(brokers = %config.brokers, "the broker answers: topics created");
+                ready.set();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(brokers = %config.brokers, %error, "the broker is still down")
+            }
+        }
+    }
+}
+
 pub struct KafkaTransport {
     config: KafkaConfig,
     contract: Arc<Contract>,
     dead_letters: Arc<KafkaDeadLetters>,
+    ready: TopicsReady,
 }
 
 impl KafkaTransport {
-    /// Connects, creating the topics.
+    /// Connects, creating the topics; a broker that is down is waited for
+    /// in the background (the service starts and accepts orders).
     pub async fn connect(
         config: KafkaConfig,
         contract: Arc<Contract>,
     ) -> Result<Self, TransportError> {
-        create_topics(&config).await?;
+        let ready = TopicsReady::default();
+        match try_create_topics(&config).await {
+            Ok(()) => ready.set(),
+            Err(error) => {
+                tracing::warn!(brokers = %config.brokers, %error, "the broker is down: orders are accepted, and relayed and handled once it answers");
+                tokio::spawn(create_topics_when_up(config.clone(), ready.clone()));
+            }
+        }
         let dead_letters = Arc::new(KafkaDeadLetters {
             producer: config.producer()?,
         });
@@ -161,23 +217,24 @@ impl KafkaTransport {
             config,
             contract,
             dead_letters,
+            ready,
         })
+    }
+
+    /// Whether the topics exist yet (the relay waits for them).
+    pub fn topics_ready(&self) -> TopicsReady {
+        self.ready.clone()
     }
 }
 
-#[async_trait]
-impl Transport for KafkaTransport {
-    async fn subscribe(
-        &self,
-        group: &str,
-        topics: &[Topic],
-    ) -> Result<Box<dyn Subscription>, TransportError> {
+impl KafkaConfig {
+    /// A consumer of `group`, subscribed to `topics`.
+    fn subscribed(&self, group: &str, topics: &[String]) -> Result<StreamConsumer, TransportError> {
         let consumer: StreamConsumer = self
-            .config
             .client(
-                &self.config.consumer,
+                &self.consumer,
                 &[
-                    ("group.id", &format!("{}{group}", self.config.prefix)),
+                    ("group.id", &format!("{}{group}", self.prefix)),
                     // At-least-once: the saga stores a batch's offsets
                     // once its effects are stored, and librdkafka commits
                     // what was stored every 100 ms (and on close).
@@ -190,11 +247,29 @@ impl Transport for KafkaTransport {
             )
             .create()
             .map_err(broker)?;
-        let names: Vec<String> = topics.iter().map(|t| self.config.topic(*t)).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&refs).map_err(broker)?;
+        Ok(consumer)
+    }
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[Topic],
+    ) -> Result<Box<dyn Subscription>, TransportError> {
+        let names: Vec<String> = topics.iter().map(|t| self.config.topic(*t)).collect();
+        let consumer = match self.ready.is_ready() {
+            true => Some(self.config.subscribed(group, &names)?),
+            false => None,
+        };
         Ok(Box::new(KafkaSubscription {
             consumer,
+            group: group.to_string(),
+            topics: names,
+            ready: self.ready.clone(),
             config: self.config.clone(),
             contract: self.contract.clone(),
         }))
@@ -206,12 +281,24 @@ impl Transport for KafkaTransport {
 }
 
 struct KafkaSubscription {
-    consumer: StreamConsumer,
+    /// Subscribed once the topics exist.
+    consumer: Option<StreamConsumer>,
+    group: String,
+    topics: Vec<String>,
+    ready: TopicsReady,
     config: KafkaConfig,
     contract: Arc<Contract>,
 }
 
 impl KafkaSubscription {
+    /// Subscribes, if not yet and the topics exist; whether subscribed.
+    fn subscribe(&mut self) -> Result<bool, TransportError> {
+        if self.consumer.is_none() && self.ready.is_ready() {
+            self.consumer = Some(self.config.subscribed(&self.group, &self.topics)?);
+        }
+        Ok(self.consumer.is_some())
+    }
+
     fn delivery(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
         let raw = message.payload().unwrap_or_default().to_vec();
         let key = message
@@ -249,13 +336,21 @@ impl KafkaSubscription {
 impl Subscription for KafkaSubscription {
     async fn poll(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
         let mut deliveries = Vec::new();
-        match tokio::time::timeout(Duration::from_millis(50), self.consumer.recv()).await {
+        if !self.subscribe()? {
+            // The broker has been down since the start: wait a little.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Ok(deliveries);
+        }
+        let Some(consumer) = &self.consumer else {
+            return Ok(deliveries);
+        };
+        match tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await {
             Err(_) => return Ok(deliveries),
             Ok(Err(e)) => return Err(broker(e)),
             Ok(Ok(message)) => deliveries.push(self.delivery(&message)),
         }
         while deliveries.len() < max {
-            match self.consumer.recv().now_or_never() {
+            match consumer.recv().now_or_never() {
                 Some(Ok(message)) => deliveries.push(self.delivery(&message)),
                 Some(Err(e)) => return Err(broker(e)),
                 None => break,
@@ -272,6 +367,9 @@ impl Subscription for KafkaSubscription {
                 .or_insert(0);
             *entry = (*entry).max(d.offset.offset + 1);
         }
+        let Some(consumer) = &self.consumer else {
+            return Ok(());
+        };
         if next.is_empty() {
             return Ok(());
         }
@@ -284,13 +382,15 @@ impl Subscription for KafkaSubscription {
         // was most of the broker's work under load (and a synchronous one
         // would block a runtime thread for a round trip). A crash before the
         // commit delivers the stretch since again; handlers are idempotent.
-        self.consumer.store_offsets(&list).map_err(broker)
+        consumer.store_offsets(&list).map_err(broker)
     }
 
     async fn rewind(&mut self) -> Result<(), TransportError> {
-        let assignment = self.consumer.assignment().map_err(broker)?;
-        let committed = self
-            .consumer
+        let Some(consumer) = &self.consumer else {
+            return Ok(());
+        };
+        let assignment = consumer.assignment().map_err(broker)?;
+        let committed = consumer
             .committed_offsets(assignment, Duration::from_secs(10))
             .map_err(broker)?;
         for element in committed.elements() {
@@ -298,7 +398,7 @@ impl Subscription for KafkaSubscription {
                 Offset::Offset(n) => Offset::Offset(n),
                 _ => Offset::Beginning,
             };
-            self.consumer
+            consumer
                 .seek(
                     element.topic(),
                     element.partition(),

@@ -12,7 +12,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::{broker, KafkaConfig};
+use super::{broker, KafkaConfig, TopicsReady};
 use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::leadership::Roles;
 use crate::saga::avro::Contract;
@@ -45,6 +45,8 @@ pub struct Relay {
     producer: FutureProducer,
     heartbeat: Heartbeat,
     roles: Roles,
+    /// Nothing is published before the topics exist.
+    ready: TopicsReady,
 }
 
 /// How often, at most, a busy relay writes its durable checkpoint.
@@ -96,8 +98,10 @@ impl Relay {
         config: KafkaConfig,
         contract: Arc<Contract>,
         roles: Roles,
+        ready: TopicsReady,
     ) -> Result<Arc<Self>, TransportError> {
         Ok(Arc::new(Relay {
+            ready,
             producer: config.producer()?,
             store,
             config,
@@ -116,6 +120,9 @@ impl Relay {
     /// stretch of the log to the producer (after waiting for the oldest
     /// stretch if too many are in flight).
     async fn step(&self, progress: &mut Progress) -> Result<Step, TransportError> {
+        if !self.ready.is_ready() {
+            return Ok(Step::Idle);
+        }
         while let Some(Some(done)) = progress.in_flight.next().now_or_never() {
             self.settle(progress, done).await?;
         }
