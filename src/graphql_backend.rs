@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::stream::{BoxStream, StreamExt};
-use order_saga_domain::{Money, OrderStatus};
+use order_saga_domain::Money;
 use order_saga_graphql::{Backend, BackendError, ErrorCode, NewOrder};
 use order_saga_projections::{
     HistoryRecord, LogEntry, OrderFilter, OrderStatusView, ProductRecord, StatRecord, StatusChange,
@@ -85,13 +85,6 @@ impl From<StoreError> for BackendError {
     fn from(e: StoreError) -> Self {
         AppError::from(e).into()
     }
-}
-
-fn is_final(status: OrderStatus) -> bool {
-    matches!(
-        status,
-        OrderStatus::PaymentWait | OrderStatus::OrderCancelled
-    )
 }
 
 #[async_trait]
@@ -214,7 +207,7 @@ impl Backend for ApiBackend {
                         continue;
                     }
                     last_version = change.version;
-                    let done = is_final(change.status);
+                    let done = change.status.is_final();
                     if tx.send(change).await.is_err() || done {
                         return;
                     }

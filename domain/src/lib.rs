@@ -39,7 +39,7 @@ pub mod values;
 pub use money::{Money, MoneyError};
 pub use order::{
     CancelReason, Catalog, CatalogError, ItemRequest, Order, OrderCommand, OrderError, OrderEvent,
-    OrderLine, OrderServices, OrderStatus,
+    OrderLine, OrderServices, OrderStatus, PaymentMethod, PaymentRejection,
 };
 pub use product::{
     HoldRecords, MemoryHolds, Product, ProductCommand, ProductError, ProductEvent, ProductServices,

@@ -1,12 +1,19 @@
 //! The Order aggregate (id = orderId): `ORDER_CREATED → ORDER_CONFIRMED →
-//! PAYMENT_WAIT`, and `ORDER_CREATED | ORDER_CONFIRMED → ORDER_CANCELLED`.
+//! PAYMENT_WAIT → PAYMENT_COMPLETED → ORDER_COMPLETED`, and
+//! `ORDER_CREATED | ORDER_CONFIRMED | PAYMENT_WAIT → ORDER_CANCELLED` (from
+//! PAYMENT_WAIT only for a failed or expired payment).
+//!
+//! The order is the arbiter of its payment: a payment result is recorded
+//! only while the order waits for it; any other payment (after expiry or
+//! cancellation, a second one, a wrong amount) is recorded as rejected, so
+//! the payment side refunds it.
 //!
 //! Prices come from the [`Catalog`] behind [`OrderServices`], never from the
 //! client. Events are self-contained (they carry the user, amounts and items
 //! a consumer needs), so the integration events of the contract can be built
 //! from one stored event without loading the aggregate.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -31,17 +38,38 @@ pub enum OrderStatus {
     OrderCreated,
     OrderConfirmed,
     PaymentWait,
+    PaymentCompleted,
+    OrderCompleted,
     OrderCancelled,
 }
 
 impl OrderStatus {
+    pub const ALL: [OrderStatus; 6] = [
+        OrderStatus::OrderCreated,
+        OrderStatus::OrderConfirmed,
+        OrderStatus::PaymentWait,
+        OrderStatus::PaymentCompleted,
+        OrderStatus::OrderCompleted,
+        OrderStatus::OrderCancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             OrderStatus::OrderCreated => "ORDER_CREATED",
             OrderStatus::OrderConfirmed => "ORDER_CONFIRMED",
             OrderStatus::PaymentWait => "PAYMENT_WAIT",
+            OrderStatus::PaymentCompleted => "PAYMENT_COMPLETED",
+            OrderStatus::OrderCompleted => "ORDER_COMPLETED",
             OrderStatus::OrderCancelled => "ORDER_CANCELLED",
         }
+    }
+
+    /// Whether the saga is over: the order is completed or cancelled.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            OrderStatus::OrderCompleted | OrderStatus::OrderCancelled
+        )
     }
 }
 
@@ -61,16 +89,22 @@ pub enum CancelReason {
     PaymentWaitFailed,
     SagaTimeout,
     CustomerRequest,
+    /// The payment side reported the payment failed.
+    PaymentFailed,
+    /// No payment result within the payment wait.
+    PaymentTimeout,
 }
 
 impl CancelReason {
-    pub const ALL: [CancelReason; 6] = [
+    pub const ALL: [CancelReason; 8] = [
         CancelReason::StockShortage,
         CancelReason::StockReservationTimeout,
         CancelReason::ConfirmationFailed,
         CancelReason::PaymentWaitFailed,
         CancelReason::SagaTimeout,
         CancelReason::CustomerRequest,
+        CancelReason::PaymentFailed,
+        CancelReason::PaymentTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,8 +115,92 @@ impl CancelReason {
             CancelReason::PaymentWaitFailed => "PAYMENT_WAIT_FAILED",
             CancelReason::SagaTimeout => "SAGA_TIMEOUT",
             CancelReason::CustomerRequest => "CUSTOMER_REQUEST",
+            CancelReason::PaymentFailed => "PAYMENT_FAILED",
+            CancelReason::PaymentTimeout => "PAYMENT_TIMEOUT",
         }
     }
+
+    /// Whether an order in `status` may be cancelled for this reason: the
+    /// saga's own reasons until the payment wait opens, only the payment's
+    /// outcome while it is open, nothing after.
+    fn allowed_in(self, status: OrderStatus) -> bool {
+        match status {
+            OrderStatus::OrderCreated | OrderStatus::OrderConfirmed => !self.ends_payment_wait(),
+            OrderStatus::PaymentWait => self.ends_payment_wait(),
+            _ => false,
+        }
+    }
+
+    /// A payment result's reason: the order was waiting for its payment
+    /// (the creation saga had ended at PAYMENT_WAIT).
+    pub fn ends_payment_wait(self) -> bool {
+        matches!(
+            self,
+            CancelReason::PaymentFailed | CancelReason::PaymentTimeout
+        )
+    }
+}
+
+/// How the customer paid (the payment contract's `PaymentMethod`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PaymentMethod {
+    Card,
+    BankTransfer,
+    KakaoPay,
+    NaverPay,
+    Toss,
+}
+
+impl PaymentMethod {
+    pub const ALL: [PaymentMethod; 5] = [
+        PaymentMethod::Card,
+        PaymentMethod::BankTransfer,
+        PaymentMethod::KakaoPay,
+        PaymentMethod::NaverPay,
+        PaymentMethod::Toss,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentMethod::Card => "CARD",
+            PaymentMethod::BankTransfer => "BANK_TRANSFER",
+            PaymentMethod::KakaoPay => "KAKAO_PAY",
+            PaymentMethod::NaverPay => "NAVER_PAY",
+            PaymentMethod::Toss => "TOSS",
+        }
+    }
+}
+
+impl FromStr for PaymentMethod {
+    type Err = FieldError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PaymentMethod::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = PaymentMethod::ALL.iter().map(|m| m.as_str()).collect();
+                FieldError::new(
+                    "paymentMethod",
+                    format!("unknown payment method '{s}' (one of {})", known.join(", ")),
+                )
+            })
+    }
+}
+
+/// Why a payment was not taken for the order (the payment side refunds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PaymentRejection {
+    /// The amount paid is not the order's total.
+    AmountMismatch,
+    /// The order was cancelled (or its payment wait expired) first.
+    OrderCancelled,
+    /// The order was already paid by another payment.
+    AlreadyPaid,
+    /// The order was not waiting for a payment yet.
+    NotAwaitingPayment,
 }
 
 impl FromStr for CancelReason {
@@ -134,6 +252,25 @@ pub enum OrderCommand {
         reason: CancelReason,
         causation_id: Option<Uuid>,
     },
+    /// From `payment.completed`: records the payment if the order waits
+    /// for it and the amount is its total, else records its rejection. A
+    /// payment already recorded or rejected (by its id) is a no-op.
+    CompletePayment {
+        payment_id: String,
+        amount: Money,
+        method: PaymentMethod,
+        causation_id: Option<Uuid>,
+    },
+    /// The payment wait ran out: cancels the order (PAYMENT_TIMEOUT) and
+    /// records the expiry with its reason text.
+    ExpirePaymentWait {
+        expiration_reason: String,
+        causation_id: Option<Uuid>,
+    },
+    /// From `stock.confirmed`: the paid order's stock is sold.
+    CompleteOrder {
+        causation_id: Option<Uuid>,
+    },
 }
 
 impl OrderCommand {
@@ -143,6 +280,9 @@ impl OrderCommand {
             OrderCommand::ConfirmOrder { .. } => "ConfirmOrder",
             OrderCommand::StartPaymentWait { .. } => "StartPaymentWait",
             OrderCommand::CancelOrder { .. } => "CancelOrder",
+            OrderCommand::CompletePayment { .. } => "CompletePayment",
+            OrderCommand::ExpirePaymentWait { .. } => "ExpirePaymentWait",
+            OrderCommand::CompleteOrder { .. } => "CompleteOrder",
         }
     }
 }
@@ -176,13 +316,51 @@ pub enum OrderEvent {
         items: Vec<StockItem>,
         causation_id: Option<Uuid>,
     },
+    /// The payment was taken for the order; `items` are what it buys.
+    #[serde(rename_all = "camelCase")]
+    PaymentCompleted {
+        user_id: String,
+        payment_id: String,
+        total_amount: Money,
+        method: PaymentMethod,
+        items: Vec<StockItem>,
+        causation_id: Option<Uuid>,
+    },
+    /// A payment that the order does not take (the status is unchanged).
+    #[serde(rename_all = "camelCase")]
+    PaymentRejected {
+        user_id: String,
+        payment_id: String,
+        rejection: PaymentRejection,
+        reason: String,
+        causation_id: Option<Uuid>,
+    },
+    /// The payment wait ran out; an `OrderCancelled` (PAYMENT_TIMEOUT)
+    /// follows in the same append.
+    #[serde(rename_all = "camelCase")]
+    PaymentWaitExpired {
+        user_id: String,
+        expiration_reason: String,
+        causation_id: Option<Uuid>,
+    },
+    #[serde(rename_all = "camelCase")]
+    OrderCompleted {
+        user_id: String,
+        payment_id: String,
+        total_amount: Money,
+        causation_id: Option<Uuid>,
+    },
 }
 
 domain_event!(OrderEvent {
     OrderCreated,
     OrderConfirmed,
     PaymentWaitStarted,
-    OrderCancelled
+    OrderCancelled,
+    PaymentCompleted,
+    PaymentRejected,
+    PaymentWaitExpired,
+    OrderCompleted
 });
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -248,14 +426,98 @@ pub struct Order {
     pub items: Vec<OrderLine>,
     pub total_amount: Money,
     pub cancel_reason: Option<CancelReason>,
+    /// The payment recorded for the order.
+    pub payment_id: Option<String>,
     confirmed_by: Option<Uuid>,
     payment_wait_by: Option<Uuid>,
     cancelled_by: Option<Uuid>,
+    completed_by: Option<Uuid>,
+    /// Payments rejected so far, why (a repeat of one is a no-op).
+    #[serde(default)]
+    rejected_payments: BTreeMap<String, (PaymentRejection, String)>,
 }
 
 impl Order {
     fn is_repeat(applied: Option<Uuid>, causation_id: Option<Uuid>) -> bool {
         causation_id.is_some() && applied == causation_id
+    }
+
+    /// Why the order rejected this payment, if it did.
+    pub fn rejection_of(&self, payment_id: &str) -> Option<(PaymentRejection, String)> {
+        self.rejected_payments.get(payment_id).cloned()
+    }
+
+    fn items(&self) -> Vec<StockItem> {
+        self.items
+            .iter()
+            .map(|line| StockItem {
+                product_id: line.product_id.clone(),
+                quantity: line.quantity,
+            })
+            .collect()
+    }
+
+    /// What a payment result does to the order: nothing (a payment seen
+    /// before), its record, or its rejection.
+    fn payment(
+        &self,
+        payment_id: &str,
+        amount: Money,
+        method: PaymentMethod,
+        causation_id: Option<Uuid>,
+    ) -> Result<Option<OrderEvent>, OrderError> {
+        let Some(status) = self.status else {
+            return Err(OrderError::NotFound);
+        };
+        if self.payment_id.as_deref() == Some(payment_id)
+            || self.rejected_payments.contains_key(payment_id)
+        {
+            return Ok(None);
+        }
+        let rejection = match status {
+            OrderStatus::PaymentWait if amount == self.total_amount => {
+                return Ok(Some(OrderEvent::PaymentCompleted {
+                    user_id: self.user_id.clone(),
+                    payment_id: payment_id.to_string(),
+                    total_amount: amount,
+                    method,
+                    items: self.items(),
+                    causation_id,
+                }))
+            }
+            OrderStatus::PaymentWait => (
+                PaymentRejection::AmountMismatch,
+                format!(
+                    "amount paid {amount} differs from the order total {}",
+                    self.total_amount
+                ),
+            ),
+            OrderStatus::OrderCancelled => (
+                PaymentRejection::OrderCancelled,
+                match self.cancel_reason {
+                    Some(reason) => format!("order cancelled ({})", reason.as_str()),
+                    None => "order cancelled".to_string(),
+                },
+            ),
+            OrderStatus::PaymentCompleted | OrderStatus::OrderCompleted => (
+                PaymentRejection::AlreadyPaid,
+                format!(
+                    "order already paid by payment {}",
+                    self.payment_id.as_deref().unwrap_or("?")
+                ),
+            ),
+            OrderStatus::OrderCreated | OrderStatus::OrderConfirmed => (
+                PaymentRejection::NotAwaitingPayment,
+                format!("order is {status}, not waiting for a payment"),
+            ),
+        };
+        Ok(Some(OrderEvent::PaymentRejected {
+            user_id: self.user_id.clone(),
+            payment_id: payment_id.to_string(),
+            rejection: rejection.0,
+            reason: rejection.1,
+            causation_id,
+        }))
     }
 
     fn refuse(&self, command: &OrderCommand) -> OrderError {
@@ -395,20 +657,63 @@ impl Aggregate for Order {
                     reason,
                     causation_id,
                 },
-                Some(OrderCreated | OrderConfirmed),
-            ) => OrderEvent::OrderCancelled {
+                Some(status),
+            ) if reason.allowed_in(status) => OrderEvent::OrderCancelled {
                 user_id: self.user_id.clone(),
                 reason: *reason,
-                items: self
-                    .items
-                    .iter()
-                    .map(|line| StockItem {
-                        product_id: line.product_id.clone(),
-                        quantity: line.quantity,
-                    })
-                    .collect(),
+                items: self.items(),
                 causation_id: *causation_id,
             },
+            (
+                OrderCommand::CompletePayment {
+                    payment_id,
+                    amount,
+                    method,
+                    causation_id,
+                },
+                _,
+            ) => match self.payment(payment_id, *amount, *method, *causation_id)? {
+                Some(event) => event,
+                None => return Ok(()),
+            },
+            (OrderCommand::ExpirePaymentWait { causation_id, .. }, _)
+                if Self::is_repeat(self.cancelled_by, *causation_id) =>
+            {
+                return Ok(())
+            }
+            (
+                OrderCommand::ExpirePaymentWait {
+                    expiration_reason,
+                    causation_id,
+                },
+                Some(PaymentWait),
+            ) => {
+                let expired = OrderEvent::PaymentWaitExpired {
+                    user_id: self.user_id.clone(),
+                    expiration_reason: expiration_reason.clone(),
+                    causation_id: *causation_id,
+                };
+                sink.write(expired, self).await;
+                OrderEvent::OrderCancelled {
+                    user_id: self.user_id.clone(),
+                    reason: CancelReason::PaymentTimeout,
+                    items: self.items(),
+                    causation_id: *causation_id,
+                }
+            }
+            (OrderCommand::CompleteOrder { causation_id }, _)
+                if Self::is_repeat(self.completed_by, *causation_id) =>
+            {
+                return Ok(())
+            }
+            (OrderCommand::CompleteOrder { causation_id }, Some(PaymentCompleted)) => {
+                OrderEvent::OrderCompleted {
+                    user_id: self.user_id.clone(),
+                    payment_id: self.payment_id.clone().unwrap_or_default(),
+                    total_amount: self.total_amount,
+                    causation_id: *causation_id,
+                }
+            }
             _ => return Err(self.refuse(&command)),
         };
         sink.write(event, self).await;
@@ -445,6 +750,24 @@ impl Aggregate for Order {
                 self.status = Some(OrderStatus::OrderCancelled);
                 self.cancel_reason = Some(reason);
                 self.cancelled_by = causation_id;
+            }
+            OrderEvent::PaymentCompleted { payment_id, .. } => {
+                self.status = Some(OrderStatus::PaymentCompleted);
+                self.payment_id = Some(payment_id);
+            }
+            OrderEvent::PaymentRejected {
+                payment_id,
+                rejection,
+                reason,
+                ..
+            } => {
+                self.rejected_payments
+                    .insert(payment_id, (rejection, reason));
+            }
+            OrderEvent::PaymentWaitExpired { .. } => {}
+            OrderEvent::OrderCompleted { causation_id, .. } => {
+                self.status = Some(OrderStatus::OrderCompleted);
+                self.completed_by = causation_id;
             }
         }
     }
@@ -844,6 +1167,286 @@ mod tests {
                 command: "ConfirmOrder",
                 status: OrderStatus::OrderCancelled,
             });
+    }
+
+    fn waiting() -> Vec<OrderEvent> {
+        vec![created(), confirmed(None), payment_wait(None)]
+    }
+
+    fn pay(payment_id: &str, amount: &str, by: Option<Uuid>) -> OrderCommand {
+        OrderCommand::CompletePayment {
+            payment_id: payment_id.into(),
+            amount: money(amount),
+            method: PaymentMethod::KakaoPay,
+            causation_id: by,
+        }
+    }
+
+    fn paid(payment_id: &str, by: Option<Uuid>) -> OrderEvent {
+        OrderEvent::PaymentCompleted {
+            user_id: "u-1".into(),
+            payment_id: payment_id.into(),
+            total_amount: money("25800.30"),
+            method: PaymentMethod::KakaoPay,
+            items: vec![
+                StockItem {
+                    product_id: "p-1".into(),
+                    quantity: 2,
+                },
+                StockItem {
+                    product_id: "p-2".into(),
+                    quantity: 3,
+                },
+            ],
+            causation_id: by,
+        }
+    }
+
+    fn rejected(
+        payment_id: &str,
+        rejection: PaymentRejection,
+        reason: &str,
+        by: Option<Uuid>,
+    ) -> OrderEvent {
+        OrderEvent::PaymentRejected {
+            user_id: "u-1".into(),
+            payment_id: payment_id.into(),
+            rejection,
+            reason: reason.into(),
+            causation_id: by,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_payment_of_the_total_is_recorded_while_waiting() {
+        let cause = Some(Uuid::new_v4());
+        OrderTestFramework::with(services())
+            .given(waiting())
+            .when_async(pay("pay-1", "25800.30", cause))
+            .await
+            .then_expect_events(vec![paid("pay-1", cause)]);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_payment_is_a_no_op() {
+        let mut given = waiting();
+        given.push(paid("pay-1", None));
+        OrderTestFramework::with(services())
+            .given(given)
+            .when_async(pay("pay-1", "25800.30", Some(Uuid::new_v4())))
+            .await
+            .then_expect_events(vec![]);
+        let mut given = waiting();
+        given.push(rejected(
+            "pay-1",
+            PaymentRejection::AmountMismatch,
+            "amount paid 1.00 differs from the order total 25800.30",
+            None,
+        ));
+        OrderTestFramework::with(services())
+            .given(given)
+            .when_async(pay("pay-1", "1.00", None))
+            .await
+            .then_expect_events(vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_payment_of_another_amount_is_rejected_and_the_wait_goes_on() {
+        let cause = Some(Uuid::new_v4());
+        OrderTestFramework::with(services())
+            .given(waiting())
+            .when_async(pay("pay-1", "25800.29", cause))
+            .await
+            .then_expect_events(vec![rejected(
+                "pay-1",
+                PaymentRejection::AmountMismatch,
+                "amount paid 25800.29 differs from the order total 25800.30",
+                cause,
+            )]);
+        let mut given = waiting();
+        given.push(rejected(
+            "pay-1",
+            PaymentRejection::AmountMismatch,
+            "amount paid 25800.29 differs from the order total 25800.30",
+            None,
+        ));
+        OrderTestFramework::with(services())
+            .given(given)
+            .when_async(pay("pay-2", "25800.30", cause))
+            .await
+            .then_expect_events(vec![paid("pay-2", cause)]);
+    }
+
+    #[tokio::test]
+    async fn a_payment_after_cancellation_or_a_second_payment_is_rejected() {
+        let mut given = waiting();
+        given.push(cancelled(CancelReason::PaymentTimeout, None));
+        OrderTestFramework::with(services())
+            .given(given)
+            .when_async(pay("pay-1", "25800.30", None))
+            .await
+            .then_expect_events(vec![rejected(
+                "pay-1",
+                PaymentRejection::OrderCancelled,
+                "order cancelled (PAYMENT_TIMEOUT)",
+                None,
+            )]);
+        let mut given = waiting();
+        given.push(paid("pay-1", None));
+        OrderTestFramework::with(services())
+            .given(given)
+            .when_async(pay("pay-2", "25800.30", None))
+            .await
+            .then_expect_events(vec![rejected(
+                "pay-2",
+                PaymentRejection::AlreadyPaid,
+                "order already paid by payment pay-1",
+                None,
+            )]);
+        OrderTestFramework::with(services())
+            .given(vec![created()])
+            .when_async(pay("pay-1", "25800.30", None))
+            .await
+            .then_expect_events(vec![rejected(
+                "pay-1",
+                PaymentRejection::NotAwaitingPayment,
+                "order is ORDER_CREATED, not waiting for a payment",
+                None,
+            )]);
+    }
+
+    #[tokio::test]
+    async fn a_payment_for_an_unknown_order_is_refused() {
+        OrderTestFramework::with(services())
+            .given_no_previous_events()
+            .when_async(pay("pay-1", "1.00", None))
+            .await
+            .then_expect_error(OrderError::NotFound);
+    }
+
+    #[tokio::test]
+    async fn a_failed_payment_cancels_a_waiting_order_only() {
+        let cause = Some(Uuid::new_v4());
+        OrderTestFramework::with(services())
+            .given(waiting())
+            .when_async(OrderCommand::CancelOrder {
+                reason: CancelReason::PaymentFailed,
+                causation_id: cause,
+            })
+            .await
+            .then_expect_events(vec![cancelled(CancelReason::PaymentFailed, cause)]);
+        let mut given = waiting();
+        given.push(paid("pay-1", None));
+        OrderTestFramework::with(services())
+            .given(given)
+            .when_async(OrderCommand::CancelOrder {
+                reason: CancelReason::PaymentFailed,
+                causation_id: cause,
+            })
+            .await
+            .then_expect_error(OrderError::InvalidTransition {
+                command: "CancelOrder",
+                status: OrderStatus::PaymentCompleted,
+            });
+        OrderTestFramework::with(services())
+            .given(vec![created()])
+            .when_async(OrderCommand::CancelOrder {
+                reason: CancelReason::PaymentTimeout,
+                causation_id: cause,
+            })
+            .await
+            .then_expect_error(OrderError::InvalidTransition {
+                command: "CancelOrder",
+                status: OrderStatus::OrderCreated,
+            });
+    }
+
+    #[tokio::test]
+    async fn an_expired_payment_wait_cancels_the_order_and_records_why() {
+        let cause = Some(Uuid::new_v4());
+        let expire = || OrderCommand::ExpirePaymentWait {
+            expiration_reason: "payment time exceeded (30 min)".into(),
+            causation_id: cause,
+        };
+        let expired = OrderEvent::PaymentWaitExpired {
+            user_id: "u-1".into(),
+            expiration_reason: "payment time exceeded (30 min)".into(),
+            causation_id: cause,
+        };
+        OrderTestFramework::with(services())
+            .given(waiting())
+            .when_async(expire())
+            .await
+            .then_expect_events(vec![
+                expired.clone(),
+                cancelled(CancelReason::PaymentTimeout, cause),
+            ]);
+        let mut given = waiting();
+        given.extend([expired, cancelled(CancelReason::PaymentTimeout, cause)]);
+        OrderTestFramework::with(services())
+            .given(given)
+            .when_async(expire())
+            .await
+            .then_expect_events(vec![]);
+        let mut given = waiting();
+        given.push(paid("pay-1", None));
+        OrderTestFramework::with(services())
+            .given(given)
+            .when_async(expire())
+            .await
+            .then_expect_error(OrderError::InvalidTransition {
+                command: "ExpirePaymentWait",
+                status: OrderStatus::PaymentCompleted,
+            });
+    }
+
+    #[tokio::test]
+    async fn the_sold_stock_completes_a_paid_order() {
+        let cause = Some(Uuid::new_v4());
+        let completed = OrderEvent::OrderCompleted {
+            user_id: "u-1".into(),
+            payment_id: "pay-1".into(),
+            total_amount: money("25800.30"),
+            causation_id: cause,
+        };
+        let mut given = waiting();
+        given.push(paid("pay-1", None));
+        OrderTestFramework::with(services())
+            .given(given.clone())
+            .when_async(OrderCommand::CompleteOrder {
+                causation_id: cause,
+            })
+            .await
+            .then_expect_events(vec![completed.clone()]);
+        given.push(completed);
+        OrderTestFramework::with(services())
+            .given(given)
+            .when_async(OrderCommand::CompleteOrder {
+                causation_id: cause,
+            })
+            .await
+            .then_expect_events(vec![]);
+        OrderTestFramework::with(services())
+            .given(waiting())
+            .when_async(OrderCommand::CompleteOrder {
+                causation_id: cause,
+            })
+            .await
+            .then_expect_error(OrderError::InvalidTransition {
+                command: "CompleteOrder",
+                status: OrderStatus::PaymentWait,
+            });
+    }
+
+    #[test]
+    fn payment_methods_round_trip_their_names() {
+        for method in PaymentMethod::ALL {
+            assert_eq!(method.as_str().parse::<PaymentMethod>(), Ok(method));
+        }
+        assert_eq!(
+            "CASH".parse::<PaymentMethod>().unwrap_err().field,
+            "paymentMethod"
+        );
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The Product aggregate (id = productId): the catalog entry operators set —
 //! unit price and stock — and how much of the stock orders hold.
 //!
-//! Stock is counted in two buckets: `available` and `reserved` (held for
-//! orders). Reserving moves units from available to reserved, releasing
-//! moves them back; only an operator's stock level changes their sum. Both
-//! are unsigned and every move is checked, so stock can never go negative.
+//! Stock is counted in three buckets: `available`, `reserved` (held for
+//! orders) and `sold` (held for orders that were paid). Reserving moves
+//! units from available to reserved, releasing moves them back, selling
+//! moves them on to sold; only an operator's stock level changes
+//! available. All are unsigned and every move is checked, so stock can
+//! never go negative.
 //!
 //! What each order holds is not kept in the aggregate — a product's state
 //! would grow with every order it ever sold (orders waiting for payment hold
@@ -80,7 +82,8 @@ impl MemoryHolds {
             } => {
                 holds.insert((product_id.to_string(), order_id.clone()), *quantity);
             }
-            ProductEvent::StockReturned { order_id, .. } => {
+            ProductEvent::StockReturned { order_id, .. }
+            | ProductEvent::StockSold { order_id, .. } => {
                 holds.remove(&(product_id.to_string(), order_id.clone()));
             }
             ProductEvent::PriceSet { .. } | ProductEvent::StockLevelSet { .. } => {}
@@ -117,6 +120,9 @@ pub enum ProductCommand {
     ReserveStock { order_id: String, quantity: u32 },
     /// Returns what `order_id` holds; a no-op when it holds nothing.
     ReleaseStock { order_id: String },
+    /// Sells what `order_id` holds (its payment was taken); a no-op when
+    /// it holds nothing.
+    SellStock { order_id: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,13 +144,22 @@ pub enum ProductEvent {
         quantity: u32,
         available_after: u32,
     },
+    /// What the order held is sold: it leaves reserved for sold
+    /// (available is unchanged, and recorded as it is).
+    #[serde(rename_all = "camelCase")]
+    StockSold {
+        order_id: String,
+        quantity: u32,
+        available_after: u32,
+    },
 }
 
 domain_event!(ProductEvent {
     PriceSet,
     StockLevelSet,
     StockHeld,
-    StockReturned
+    StockReturned,
+    StockSold
 });
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,6 +182,9 @@ pub struct Product {
     pub available: u32,
     /// Units held for all orders together.
     pub reserved: u64,
+    /// Units sold (held for orders that were paid).
+    #[serde(default)]
+    pub sold: u64,
 }
 
 impl Product {
@@ -251,6 +269,16 @@ impl Aggregate for Product {
                     sink.write(event, self).await;
                 }
             }
+            ProductCommand::SellStock { order_id } => {
+                if let Some(quantity) = services.held(&order_id).await? {
+                    let event = ProductEvent::StockSold {
+                        order_id,
+                        quantity,
+                        available_after: self.available,
+                    };
+                    sink.write(event, self).await;
+                }
+            }
         }
         Ok(())
     }
@@ -280,6 +308,10 @@ impl Aggregate for Product {
             } => {
                 self.available = available_after;
                 self.reserved = self.reserved.saturating_sub(u64::from(quantity));
+            }
+            ProductEvent::StockSold { quantity, .. } => {
+                self.reserved = self.reserved.saturating_sub(u64::from(quantity));
+                self.sold += u64::from(quantity);
             }
         }
     }
@@ -434,6 +466,43 @@ mod tests {
                 quantity: 2,
                 available_after: 5,
             }]);
+    }
+
+    #[tokio::test]
+    async fn sell_stock_sells_what_the_order_held_once() {
+        let sold = ProductEvent::StockSold {
+            order_id: "o-1".into(),
+            quantity: 2,
+            available_after: 3,
+        };
+        given([stocked(5), vec![held("o-1", 2, 3)]].concat())
+            .when_async(ProductCommand::SellStock {
+                order_id: "o-1".into(),
+            })
+            .await
+            .then_expect_events(vec![sold.clone()]);
+        // Sold is no longer held: neither sold again nor returned.
+        for command in [
+            ProductCommand::SellStock {
+                order_id: "o-1".into(),
+            },
+            ProductCommand::ReleaseStock {
+                order_id: "o-1".into(),
+            },
+        ] {
+            given([stocked(5), vec![held("o-1", 2, 3), sold.clone()]].concat())
+                .when_async(command)
+                .await
+                .then_expect_events(vec![]);
+        }
+        let mut product = Product::default();
+        for event in [stocked(5), vec![held("o-1", 2, 3), sold]].concat() {
+            product.apply(event);
+        }
+        assert_eq!(
+            (product.available, product.reserved, product.sold),
+            (3, 0, 2)
+        );
     }
 
     #[tokio::test]

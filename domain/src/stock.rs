@@ -1,6 +1,7 @@
 //! The StockReservation aggregate (id = orderId): the stock side's record of
 //! one order — reserved (all items), failed (with the shortages), released,
-//! or voided because the order was cancelled before anything was reserved.
+//! voided because the order was cancelled before anything was reserved, or
+//! sold once the order's payment was taken.
 //!
 //! Stock itself is held per product (the [`Product`](crate::Product)
 //! aggregate). Reserving across products goes through the [`StockLedger`]
@@ -60,6 +61,9 @@ pub trait StockLedger: Send + Sync {
 
     /// Returns whatever `order_id` holds on these products (none is fine).
     async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError>;
+
+    /// Sells whatever `order_id` holds on these products (none is fine).
+    async fn sell_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError>;
 }
 
 /// One product's stock, as the ledger reaches it: runs a command on the
@@ -159,12 +163,32 @@ impl<P: ProductStock> StockLedger for ProductLedger<P> {
     }
 
     async fn release_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError> {
-        let outcomes = join_all(items.iter().map(|item| {
-            let command = ProductCommand::ReleaseStock {
-                order_id: order_id.to_string(),
-            };
-            self.products.product_command(&item.product_id, command)
-        }))
+        self.on_every_product(items, || ProductCommand::ReleaseStock {
+            order_id: order_id.to_string(),
+        })
+        .await
+    }
+
+    async fn sell_all(&self, order_id: &str, items: &[StockItem]) -> Result<(), LedgerError> {
+        self.on_every_product(items, || ProductCommand::SellStock {
+            order_id: order_id.to_string(),
+        })
+        .await
+    }
+}
+
+impl<P: ProductStock> ProductLedger<P> {
+    /// Runs `command` on every item's product at once; any refusal fails.
+    async fn on_every_product(
+        &self,
+        items: &[StockItem],
+        command: impl Fn() -> ProductCommand,
+    ) -> Result<(), LedgerError> {
+        let outcomes = join_all(
+            items
+                .iter()
+                .map(|item| self.products.product_command(&item.product_id, command())),
+        )
         .await;
         for outcome in outcomes {
             if let Err(e) = outcome? {
@@ -199,6 +223,12 @@ pub enum StockReservationCommand {
         items: Vec<StockItem>,
         causation_id: Option<Uuid>,
     },
+    /// From `order.payment.completed`: sell what the order holds.
+    SellStock {
+        order_id: String,
+        payment_id: String,
+        causation_id: Option<Uuid>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,13 +252,21 @@ pub enum StockReservationEvent {
     /// The order was cancelled before its stock was reserved.
     #[serde(rename_all = "camelCase")]
     ReservationVoided { causation_id: Option<Uuid> },
+    /// The order was paid: what it held is sold (`stock.confirmed`).
+    #[serde(rename_all = "camelCase")]
+    StockConfirmed {
+        payment_id: String,
+        items: Vec<StockItem>,
+        causation_id: Option<Uuid>,
+    },
 }
 
 domain_event!(StockReservationEvent {
     StockReserved,
     StockReservationFailed,
     StockReleased,
-    ReservationVoided
+    ReservationVoided,
+    StockConfirmed
 });
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -237,6 +275,9 @@ pub enum StockReservationError {
     Invalid(#[from] FieldError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// Selling stock the order does not hold (never reserved, released).
+    #[error("order holds no stock to sell (reservation {0})")]
+    NothingHeld(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +287,19 @@ pub enum ReservationStatus {
     Failed,
     Released,
     Voided,
+    Sold,
+}
+
+impl ReservationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Reserved => "RESERVED",
+            ReservationStatus::Failed => "FAILED",
+            ReservationStatus::Released => "RELEASED",
+            ReservationStatus::Voided => "VOIDED",
+            ReservationStatus::Sold => "SOLD",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -333,11 +387,41 @@ impl Aggregate for StockReservation {
                     )
                     .await;
                 }
+                // Sold cannot happen (a paid order is never cancelled).
                 Some(
                     ReservationStatus::Failed
                     | ReservationStatus::Released
-                    | ReservationStatus::Voided,
+                    | ReservationStatus::Voided
+                    | ReservationStatus::Sold,
                 ) => {}
+            },
+            StockReservationCommand::SellStock {
+                order_id,
+                payment_id,
+                causation_id,
+            } => match self.status {
+                Some(ReservationStatus::Sold) => {}
+                Some(ReservationStatus::Reserved) => {
+                    let items: Vec<StockItem> = self
+                        .lines
+                        .iter()
+                        .map(|l| StockItem {
+                            product_id: l.product_id.clone(),
+                            quantity: l.quantity,
+                        })
+                        .collect();
+                    services.ledger.sell_all(&order_id, &items).await?;
+                    let event = StockReservationEvent::StockConfirmed {
+                        payment_id,
+                        items,
+                        causation_id,
+                    };
+                    sink.write(event, self).await;
+                }
+                other => {
+                    let status = other.map_or("missing", ReservationStatus::as_str);
+                    return Err(StockReservationError::NothingHeld(status.to_string()));
+                }
             },
         }
         Ok(())
@@ -358,6 +442,9 @@ impl Aggregate for StockReservation {
             }
             StockReservationEvent::ReservationVoided { .. } => {
                 self.status = Some(ReservationStatus::Voided);
+            }
+            StockReservationEvent::StockConfirmed { .. } => {
+                self.status = Some(ReservationStatus::Sold);
             }
         }
     }
@@ -407,6 +494,14 @@ mod tests {
                 .lock()
                 .map_err(|e| LedgerError(e.to_string()))?
                 .push(format!("release {order_id}"));
+            Ok(())
+        }
+
+        async fn sell_all(&self, order_id: &str, _items: &[StockItem]) -> Result<(), LedgerError> {
+            self.calls
+                .lock()
+                .map_err(|e| LedgerError(e.to_string()))?
+                .push(format!("sell {order_id}"));
             Ok(())
         }
     }
@@ -544,6 +639,57 @@ mod tests {
             .when_async(release())
             .await
             .then_expect_events(vec![]);
+    }
+
+    fn sell() -> StockReservationCommand {
+        StockReservationCommand::SellStock {
+            order_id: "o-1".into(),
+            payment_id: "pay-1".into(),
+            causation_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn sell_stock_sells_a_reservation_once() {
+        let sold = StockReservationEvent::StockConfirmed {
+            payment_id: "pay-1".into(),
+            items: items(),
+            causation_id: None,
+        };
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given(vec![reserved()])
+            .when_async(sell())
+            .await
+            .then_expect_events(vec![sold.clone()]);
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given(vec![reserved(), sold.clone()])
+            .when_async(sell())
+            .await
+            .then_expect_events(vec![]);
+        // A cancellation that comes after the sale returns nothing.
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given(vec![reserved(), sold])
+            .when_async(release())
+            .await
+            .then_expect_events(vec![]);
+    }
+
+    #[tokio::test]
+    async fn selling_what_is_not_held_is_refused() {
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given_no_previous_events()
+            .when_async(sell())
+            .await
+            .then_expect_error(StockReservationError::NothingHeld("missing".into()));
+        let released = StockReservationEvent::StockReleased {
+            items: items(),
+            causation_id: None,
+        };
+        StockTestFramework::with(services(ScriptedLedger::default()))
+            .given(vec![reserved(), released])
+            .when_async(sell())
+            .await
+            .then_expect_error(StockReservationError::NothingHeld("RELEASED".into()));
     }
 
     #[tokio::test]

@@ -2,10 +2,12 @@
 //! saga wires them, checking after every step the invariants the domain
 //! promises (SPEC §2):
 //!
-//! - stock never goes negative, and a product's available + reserved changes
-//!   only by an operator's restock;
+//! - stock never goes negative, and a product's available + reserved + sold
+//!   changes only by an operator's restock;
 //! - what the products hold is exactly what the reserved reservations say;
-//! - no order both reaches PAYMENT_WAIT and is cancelled;
+//! - stock is sold only for an order whose payment was recorded, and what
+//!   a product sold is exactly what the sold reservations say;
+//! - no order is both paid and cancelled;
 //! - once every cancellation has reached the stock side, a cancelled order
 //!   holds no stock — whatever order the messages arrived in, and however
 //!   often they were repeated.
@@ -119,25 +121,60 @@ enum Step {
         product: usize,
         stock: u32,
     },
+    /// A `payment.completed` reaches the order side: one of two payments,
+    /// for the order's total or not.
+    Pay {
+        order: usize,
+        payment: u8,
+        exact: bool,
+    },
+    /// A `payment.failed` reaches the order side.
+    FailPayment {
+        order: usize,
+    },
+    /// The payment wait's deadline fires.
+    Expire {
+        order: usize,
+    },
+    /// `order.payment.completed` reaches the stock side.
+    Sell {
+        order: usize,
+    },
+    /// `stock.confirmed` reaches the order side.
+    Complete {
+        order: usize,
+    },
+    /// The order's next message on the happy path arrives (so that random
+    /// sequences reach the payment's steps often).
+    Advance {
+        order: usize,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
     let order = 0..ORDERS;
     prop_oneof![
-        (
+        1 => (
             order.clone(),
             prop::collection::vec((0..PRODUCTS, 1..6u32), 1..=PRODUCTS)
         )
             .prop_map(|(order, items)| Step::Create { order, items }),
-        order.clone().prop_map(|order| Step::Reserve { order }),
-        order.clone().prop_map(|order| Step::Reply { order }),
-        order
+        1 => order.clone().prop_map(|order| Step::Reserve { order }),
+        1 => order.clone().prop_map(|order| Step::Reply { order }),
+        1 => order
             .clone()
             .prop_map(|order| Step::StartPaymentWait { order }),
-        (order.clone(), 0..CancelReason::ALL.len())
+        1 => (order.clone(), 0..CancelReason::ALL.len())
             .prop_map(|(order, reason)| Step::Cancel { order, reason }),
-        order.prop_map(|order| Step::Release { order }),
-        (0..PRODUCTS, 0..12u32).prop_map(|(product, stock)| Step::Restock { product, stock }),
+        1 => order.clone().prop_map(|order| Step::Release { order }),
+        1 => (0..PRODUCTS, 0..12u32).prop_map(|(product, stock)| Step::Restock { product, stock }),
+        1 => (order.clone(), 0..2u8, any::<bool>())
+            .prop_map(|(order, payment, exact)| Step::Pay { order, payment, exact }),
+        1 => order.clone().prop_map(|order| Step::FailPayment { order }),
+        1 => order.clone().prop_map(|order| Step::Expire { order }),
+        1 => order.clone().prop_map(|order| Step::Sell { order }),
+        1 => order.clone().prop_map(|order| Step::Complete { order }),
+        8 => order.prop_map(|order| Step::Advance { order }),
     ]
 }
 
@@ -150,7 +187,8 @@ struct World {
     reservations: Vec<StockReservation>,
     /// Whether the order's `order.cancelled` has reached the stock side.
     release_delivered: Vec<bool>,
-    /// available + reserved each product must have: moved only by restocks.
+    /// available + reserved + sold each product must have: moved only by
+    /// restocks.
     expected_total: BTreeMap<String, u64>,
 }
 
@@ -216,7 +254,39 @@ impl World {
         Some(Uuid::from_u128(((order as u128) << 8) | u128::from(kind)))
     }
 
+    /// The step that delivers the order's next happy-path message.
+    fn next_step(&self, order: usize) -> Option<Step> {
+        use stock::ReservationStatus as R;
+        let reservation = self.reservations[order].status;
+        Some(match (self.orders[order].status, reservation) {
+            (None, _) => Step::Create {
+                order,
+                items: vec![(order % PRODUCTS, 1)],
+            },
+            (Some(OrderStatus::OrderCreated), None) => Step::Reserve { order },
+            (Some(OrderStatus::OrderCreated), Some(_)) => Step::Reply { order },
+            (Some(OrderStatus::OrderConfirmed), _) => Step::StartPaymentWait { order },
+            (Some(OrderStatus::PaymentWait), _) => Step::Pay {
+                order,
+                payment: 0,
+                exact: true,
+            },
+            (Some(OrderStatus::PaymentCompleted), Some(R::Sold)) => Step::Complete { order },
+            (Some(OrderStatus::PaymentCompleted), _) => Step::Sell { order },
+            (Some(OrderStatus::OrderCancelled), _) if !self.release_delivered[order] => {
+                Step::Release { order }
+            }
+            _ => return None,
+        })
+    }
+
     async fn run(&mut self, step: &Step) {
+        if let Step::Advance { order } = *step {
+            if let Some(next) = self.next_step(order) {
+                Box::pin(self.run(&next)).await;
+            }
+            return;
+        }
         match *step {
             Step::Create { order, ref items } => {
                 let mut seen = std::collections::BTreeSet::new();
@@ -297,6 +367,61 @@ impl World {
                 let total = self.expected_total.entry(product_id(product)).or_default();
                 *total = *total - before + u64::from(stock);
             }
+            Step::Pay {
+                order,
+                payment,
+                exact,
+            } => {
+                let total = self.orders[order].total_amount;
+                let amount = match exact {
+                    true => total,
+                    false => total
+                        .checked_add("0.01".parse().expect("cent"))
+                        .expect("sum"),
+                };
+                let command = OrderCommand::CompletePayment {
+                    payment_id: format!("pay-{order}-{payment}"),
+                    amount,
+                    method: PaymentMethod::Card,
+                    causation_id: Self::cause(order, 7 + payment),
+                };
+                self.order_command(order, command).await;
+            }
+            Step::FailPayment { order } => {
+                let command = OrderCommand::CancelOrder {
+                    reason: CancelReason::PaymentFailed,
+                    causation_id: Self::cause(order, 9),
+                };
+                self.order_command(order, command).await;
+            }
+            Step::Expire { order } => {
+                let command = OrderCommand::ExpirePaymentWait {
+                    expiration_reason: "payment time exceeded (30 min)".into(),
+                    causation_id: Self::cause(order, 10),
+                };
+                self.order_command(order, command).await;
+            }
+            Step::Sell { order } => {
+                let Some(payment_id) = self.orders[order].payment_id.clone() else {
+                    return; // no order.payment.completed exists yet
+                };
+                let command = StockReservationCommand::SellStock {
+                    order_id: Self::order_id(order),
+                    payment_id,
+                    causation_id: Self::cause(order, 11),
+                };
+                self.stock_command(order, command).await;
+            }
+            Step::Complete { order } => {
+                if self.reservations[order].status != Some(stock::ReservationStatus::Sold) {
+                    return; // no stock.confirmed exists yet
+                }
+                let command = OrderCommand::CompleteOrder {
+                    causation_id: Self::cause(order, 12),
+                };
+                self.order_command(order, command).await;
+            }
+            Step::Advance { .. } => {}
         }
     }
 
@@ -304,7 +429,7 @@ impl World {
         let products = self.ledger.products.lock().await;
         let holds = self.ledger.holds.all();
         for (id, product) in products.iter() {
-            let total = u64::from(product.available) + product.reserved;
+            let total = u64::from(product.available) + product.reserved + product.sold;
             prop_assert_eq!(
                 Some(&total),
                 self.expected_total.get(id),
@@ -317,6 +442,24 @@ impl World {
                 .map(|(_, q)| u64::from(*q))
                 .sum();
             prop_assert_eq!(product.reserved, recorded, "{} reserved = its holds", id);
+            let sold: u64 = self
+                .reservations
+                .iter()
+                .filter(|r| r.status == Some(stock::ReservationStatus::Sold))
+                .flat_map(|r| r.lines.iter())
+                .filter(|l| l.product_id == *id)
+                .map(|l| u64::from(l.quantity))
+                .sum();
+            prop_assert_eq!(product.sold, sold, "{} sold = its sold reservations", id);
+        }
+        for (order, reservation) in self.reservations.iter().enumerate() {
+            if reservation.status == Some(stock::ReservationStatus::Sold) {
+                prop_assert!(
+                    self.orders[order].payment_id.is_some(),
+                    "o-{} sold stock without a recorded payment",
+                    order
+                );
+            }
         }
         for ((id, order_id), held) in holds {
             let order: usize = order_id[2..].parse().expect("order index");
@@ -332,15 +475,19 @@ impl World {
             prop_assert_eq!(line.map(|l| l.quantity), Some(held));
         }
         for (order, events) in self.order_events.iter().enumerate() {
-            let waited = events
+            let paid = events
                 .iter()
-                .any(|e| matches!(e, OrderEvent::PaymentWaitStarted { .. }));
+                .any(|e| matches!(e, OrderEvent::PaymentCompleted { .. }));
             let cancelled = events
                 .iter()
                 .any(|e| matches!(e, OrderEvent::OrderCancelled { .. }));
+            prop_assert!(!(paid && cancelled), "o-{} both paid and cancelled", order);
+            let completed = events
+                .iter()
+                .any(|e| matches!(e, OrderEvent::OrderCompleted { .. }));
             prop_assert!(
-                !(waited && cancelled),
-                "o-{} both reached PAYMENT_WAIT and was cancelled",
+                !completed || paid,
+                "o-{} completed without a payment",
                 order
             );
         }

@@ -15,6 +15,8 @@ pub(crate) enum GqlOrderStatus {
     OrderCreated,
     OrderConfirmed,
     PaymentWait,
+    PaymentCompleted,
+    OrderCompleted,
     OrderCancelled,
 }
 
@@ -24,6 +26,8 @@ impl From<domain::OrderStatus> for GqlOrderStatus {
             domain::OrderStatus::OrderCreated => GqlOrderStatus::OrderCreated,
             domain::OrderStatus::OrderConfirmed => GqlOrderStatus::OrderConfirmed,
             domain::OrderStatus::PaymentWait => GqlOrderStatus::PaymentWait,
+            domain::OrderStatus::PaymentCompleted => GqlOrderStatus::PaymentCompleted,
+            domain::OrderStatus::OrderCompleted => GqlOrderStatus::OrderCompleted,
             domain::OrderStatus::OrderCancelled => GqlOrderStatus::OrderCancelled,
         }
     }
@@ -35,6 +39,8 @@ impl From<GqlOrderStatus> for domain::OrderStatus {
             GqlOrderStatus::OrderCreated => domain::OrderStatus::OrderCreated,
             GqlOrderStatus::OrderConfirmed => domain::OrderStatus::OrderConfirmed,
             GqlOrderStatus::PaymentWait => domain::OrderStatus::PaymentWait,
+            GqlOrderStatus::PaymentCompleted => domain::OrderStatus::PaymentCompleted,
+            GqlOrderStatus::OrderCompleted => domain::OrderStatus::OrderCompleted,
             GqlOrderStatus::OrderCancelled => domain::OrderStatus::OrderCancelled,
         }
     }
@@ -49,6 +55,8 @@ pub(crate) enum GqlCancelReason {
     PaymentWaitFailed,
     SagaTimeout,
     CustomerRequest,
+    PaymentFailed,
+    PaymentTimeout,
 }
 
 impl From<domain::CancelReason> for GqlCancelReason {
@@ -62,6 +70,8 @@ impl From<domain::CancelReason> for GqlCancelReason {
             domain::CancelReason::PaymentWaitFailed => GqlCancelReason::PaymentWaitFailed,
             domain::CancelReason::SagaTimeout => GqlCancelReason::SagaTimeout,
             domain::CancelReason::CustomerRequest => GqlCancelReason::CustomerRequest,
+            domain::CancelReason::PaymentFailed => GqlCancelReason::PaymentFailed,
+            domain::CancelReason::PaymentTimeout => GqlCancelReason::PaymentTimeout,
         }
     }
 }
@@ -118,6 +128,13 @@ impl Order {
     }
     async fn payment_wait_at(&self) -> Option<String> {
         self.0.payment_wait_at_ms.map(rfc3339)
+    }
+    /// When the order's payment was recorded.
+    async fn paid_at(&self) -> Option<String> {
+        self.0.paid_at_ms.map(rfc3339)
+    }
+    async fn completed_at(&self) -> Option<String> {
+        self.0.completed_at_ms.map(rfc3339)
     }
     async fn cancelled_at(&self) -> Option<String> {
         self.0.cancelled_at_ms.map(rfc3339)
@@ -210,6 +227,10 @@ impl Product {
     async fn reserved(&self) -> i64 {
         self.0.reserved
     }
+    /// Units sold to paid orders.
+    async fn sold(&self) -> i64 {
+        self.0.sold
+    }
 }
 
 #[derive(SimpleObject)]
@@ -235,6 +256,14 @@ pub(crate) struct SagaStats {
     pub(crate) in_progress: i64,
     pub(crate) reservations_ok: i64,
     pub(crate) reservations_failed: i64,
+    /// Orders in PAYMENT_WAIT: reached it, and no payment result yet.
+    pub(crate) awaiting_payment: i64,
+    /// Payments the orders took.
+    pub(crate) payments_completed: i64,
+    /// Payments the orders did not take (after cancellation, a second
+    /// payment, a wrong amount): refunded by the payment side.
+    pub(crate) payments_rejected: i64,
+    pub(crate) orders_completed: i64,
     pub(crate) cancel_reasons: Vec<ReasonCount>,
     pub(crate) stages: Vec<StageStats>,
 }
@@ -250,7 +279,17 @@ impl SagaStats {
         let completed = count(order_saga_projections::OUTCOME_PAYMENT_WAIT);
         let cancelled = count(order_saga_projections::OUTCOME_CANCELLED);
         let created = count(order_saga_projections::ORDERS_CREATED);
+        let paid = count(order_saga_projections::PAYMENTS_COMPLETED);
+        let payment_cancels: i64 = domain::CancelReason::ALL
+            .into_iter()
+            .filter(|r| r.ends_payment_wait())
+            .map(|r| count(&order_saga_projections::cancel_reason_metric(r)))
+            .sum();
         SagaStats {
+            awaiting_payment: completed - paid - payment_cancels,
+            payments_completed: paid,
+            payments_rejected: count(order_saga_projections::PAYMENTS_REJECTED),
+            orders_completed: count(order_saga_projections::ORDERS_COMPLETED),
             orders_created: created,
             completed,
             cancelled,

@@ -58,6 +58,8 @@ fn rfc3339_micros<S: serde::Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::O
 pub enum OrderTime {
     Confirmed,
     PaymentWait,
+    Paid,
+    Completed,
     Cancelled,
 }
 
@@ -123,6 +125,10 @@ pub enum ReadOp {
         at_ms: i64,
         version: i64,
     },
+    /// An Order event that changes no status (a rejected payment): the
+    /// row's version moves on all the same, so a reader waiting for the
+    /// order's latest version finds it.
+    OrderVersion { order_id: String, version: i64 },
     /// The stock side answered (reserved or failed).
     StockReplied { order_id: String, at_ms: i64 },
     /// One line of the order's history.
@@ -137,11 +143,13 @@ pub enum ReadOp {
     },
     /// A product's price (creating the row if new).
     ProductPrice { product_id: String, price: Money },
-    /// A product's available stock, and how its reserved stock moved.
+    /// A product's available stock, and how its reserved and sold stock
+    /// moved.
     ProductStock {
         product_id: String,
         available: u32,
         reserved_delta: i64,
+        sold_delta: i64,
     },
     /// A counter of the saga statistics.
     Count { metric: String },
@@ -160,6 +168,11 @@ pub const OUTCOME_PAYMENT_WAIT: &str = "outcome.PAYMENT_WAIT";
 pub const OUTCOME_CANCELLED: &str = "outcome.ORDER_CANCELLED";
 pub const RESERVATIONS_FAILED: &str = "reservations.failed";
 pub const RESERVATIONS_OK: &str = "reservations.ok";
+/// Payments the orders took, and orders completed after theirs.
+pub const PAYMENTS_COMPLETED: &str = "payments.completed";
+pub const ORDERS_COMPLETED: &str = "outcome.ORDER_COMPLETED";
+/// Payments the orders did not take (refunded by the payment side).
+pub const PAYMENTS_REJECTED: &str = "payments.rejected";
 
 pub fn cancel_reason_metric(reason: CancelReason) -> String {
     format!("cancel_reason.{}", reason.as_str())
@@ -256,20 +269,62 @@ pub fn project(event: &LogEntry) -> Result<Vec<ReadOp>, ProjectionError> {
                         Some(reason),
                     ));
                     ops.push(ReadOp::Count {
-                        metric: OUTCOME_CANCELLED.into(),
-                    });
-                    ops.push(ReadOp::Count {
                         metric: cancel_reason_metric(reason),
                     });
-                    ops.push(ReadOp::StageDone {
-                        order_id,
-                        stage: Stage::Saga,
-                        from: StageStart::Created,
-                        at_ms,
+                    // A payment that failed or never came ends the payment
+                    // wait: the creation saga ended when it opened.
+                    if !reason.ends_payment_wait() {
+                        ops.push(ReadOp::Count {
+                            metric: OUTCOME_CANCELLED.into(),
+                        });
+                        ops.push(ReadOp::StageDone {
+                            order_id,
+                            stage: Stage::Saga,
+                            from: StageStart::Created,
+                            at_ms,
+                        });
+                    }
+                }
+                OrderEvent::PaymentCompleted { .. } => {
+                    ops.push(status(
+                        event,
+                        OrderStatus::PaymentCompleted,
+                        OrderTime::Paid,
+                        None,
+                    ));
+                    ops.push(ReadOp::Count {
+                        metric: PAYMENTS_COMPLETED.into(),
                     });
                 }
+                OrderEvent::OrderCompleted { .. } => {
+                    ops.push(status(
+                        event,
+                        OrderStatus::OrderCompleted,
+                        OrderTime::Completed,
+                        None,
+                    ));
+                    ops.push(ReadOp::Count {
+                        metric: ORDERS_COMPLETED.into(),
+                    });
+                }
+                OrderEvent::PaymentRejected { .. } => {
+                    ops.push(ReadOp::OrderVersion {
+                        order_id,
+                        version: event.sequence,
+                    });
+                    ops.push(ReadOp::Count {
+                        metric: PAYMENTS_REJECTED.into(),
+                    });
+                }
+                OrderEvent::PaymentWaitExpired { .. } => ops.push(ReadOp::OrderVersion {
+                    order_id,
+                    version: event.sequence,
+                }),
             }
         }
+        // Payment results entered through the in-process bus: part of the
+        // order's history.
+        "Payment" => ops.push(history(event)),
         "StockReservation" => {
             ops.push(history(event));
             match StockReservationEvent::deserialize(&event.payload).map_err(bad)? {
@@ -286,7 +341,8 @@ pub fn project(event: &LogEntry) -> Result<Vec<ReadOp>, ProjectionError> {
                     ops.extend(stock_replied(&order_id, at_ms));
                 }
                 StockReservationEvent::StockReleased { .. }
-                | StockReservationEvent::ReservationVoided { .. } => {}
+                | StockReservationEvent::ReservationVoided { .. }
+                | StockReservationEvent::StockConfirmed { .. } => {}
             }
         }
         "Product" => {
@@ -298,6 +354,7 @@ pub fn project(event: &LogEntry) -> Result<Vec<ReadOp>, ProjectionError> {
                         product_id,
                         available,
                         reserved_delta: 0,
+                        sold_delta: 0,
                     },
                     ProductEvent::StockHeld {
                         quantity,
@@ -307,6 +364,7 @@ pub fn project(event: &LogEntry) -> Result<Vec<ReadOp>, ProjectionError> {
                         product_id,
                         available: available_after,
                         reserved_delta: i64::from(quantity),
+                        sold_delta: 0,
                     },
                     ProductEvent::StockReturned {
                         quantity,
@@ -316,6 +374,17 @@ pub fn project(event: &LogEntry) -> Result<Vec<ReadOp>, ProjectionError> {
                         product_id,
                         available: available_after,
                         reserved_delta: -i64::from(quantity),
+                        sold_delta: 0,
+                    },
+                    ProductEvent::StockSold {
+                        quantity,
+                        available_after,
+                        ..
+                    } => ReadOp::ProductStock {
+                        product_id,
+                        available: available_after,
+                        reserved_delta: -i64::from(quantity),
+                        sold_delta: i64::from(quantity),
                     },
                 },
             );
@@ -385,6 +454,8 @@ pub struct OrderStatusView {
     pub stock_replied_at_ms: Option<i64>,
     pub confirmed_at_ms: Option<i64>,
     pub payment_wait_at_ms: Option<i64>,
+    pub paid_at_ms: Option<i64>,
+    pub completed_at_ms: Option<i64>,
     pub cancelled_at_ms: Option<i64>,
     /// The last Order event applied (its aggregate sequence).
     pub version: i64,
@@ -430,6 +501,7 @@ pub struct ProductRecord {
     pub price: Option<Money>,
     pub available: i64,
     pub reserved: i64,
+    pub sold: i64,
 }
 
 /// One counter or timing of the saga statistics.
@@ -551,9 +623,38 @@ mod tests {
             vec![ReadOp::ProductStock {
                 product_id: "o-1".into(),
                 available: 7,
-                reserved_delta: 3
+                reserved_delta: 3,
+                sold_delta: 0,
             }]
         );
+    }
+
+    #[test]
+    fn a_sale_moves_reserved_to_sold() {
+        let payload = json!({"stockSold": {"orderId": "o-1", "quantity": 3, "availableAfter": 7}});
+        let ops = project(&stored("Product", 5, payload)).expect("projects");
+        assert_eq!(
+            ops,
+            vec![ReadOp::ProductStock {
+                product_id: "o-1".into(),
+                available: 7,
+                reserved_delta: -3,
+                sold_delta: 3,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_payment_cancellation_ends_no_creation_saga() {
+        let payload = json!({"orderCancelled": {"userId": "u-1", "reason": "PAYMENT_TIMEOUT", "items": [], "causationId": null}});
+        let ops = project(&stored("Order", 5, payload)).expect("projects");
+        assert!(ops.iter().any(
+            |op| matches!(op, ReadOp::Count { metric } if metric == "cancel_reason.PAYMENT_TIMEOUT")
+        ));
+        assert!(!ops
+            .iter()
+            .any(|op| matches!(op, ReadOp::Count { metric } if metric == OUTCOME_CANCELLED)));
+        assert!(!ops.iter().any(|op| matches!(op, ReadOp::StageDone { .. })));
     }
 
     #[test]

@@ -37,13 +37,16 @@ pub(crate) async fn apply_entries(
                             product_id,
                             available,
                             reserved_delta,
+                            sold_delta,
                         } => {
-                            let change = stock.entry(product_id).or_insert((available, 0));
+                            let change = stock.entry(product_id).or_insert((available, 0, 0));
                             change.0 = available;
                             change.1 += reserved_delta;
+                            change.2 += sold_delta;
                         }
                         ReadOp::InsertOrder { .. }
                         | ReadOp::SetStatus { .. }
+                        | ReadOp::OrderVersion { .. }
                         | ReadOp::StockReplied { .. } => orders.add(op, target, starts)?,
                         op => apply(tx, &op, target, &mut stats, starts, &orders).await?,
                     }
@@ -98,16 +101,19 @@ impl OrderChanges {
                     starts.remember(target, &order_id, StageStart::Confirmed, at_ms);
                 }
                 let patch = self.set.entry(order_id).or_default();
-                patch.status = Some((
-                    status.as_str(),
-                    cancel_reason.map(CancelReason::as_str),
-                    version,
-                ));
+                patch.status = Some((status.as_str(), cancel_reason.map(CancelReason::as_str)));
+                patch.version = patch.version.max(Some(version));
                 *match time {
                     OrderTime::Confirmed => &mut patch.confirmed_at_ms,
                     OrderTime::PaymentWait => &mut patch.payment_wait_at_ms,
+                    OrderTime::Paid => &mut patch.paid_at_ms,
+                    OrderTime::Completed => &mut patch.completed_at_ms,
                     OrderTime::Cancelled => &mut patch.cancelled_at_ms,
                 } = Some(at_ms);
+            }
+            ReadOp::OrderVersion { order_id, version } => {
+                let patch = self.set.entry(order_id).or_default();
+                patch.version = patch.version.max(Some(version));
             }
             ReadOp::StockReplied { order_id, at_ms } => {
                 starts.remember(target, &order_id, StageStart::StockReplied, at_ms);
@@ -150,7 +156,10 @@ async fn apply(
 ) -> Result<(), StoreError> {
     match op {
         // Gathered by `apply_entries` into `OrderChanges`.
-        ReadOp::InsertOrder { .. } | ReadOp::SetStatus { .. } | ReadOp::StockReplied { .. } => {}
+        ReadOp::InsertOrder { .. }
+        | ReadOp::SetStatus { .. }
+        | ReadOp::OrderVersion { .. }
+        | ReadOp::StockReplied { .. } => {}
         ReadOp::ProductPrice { product_id, price } => {
             set_price(tx, target, product_id, &price.to_string()).await?;
         }

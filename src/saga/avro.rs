@@ -11,14 +11,16 @@ use apache_avro::schema::Schema;
 use apache_avro::types::Value;
 use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter};
 use chrono::{TimeZone, Utc};
-use order_saga_domain::{CancelReason, Money, OrderLine, ReservedLine, Shortage, StockItem};
+use order_saga_domain::{
+    CancelReason, Money, OrderLine, PaymentMethod, ReservedLine, Shortage, StockItem,
+};
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
 use super::integration::{Body, IntegrationEvent, Topic};
 
 /// Each topic's schema file, as committed.
-pub const SCHEMA_FILES: [(Topic, &str); 7] = [
+pub const SCHEMA_FILES: [(Topic, &str); 14] = [
     (
         Topic::OrderCreated,
         include_str!("../../schemas/avro/order.created.avsc"),
@@ -47,6 +49,48 @@ pub const SCHEMA_FILES: [(Topic, &str); 7] = [
         Topic::StockReleased,
         include_str!("../../schemas/avro/stock.released.avsc"),
     ),
+    (
+        Topic::PaymentCompleted,
+        include_str!("../../schemas/avro/payment.completed.avsc"),
+    ),
+    (
+        Topic::PaymentFailed,
+        include_str!("../../schemas/avro/payment.failed.avsc"),
+    ),
+    (
+        Topic::OrderPaid,
+        include_str!("../../schemas/avro/order.payment.completed.avsc"),
+    ),
+    (
+        Topic::StockConfirmed,
+        include_str!("../../schemas/avro/stock.confirmed.avsc"),
+    ),
+    (
+        Topic::StockConfirmationFailed,
+        include_str!("../../schemas/avro/stock.confirmation.failed.avsc"),
+    ),
+    (
+        Topic::OrderExpired,
+        include_str!("../../schemas/avro/order.expiration-notification.avsc"),
+    ),
+    (
+        Topic::OrderCompleted,
+        include_str!("../../schemas/avro/order.completed.avsc"),
+    ),
+];
+
+/// The payment service's own schemas of the topics we read from it: its
+/// records, written without our optional fields, are read through them
+/// (schema resolution fills in the defaults).
+const FOREIGN_SCHEMA_FILES: [(Topic, &str); 2] = [
+    (
+        Topic::PaymentCompleted,
+        include_str!("../../schemas/avro/contract/payment.completed.avsc"),
+    ),
+    (
+        Topic::PaymentFailed,
+        include_str!("../../schemas/avro/contract/payment.failed.avsc"),
+    ),
 ];
 
 /// The contract's cancellation enum, onto which our reasons map.
@@ -72,9 +116,24 @@ struct Codec {
     /// The fingerprint as hex, bytes in header (little-endian) order.
     fingerprint: String,
     reader: GenericSingleObjectReader,
+    /// For a topic another service writes: a reader of messages written
+    /// with that service's schema (told apart by the fingerprint).
+    foreign: Option<Foreign>,
     /// Writes the single-object header (`C3 01` + fingerprint) and the
     /// datum; it keeps a buffer, so one message at a time.
     writer: Mutex<GenericSingleObjectWriter>,
+}
+
+struct Foreign {
+    header: Vec<u8>,
+    reader: GenericSingleObjectReader,
+}
+
+/// The single-object header of a schema: `C3 01` + its fingerprint.
+fn header_of(schema: &Schema) -> Vec<u8> {
+    let mut header = vec![0xC3, 0x01];
+    header.extend_from_slice(&fingerprint(schema));
+    header
 }
 
 /// The Avro spec's Parsing Canonical Form of a schema. apache-avro 0.22
@@ -129,6 +188,7 @@ impl apache_avro::headers::HeaderBuilder for SpecHeader {
 
 fn contract_reason(reason: CancelReason) -> (u32, &'static str) {
     match reason {
+        CancelReason::PaymentTimeout => (0, "PAYMENT_TIMEOUT"),
         CancelReason::StockShortage => (2, "STOCK_UNAVAILABLE"),
         CancelReason::CustomerRequest => (1, "USER_REQUESTED"),
         _ => (3, "SYSTEM_ERROR"),
@@ -180,6 +240,29 @@ fn optional(s: Option<&str>) -> Value {
 
 fn int(n: u32) -> Value {
     Value::Int(i32::try_from(n).unwrap_or(i32::MAX))
+}
+
+fn method(method: PaymentMethod) -> Value {
+    let index = PaymentMethod::ALL
+        .iter()
+        .position(|m| *m == method)
+        .unwrap_or_default();
+    Value::Enum(index as u32, method.as_str().to_string())
+}
+
+/// Product lines as the contract's item records.
+fn stock_items(items: &[StockItem]) -> Value {
+    Value::Array(
+        items
+            .iter()
+            .map(|i| {
+                record(vec![
+                    ("productId", string(&i.product_id)),
+                    ("quantity", int(i.quantity)),
+                ])
+            })
+            .collect(),
+    )
 }
 
 fn record(fields: Vec<(&str, Value)>) -> Value {
@@ -241,6 +324,21 @@ impl Fields {
         }
     }
 
+    fn time(&self, name: &str) -> Result<chrono::DateTime<Utc>, String> {
+        Utc.timestamp_millis_opt(self.millis(name)?)
+            .single()
+            .ok_or_else(|| format!("{name}: out of range"))
+    }
+
+    fn method(&self, name: &str) -> Result<PaymentMethod, String> {
+        match self.get(name)? {
+            Value::Enum(_, symbol) => symbol
+                .parse()
+                .map_err(|e: order_saga_domain::FieldError| format!("{name}: {}", e.message)),
+            other => Err(format!("{name}: expected an enum, got {other:?}")),
+        }
+    }
+
     fn money(&self, name: &str) -> Result<Money, String> {
         money(self.get(name)?).map_err(|e| format!("{name}: {e}"))
     }
@@ -260,13 +358,26 @@ impl Contract {
         for (topic, text) in SCHEMA_FILES {
             let schema = Schema::parse_str(text).map_err(|e| format!("schema of {topic}: {e}"))?;
             let fingerprint = fingerprint(&schema);
-            let mut header = vec![0xC3, 0x01];
-            header.extend_from_slice(&fingerprint);
+            let header = header_of(&schema);
             let reader = GenericSingleObjectReader::builder()
                 .schema(schema.clone())
                 .header(header.clone())
                 .build()
                 .map_err(|e| format!("schema of {topic}: {e}"))?;
+            let foreign = match FOREIGN_SCHEMA_FILES.iter().find(|(t, _)| *t == topic) {
+                Some((_, text)) => {
+                    let theirs = Schema::parse_str(text)
+                        .map_err(|e| format!("contract schema of {topic}: {e}"))?;
+                    let header = header_of(&theirs);
+                    let reader = GenericSingleObjectReader::builder()
+                        .schema(theirs)
+                        .header(header.clone())
+                        .build()
+                        .map_err(|e| format!("contract schema of {topic}: {e}"))?;
+                    Some(Foreign { header, reader })
+                }
+                None => None,
+            };
             let writer = GenericSingleObjectWriter::new_with_capacity_and_header_builder(
                 &schema,
                 512,
@@ -284,6 +395,7 @@ impl Contract {
                     fingerprint: fingerprint.iter().map(|b| format!("{b:02x}")).collect(),
                     schema,
                     reader,
+                    foreign,
                     writer: Mutex::new(writer),
                 },
             );
@@ -438,6 +550,89 @@ impl Contract {
                     ("releasedAt", Value::TimestampMillis(ms)),
                 ]);
             }
+            Body::PaymentCompleted {
+                payment_id,
+                user_id,
+                total_amount,
+                payment_method,
+                pg_approval_number,
+                completed_at,
+            } => {
+                // The payment contract puts paymentId before orderId.
+                fields.pop();
+                fields.extend([
+                    ("paymentId", string(payment_id)),
+                    ("orderId", string(&event.order_id)),
+                    ("userId", string(user_id)),
+                    ("totalAmount", decimal(*total_amount)),
+                    ("paymentMethod", method(*payment_method)),
+                    ("pgApprovalNumber", string(pg_approval_number)),
+                    ("completedAt", Value::Long(completed_at.timestamp_millis())),
+                ]);
+            }
+            Body::PaymentFailed {
+                payment_id,
+                user_id,
+                failure_reason,
+                failed_at,
+            } => {
+                fields.pop();
+                fields.extend([
+                    ("paymentId", string(payment_id)),
+                    ("orderId", string(&event.order_id)),
+                    ("userId", string(user_id)),
+                    ("failureReason", string(failure_reason)),
+                    ("failedAt", Value::Long(failed_at.timestamp_millis())),
+                ]);
+            }
+            Body::OrderPaid {
+                user_id,
+                payment_id,
+                total_amount,
+                payment_method,
+                items,
+            } => fields.extend([
+                ("userId", string(user_id)),
+                ("paymentId", string(payment_id)),
+                ("totalAmount", decimal(*total_amount)),
+                ("paymentMethod", method(*payment_method)),
+                ("items", stock_items(items)),
+                ("paidAt", Value::TimestampMillis(ms)),
+            ]),
+            Body::StockConfirmed {
+                payment_id,
+                confirmed_items,
+            } => fields.extend([
+                ("paymentId", string(payment_id)),
+                ("confirmedItems", stock_items(confirmed_items)),
+                ("confirmedAt", Value::Long(ms)),
+            ]),
+            Body::StockConfirmationFailed {
+                payment_id,
+                failure_reason,
+            } => fields.extend([
+                ("paymentId", string(payment_id)),
+                ("failureReason", string(failure_reason)),
+                ("failedAt", Value::Long(ms)),
+            ]),
+            Body::OrderExpired {
+                user_id,
+                expiration_reason,
+            } => fields.extend([
+                ("userId", string(user_id)),
+                ("expirationReason", string(expiration_reason)),
+                ("expiredAt", Value::Long(ms)),
+            ]),
+            Body::OrderCompleted {
+                user_id,
+                payment_id,
+                total_amount,
+            } => fields.extend([
+                ("userId", string(user_id)),
+                ("paymentId", string(payment_id)),
+                ("totalAmount", decimal(*total_amount)),
+                ("completedAt", Value::TimestampMillis(ms)),
+            ]),
         }
         fields.push(("correlationId", optional(event.correlation_id.as_deref())));
         fields.push(("causationId", optional(event.causation_id.as_deref())));
@@ -464,11 +659,15 @@ impl Contract {
     /// Decodes a single-object message of `topic` (checking its header and
     /// fingerprint) back into an integration event.
     pub fn decode(&self, topic: Topic, mut bytes: &[u8]) -> Result<IntegrationEvent, String> {
-        let value = self
-            .codec(topic)?
-            .reader
-            .read_value(&mut bytes)
-            .map_err(|e| format!("{topic}: {e}"))?;
+        let codec = self.codec(topic)?;
+        let value = match &codec.foreign {
+            Some(foreign) if bytes.starts_with(&foreign.header) => foreign
+                .reader
+                .read_value(&mut bytes)
+                .and_then(|theirs| theirs.resolve(&codec.schema)),
+            _ => codec.reader.read_value(&mut bytes),
+        }
+        .map_err(|e| format!("{topic}: {e}"))?;
         Self::from_value(topic, value)
     }
 
@@ -520,9 +719,7 @@ impl Contract {
                             CancelReason::StockShortage
                         }
                         Value::Enum(_, s) if s == "USER_REQUESTED" => CancelReason::CustomerRequest,
-                        Value::Enum(_, s) if s == "PAYMENT_TIMEOUT" => {
-                            CancelReason::PaymentWaitFailed
-                        }
+                        Value::Enum(_, s) if s == "PAYMENT_TIMEOUT" => CancelReason::PaymentTimeout,
                         Value::Enum(_, s) if CANCELLATION_REASONS.contains(&s.as_str()) => {
                             CancelReason::SagaTimeout
                         }
@@ -565,16 +762,50 @@ impl Contract {
             Topic::StockReleased => Body::StockReleased {
                 released_items: lines("releasedItems")?,
             },
+            Topic::PaymentCompleted => Body::PaymentCompleted {
+                payment_id: f.string("paymentId")?,
+                user_id: f.string("userId")?,
+                total_amount: f.money("totalAmount")?,
+                payment_method: f.method("paymentMethod")?,
+                pg_approval_number: f.string("pgApprovalNumber")?,
+                completed_at: f.time("completedAt")?,
+            },
+            Topic::PaymentFailed => Body::PaymentFailed {
+                payment_id: f.string("paymentId")?,
+                user_id: f.string("userId")?,
+                failure_reason: f.string("failureReason")?,
+                failed_at: f.time("failedAt")?,
+            },
+            Topic::OrderPaid => Body::OrderPaid {
+                user_id: f.string("userId")?,
+                payment_id: f.string("paymentId")?,
+                total_amount: f.money("totalAmount")?,
+                payment_method: f.method("paymentMethod")?,
+                items: lines("items")?,
+            },
+            Topic::StockConfirmed => Body::StockConfirmed {
+                payment_id: f.string("paymentId")?,
+                confirmed_items: lines("confirmedItems")?,
+            },
+            Topic::StockConfirmationFailed => Body::StockConfirmationFailed {
+                payment_id: f.string("paymentId")?,
+                failure_reason: f.string("failureReason")?,
+            },
+            Topic::OrderExpired => Body::OrderExpired {
+                user_id: f.string("userId")?,
+                expiration_reason: f.string("expirationReason")?,
+            },
+            Topic::OrderCompleted => Body::OrderCompleted {
+                user_id: f.string("userId")?,
+                payment_id: f.string("paymentId")?,
+                total_amount: f.money("totalAmount")?,
+            },
         };
-        let ms = f.millis("eventTimestamp")?;
         Ok(IntegrationEvent {
             event_id: Uuid::parse_str(&f.string("eventId")?)
                 .map_err(|e| format!("eventId: {e}"))?,
             order_id: f.string("orderId")?,
-            occurred_at: Utc
-                .timestamp_millis_opt(ms)
-                .single()
-                .ok_or("eventTimestamp out of range")?,
+            occurred_at: f.time("eventTimestamp")?,
             correlation_id: f.optional("correlationId")?,
             causation_id: f.optional("causationId")?,
             body,

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use order_saga_domain::{
-    CancelReason, Money, OrderEvent, OrderLine, ReservedLine, Shortage, StockItem,
+    CancelReason, Money, OrderEvent, OrderLine, PaymentMethod, ReservedLine, Shortage, StockItem,
     StockReservationEvent,
 };
 use serde::{Deserialize, Serialize};
@@ -36,10 +36,24 @@ pub enum Topic {
     StockReservationFailed,
     #[serde(rename = "stock.released")]
     StockReleased,
+    #[serde(rename = "payment.completed")]
+    PaymentCompleted,
+    #[serde(rename = "payment.failed")]
+    PaymentFailed,
+    #[serde(rename = "order.payment.completed")]
+    OrderPaid,
+    #[serde(rename = "stock.confirmed")]
+    StockConfirmed,
+    #[serde(rename = "stock.confirmation.failed")]
+    StockConfirmationFailed,
+    #[serde(rename = "order.expiration-notification")]
+    OrderExpired,
+    #[serde(rename = "order.completed")]
+    OrderCompleted,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 7] = [
+    pub const ALL: [Topic; 14] = [
         Topic::OrderCreated,
         Topic::OrderConfirmed,
         Topic::OrderCancelled,
@@ -47,7 +61,20 @@ impl Topic {
         Topic::StockReserved,
         Topic::StockReservationFailed,
         Topic::StockReleased,
+        Topic::PaymentCompleted,
+        Topic::PaymentFailed,
+        Topic::OrderPaid,
+        Topic::StockConfirmed,
+        Topic::StockConfirmationFailed,
+        Topic::OrderExpired,
+        Topic::OrderCompleted,
     ];
+
+    /// Published by the payment service, not by us: the relay never
+    /// publishes them (in-process, `payment simulate` puts them in the log).
+    pub fn is_inbound(self) -> bool {
+        matches!(self, Topic::PaymentCompleted | Topic::PaymentFailed)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -58,6 +85,13 @@ impl Topic {
             Topic::StockReserved => "stock.reserved",
             Topic::StockReservationFailed => "stock.reservation.failed",
             Topic::StockReleased => "stock.released",
+            Topic::PaymentCompleted => "payment.completed",
+            Topic::PaymentFailed => "payment.failed",
+            Topic::OrderPaid => "order.payment.completed",
+            Topic::StockConfirmed => "stock.confirmed",
+            Topic::StockConfirmationFailed => "stock.confirmation.failed",
+            Topic::OrderExpired => "order.expiration-notification",
+            Topic::OrderCompleted => "order.completed",
         }
     }
 }
@@ -115,6 +149,55 @@ pub enum Body {
     },
     #[serde(rename_all = "camelCase")]
     StockReleased { released_items: Vec<StockItem> },
+    /// From the payment service.
+    #[serde(rename_all = "camelCase")]
+    PaymentCompleted {
+        payment_id: String,
+        user_id: String,
+        total_amount: Money,
+        payment_method: PaymentMethod,
+        pg_approval_number: String,
+        completed_at: DateTime<Utc>,
+    },
+    /// From the payment service.
+    #[serde(rename_all = "camelCase")]
+    PaymentFailed {
+        payment_id: String,
+        user_id: String,
+        failure_reason: String,
+        failed_at: DateTime<Utc>,
+    },
+    /// The order took the payment: the stock side sells what it holds.
+    #[serde(rename_all = "camelCase")]
+    OrderPaid {
+        user_id: String,
+        payment_id: String,
+        total_amount: Money,
+        payment_method: PaymentMethod,
+        items: Vec<StockItem>,
+    },
+    #[serde(rename_all = "camelCase")]
+    StockConfirmed {
+        payment_id: String,
+        confirmed_items: Vec<StockItem>,
+    },
+    /// A payment the order did not take: the payment side refunds it.
+    #[serde(rename_all = "camelCase")]
+    StockConfirmationFailed {
+        payment_id: String,
+        failure_reason: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    OrderExpired {
+        user_id: String,
+        expiration_reason: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    OrderCompleted {
+        user_id: String,
+        payment_id: String,
+        total_amount: Money,
+    },
 }
 
 impl Body {
@@ -127,6 +210,13 @@ impl Body {
             Body::StockReserved { .. } => Topic::StockReserved,
             Body::StockReservationFailed { .. } => Topic::StockReservationFailed,
             Body::StockReleased { .. } => Topic::StockReleased,
+            Body::PaymentCompleted { .. } => Topic::PaymentCompleted,
+            Body::PaymentFailed { .. } => Topic::PaymentFailed,
+            Body::OrderPaid { .. } => Topic::OrderPaid,
+            Body::StockConfirmed { .. } => Topic::StockConfirmed,
+            Body::StockConfirmationFailed { .. } => Topic::StockConfirmationFailed,
+            Body::OrderExpired { .. } => Topic::OrderExpired,
+            Body::OrderCompleted { .. } => Topic::OrderCompleted,
         }
     }
 }
@@ -144,8 +234,9 @@ pub struct IntegrationEvent {
 
 /// The aggregate types whose events publish integration events (see
 /// [`IntegrationEvent::from_log`]); appends of others (products) are
-/// nothing for a reader of the topics.
-pub const SOURCES: &[&str] = &["Order", "StockReservation"];
+/// nothing for a reader of the topics. `Payment` holds the payment results
+/// that entered through the in-process bus.
+pub const SOURCES: &[&str] = &["Order", "StockReservation", PAYMENT_INBOX];
 
 impl IntegrationEvent {
     pub fn topic(&self) -> Topic {
@@ -196,6 +287,44 @@ impl IntegrationEvent {
                     items,
                     reason,
                 },
+                OrderEvent::PaymentCompleted {
+                    user_id,
+                    payment_id,
+                    total_amount,
+                    method,
+                    items,
+                    ..
+                } => Body::OrderPaid {
+                    user_id,
+                    payment_id,
+                    total_amount,
+                    payment_method: method,
+                    items,
+                },
+                OrderEvent::PaymentRejected {
+                    payment_id, reason, ..
+                } => Body::StockConfirmationFailed {
+                    payment_id,
+                    failure_reason: reason,
+                },
+                OrderEvent::PaymentWaitExpired {
+                    user_id,
+                    expiration_reason,
+                    ..
+                } => Body::OrderExpired {
+                    user_id,
+                    expiration_reason,
+                },
+                OrderEvent::OrderCompleted {
+                    user_id,
+                    payment_id,
+                    total_amount,
+                    ..
+                } => Body::OrderCompleted {
+                    user_id,
+                    payment_id,
+                    total_amount,
+                },
             },
             "StockReservation" => {
                 match StockReservationEvent::deserialize(&entry.payload)
@@ -213,9 +342,17 @@ impl IntegrationEvent {
                     StockReservationEvent::StockReleased { items, .. } => Body::StockReleased {
                         released_items: items,
                     },
+                    StockReservationEvent::StockConfirmed {
+                        payment_id, items, ..
+                    } => Body::StockConfirmed {
+                        payment_id,
+                        confirmed_items: items,
+                    },
                     StockReservationEvent::ReservationVoided { .. } => return Ok(None),
                 }
             }
+            PAYMENT_INBOX => Body::deserialize(&entry.payload)
+                .map_err(|e| format!("payment result at {}: {e}", entry.position))?,
             _ => return Ok(None),
         };
         let meta = |key: &str| {
@@ -235,6 +372,10 @@ impl IntegrationEvent {
         }))
     }
 }
+
+/// The aggregate type of the payment results entered through the
+/// in-process bus (`payment simulate`), one stream per order.
+pub const PAYMENT_INBOX: &str = "Payment";
 
 fn failure_reason(shortages: &[Shortage]) -> String {
     let parts: Vec<String> = shortages

@@ -9,7 +9,14 @@
 //! stock.reservation.failed -> order: cancel STOCK_SHORTAGE -> order.cancelled
 //! order.confirmed          -> order: start payment wait  -> order.payment.waiting
 //! order.cancelled          -> stock: release, if held    -> stock.released
-//! order.confirmed | order.payment.waiting | order.cancelled -> notifier
+//! order.payment.waiting    -> order: start the payment deadline (30 min)
+//! payment.completed        -> order: record the payment  -> order.payment.completed
+//!                                    | or reject it      -> stock.confirmation.failed
+//! order.payment.completed  -> stock: sell what is held   -> stock.confirmed
+//! stock.confirmed          -> order: complete            -> order.completed
+//! payment.failed           -> order: cancel PAYMENT_FAILED -> order.cancelled
+//! payment deadline         -> order: cancel PAYMENT_TIMEOUT -> order.expiration-notification, order.cancelled
+//! order.confirmed | order.payment.waiting | order.cancelled | order.completed -> notifier
 //! ```
 //!
 //! Idempotency: every effect is an aggregate command that carries the
@@ -23,6 +30,7 @@ pub mod integration;
 pub mod kafka;
 pub mod notifier;
 mod order;
+pub mod payment;
 mod runtime;
 mod stock;
 mod timers;
@@ -60,6 +68,9 @@ pub struct SagaConfig {
     pub confirm_retry_interval: Duration,
     pub payment_wait_retries: u32,
     pub payment_wait_retry_interval: Duration,
+    /// How long an order waits for its payment before it is cancelled
+    /// (PAYMENT_TIMEOUT), from when the wait opened.
+    pub payment_timeout: Duration,
     pub notify_retries: u32,
     pub notify_retry_interval: Duration,
     /// Tries of a message whose handler keeps failing before it is
@@ -88,6 +99,7 @@ impl Default for SagaConfig {
             confirm_retry_interval: Duration::from_secs(30),
             payment_wait_retries: 3,
             payment_wait_retry_interval: Duration::from_secs(60),
+            payment_timeout: Duration::from_secs(30 * 60),
             notify_retries: 3,
             notify_retry_interval: Duration::from_secs(10),
             handler_attempts: 5,
@@ -136,17 +148,22 @@ impl Side {
 
     pub fn topics(self) -> &'static [Topic] {
         match self {
-            Side::Stock => &[Topic::OrderCreated, Topic::OrderCancelled],
+            Side::Stock => &[Topic::OrderCreated, Topic::OrderCancelled, Topic::OrderPaid],
             Side::Order => &[
                 Topic::OrderCreated,
                 Topic::StockReserved,
                 Topic::StockReservationFailed,
                 Topic::OrderConfirmed,
+                Topic::PaymentWaitStarted,
+                Topic::PaymentCompleted,
+                Topic::PaymentFailed,
+                Topic::StockConfirmed,
             ],
             Side::Notifier => &[
                 Topic::OrderConfirmed,
                 Topic::PaymentWaitStarted,
                 Topic::OrderCancelled,
+                Topic::OrderCompleted,
             ],
         }
     }
@@ -420,6 +437,9 @@ impl Saga {
             (Side::Stock, Body::OrderCancelled { items, .. }) => {
                 self.release_stock(event, items.clone()).await
             }
+            (Side::Stock, Body::OrderPaid { payment_id, .. }) => {
+                self.sell_stock(event, payment_id.clone()).await
+            }
             (Side::Order, Body::OrderCreated { .. }) => self.start_deadlines(event).await,
             (Side::Order, Body::StockReserved { .. }) => {
                 let cause = Cause::of(event);
@@ -456,6 +476,12 @@ impl Saga {
                 self.try_payment_wait(&event.order_id, &Cause::of(event), 0)
                     .await
             }
+            (Side::Order, Body::PaymentWaitStarted { .. }) => {
+                self.start_payment_deadline(event).await
+            }
+            (Side::Order, Body::PaymentCompleted { .. }) => self.complete_payment(event).await,
+            (Side::Order, Body::PaymentFailed { .. }) => self.fail_payment(event).await,
+            (Side::Order, Body::StockConfirmed { .. }) => self.complete_order(event).await,
             (Side::Notifier, _) => match Notification::for_event(event) {
                 Some(notification) => self.notify(&notification, 0).await,
                 None => Ok(()),

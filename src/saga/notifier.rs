@@ -19,6 +19,7 @@ pub enum NotificationKind {
     OrderConfirmed,
     PaymentRequested,
     OrderCancelled,
+    OrderCompleted,
 }
 
 impl NotificationKind {
@@ -27,6 +28,7 @@ impl NotificationKind {
             NotificationKind::OrderConfirmed => "ORDER_CONFIRMED",
             NotificationKind::PaymentRequested => "PAYMENT_REQUESTED",
             NotificationKind::OrderCancelled => "ORDER_CANCELLED",
+            NotificationKind::OrderCompleted => "ORDER_COMPLETED",
         }
     }
 }
@@ -95,6 +97,17 @@ impl Notification {
                 format!("Your order was cancelled: {}.", reason.as_str()),
                 Some(*reason),
                 None,
+            ),
+            Body::OrderCompleted {
+                user_id,
+                total_amount,
+                ..
+            } => (
+                NotificationKind::OrderCompleted,
+                user_id,
+                "Your payment is received and your order is complete.".to_string(),
+                None,
+                Some(*total_amount),
             ),
             _ => return None,
         };

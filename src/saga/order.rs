@@ -208,7 +208,9 @@ impl Saga {
 
     /// The compensating transaction's first step: cancel the order (the
     /// stock side releases on order.cancelled). A no-op for an order that is
-    /// already cancelled or waiting for payment.
+    /// already cancelled, or that `reason` does not apply to any more (a
+    /// saga deadline once the payment wait is open, a failed payment once
+    /// the order is paid).
     pub(super) async fn cancel_order(
         &self,
         order_id: &str,
@@ -222,10 +224,23 @@ impl Saga {
         match self.order_command(order_id, command, cause).await? {
             Ok(Appended(appended)) => {
                 self.store.cancel_saga_timers(order_id).await?;
+                if reason == CancelReason::PaymentFailed {
+                    self.store
+                        .cancel_timers(TimerKind::PaymentTimeout, order_id)
+                        .await?;
+                }
                 if appended {
                     metrics::counter!("order_saga_compensations_total", "reason" => reason.as_str())
                         .increment(1);
-                    metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1);
+                    // A failed payment ends the payment wait; the creation
+                    // saga was counted when the wait opened.
+                    match reason {
+                        CancelReason::PaymentFailed => {
+                            metrics::counter!("order_saga_payments_total", "outcome" => "FAILED")
+                                .increment(1)
+                        }
+                        _ => metrics::counter!("order_saga_sagas_completed_total", "outcome" => "ORDER_CANCELLED").increment(1),
+                    }
                 }
                 Ok(())
             }
@@ -236,4 +251,4 @@ impl Saga {
 }
 
 /// Whether a command appended events (or found its effect already there).
-pub(super) struct Appended(bool);
+pub(super) struct Appended(pub(super) bool);

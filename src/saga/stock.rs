@@ -47,6 +47,22 @@ impl Saga {
         Ok(())
     }
 
+    /// The order was paid: what it holds is sold (`stock.confirmed`).
+    pub(super) async fn sell_stock(
+        &self,
+        event: &IntegrationEvent,
+        payment_id: String,
+    ) -> Result<(), HandlerError> {
+        let command = StockReservationCommand::SellStock {
+            order_id: event.order_id.clone(),
+            payment_id,
+            causation_id: Some(event.event_id),
+        };
+        self.stock_command(&event.order_id, command, &Cause::of(event))
+            .await?;
+        Ok(())
+    }
+
     pub(super) async fn stock_command(
         &self,
         order_id: &str,
@@ -64,6 +80,9 @@ impl Saga {
             .await
             .map_err(|e| match e {
                 AggregateError::UserError(StockReservationError::Invalid(e)) => {
+                    HandlerError::Permanent(e.to_string())
+                }
+                AggregateError::UserError(e @ StockReservationError::NothingHeld(_)) => {
                     HandlerError::Permanent(e.to_string())
                 }
                 AggregateError::UserError(StockReservationError::Ledger(e)) => {

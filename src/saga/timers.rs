@@ -80,6 +80,12 @@ impl Saga {
             TimerKind::PaymentWaitRetry => {
                 self.try_payment_wait(order_id, &cause, timer.attempt).await
             }
+            TimerKind::PaymentTimeout => {
+                if self.order_status(order_id).await? == Some(OrderStatus::PaymentWait) {
+                    self.expire_payment_wait(&cause, order_id).await?;
+                }
+                Ok(())
+            }
             TimerKind::NotifyRetry => {
                 let notification: Notification = serde_json::from_value(timer.payload.clone())
                     .map_err(|e| HandlerError::Permanent(format!("notification timer: {e}")))?;

@@ -29,6 +29,8 @@ pub enum TimerKind {
     PaymentWaitRetry,
     /// Try the customer notification again.
     NotifyRetry,
+    /// No payment result within the payment wait: cancel (PAYMENT_TIMEOUT).
+    PaymentTimeout,
 }
 
 impl TimerKind {
@@ -40,6 +42,7 @@ impl TimerKind {
             TimerKind::ConfirmRetry => "ConfirmRetry",
             TimerKind::PaymentWaitRetry => "PaymentWaitRetry",
             TimerKind::NotifyRetry => "NotifyRetry",
+            TimerKind::PaymentTimeout => "PaymentTimeout",
         }
     }
 
@@ -51,6 +54,7 @@ impl TimerKind {
             TimerKind::ConfirmRetry,
             TimerKind::PaymentWaitRetry,
             TimerKind::NotifyRetry,
+            TimerKind::PaymentTimeout,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -185,20 +189,28 @@ impl Store {
         Ok(())
     }
 
-    /// Drops every pending saga timer of the order (not its notification
-    /// retries), as [`Store::cancel_timers`] does for one kind.
+    /// Drops every pending timer of the creation saga for the order: not
+    /// its notification retries, nor its payment wait's deadline (a
+    /// redelivered step must not drop it; it goes once a payment result
+    /// ends the wait), as [`Store::cancel_timers`] does for one kind.
     pub async fn cancel_saga_timers(&self, order_id: &str) -> Result<(), StoreError> {
         let sql = match self {
             Store::Postgres(_) => {
                 "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
-                 DELETE FROM timers USING relaxed WHERE order_id = $1 AND kind <> $2"
+                 DELETE FROM timers USING relaxed WHERE order_id = $1 AND kind <> $2 AND kind <> $3"
             }
-            Store::Sqlite(_) => "DELETE FROM timers WHERE order_id = $1 AND kind <> $2",
+            Store::Sqlite(_) => {
+                "DELETE FROM timers WHERE order_id = $1 AND kind <> $2 AND kind <> $3"
+            }
         };
         write_statement!(
             self,
             sql,
-            [order_id.to_string(), TimerKind::NotifyRetry.as_str()]
+            [
+                order_id.to_string(),
+                TimerKind::NotifyRetry.as_str(),
+                TimerKind::PaymentTimeout.as_str()
+            ]
         )?;
         Ok(())
     }

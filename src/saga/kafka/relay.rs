@@ -168,6 +168,9 @@ impl Relay {
         let mut messages = 0;
         for entry in &entries {
             let event = match IntegrationEvent::from_log(entry) {
+                // Payment results entered in-process are the payment
+                // service's records, not ours to publish.
+                Ok(Some(event)) if event.topic().is_inbound() => continue,
                 Ok(Some(event)) => event,
                 Ok(None) => continue,
                 Err(e) => {

@@ -262,8 +262,14 @@ pub(crate) async fn claim(
 /// The read models' schema (the migration that creates them).
 pub(crate) fn read_model_ddl(store: &Store) -> &'static str {
     match store {
-        Store::Postgres(_) => include_str!("../../../migrations/postgres/0003_read_models.sql"),
-        Store::Sqlite(_) => include_str!("../../../migrations/sqlite/0003_read_models.sql"),
+        Store::Postgres(_) => concat!(
+            include_str!("../../../migrations/postgres/0003_read_models.sql"),
+            include_str!("../../../migrations/postgres/0009_read_models_payment.sql")
+        ),
+        Store::Sqlite(_) => concat!(
+            include_str!("../../../migrations/sqlite/0003_read_models.sql"),
+            include_str!("../../../migrations/sqlite/0009_read_models_payment.sql")
+        ),
     }
 }
 

@@ -71,15 +71,15 @@ impl Store {
     }
 
     pub async fn product_views(&self) -> Result<Vec<ProductRecord>, StoreError> {
-        let rows: Vec<(String, Option<String>, i64, i64)> = on_read_pool!(self, |pool| {
+        let rows: Vec<(String, Option<String>, i64, i64, i64)> = on_read_pool!(self, |pool| {
             sqlx::query_as(
-            "SELECT product_id, price, available, reserved FROM product_views ORDER BY product_id"
+            "SELECT product_id, price, available, reserved, sold FROM product_views ORDER BY product_id"
         )
         .fetch_all(pool)
         .await
         })?;
         rows.into_iter()
-            .map(|(product_id, price, available, reserved)| {
+            .map(|(product_id, price, available, reserved, sold)| {
                 Ok(ProductRecord {
                     product_id,
                     price: price
@@ -88,6 +88,7 @@ impl Store {
                         .map_err(|e| StoreError::CorruptRow(format!("price: {e}")))?,
                     available,
                     reserved,
+                    sold,
                 })
             })
             .collect()
@@ -127,19 +128,18 @@ struct OrderRow {
     payment_wait_at_ms: Option<i64>,
     cancelled_at_ms: Option<i64>,
     version: i64,
+    paid_at_ms: Option<i64>,
+    completed_at_ms: Option<i64>,
 }
 
 impl OrderRow {
     fn into_record(self) -> Result<OrderStatusView, StoreError> {
         let bad =
             |what: &str| StoreError::CorruptRow(format!("order view {}: {what}", self.order_id));
-        let status = match self.status.as_str() {
-            "ORDER_CREATED" => OrderStatus::OrderCreated,
-            "ORDER_CONFIRMED" => OrderStatus::OrderConfirmed,
-            "PAYMENT_WAIT" => OrderStatus::PaymentWait,
-            "ORDER_CANCELLED" => OrderStatus::OrderCancelled,
-            _ => return Err(bad("unknown status")),
-        };
+        let status = OrderStatus::ALL
+            .into_iter()
+            .find(|s| s.as_str() == self.status)
+            .ok_or_else(|| bad("unknown status"))?;
         Ok(OrderStatusView {
             status,
             items: serde_json::from_str(&self.items).map_err(|e| bad(&e.to_string()))?,
@@ -157,6 +157,8 @@ impl OrderRow {
             stock_replied_at_ms: self.stock_replied_at_ms,
             confirmed_at_ms: self.confirmed_at_ms,
             payment_wait_at_ms: self.payment_wait_at_ms,
+            paid_at_ms: self.paid_at_ms,
+            completed_at_ms: self.completed_at_ms,
             cancelled_at_ms: self.cancelled_at_ms,
             version: self.version,
             order_id: self.order_id,

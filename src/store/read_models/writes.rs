@@ -10,9 +10,9 @@ use crate::store::sql::{values_placeholders, Param};
 use crate::store::StoreError;
 
 /// A batch's stock changes per product: the last available level and the
-/// sum of the changes to `reserved` (one row per product: a multi-row
-/// upsert may touch each row once).
-pub(crate) type StockChanges = BTreeMap<String, (u32, i64)>;
+/// sums of the changes to `reserved` and `sold` (one row per product: a
+/// multi-row upsert may touch each row once).
+pub(crate) type StockChanges = BTreeMap<String, (u32, i64, i64)>;
 
 /// Rows per multi-row INSERT (7 parameters each, well under both
 /// databases' limits on bound parameters).
@@ -44,11 +44,15 @@ pub(crate) struct OrderInsert {
 /// The last value each column got in the batch; `None`: unchanged.
 #[derive(Default)]
 pub(crate) struct OrderPatch {
-    /// Status, cancel reason (set together: NULL unless cancelled) and version.
-    pub(crate) status: Option<(&'static str, Option<&'static str>, i64)>,
+    /// Status and cancel reason (set together: NULL unless cancelled).
+    pub(crate) status: Option<(&'static str, Option<&'static str>)>,
+    /// The last Order event applied.
+    pub(crate) version: Option<i64>,
     pub(crate) stock_replied_at_ms: Option<i64>,
     pub(crate) confirmed_at_ms: Option<i64>,
     pub(crate) payment_wait_at_ms: Option<i64>,
+    pub(crate) paid_at_ms: Option<i64>,
+    pub(crate) completed_at_ms: Option<i64>,
     pub(crate) cancelled_at_ms: Option<i64>,
 }
 
@@ -87,11 +91,12 @@ pub(crate) async fn add_orders(
     for chunk in set.chunks(ROWS_PER_INSERT) {
         let rows = (0..chunk.len())
             .map(|row| {
-                let p = |c: usize| row * 8 + c;
+                let p = |c: usize| row * 10 + c;
                 format!(
                     "(CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS BIGINT), \
-                     CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
-                    p(1), p(2), p(3), p(4), p(5), p(6), p(7), p(8)
+                     CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), \
+                     CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                    p(1), p(2), p(3), p(4), p(5), p(6), p(7), p(8), p(9), p(10)
                 )
             })
             .collect::<Vec<_>>()
@@ -104,14 +109,16 @@ pub(crate) async fn add_orders(
              stock_replied_at_ms = COALESCE(v.column5, order_views.stock_replied_at_ms), \
              confirmed_at_ms = COALESCE(v.column6, order_views.confirmed_at_ms), \
              payment_wait_at_ms = COALESCE(v.column7, order_views.payment_wait_at_ms), \
-             cancelled_at_ms = COALESCE(v.column8, order_views.cancelled_at_ms) \
+             cancelled_at_ms = COALESCE(v.column8, order_views.cancelled_at_ms), \
+             paid_at_ms = COALESCE(v.column9, order_views.paid_at_ms), \
+             completed_at_ms = COALESCE(v.column10, order_views.completed_at_ms) \
              FROM (VALUES {rows}) AS v WHERE order_views.order_id = v.column1"
         ));
-        let mut params = Vec::with_capacity(chunk.len() * 8);
+        let mut params = Vec::with_capacity(chunk.len() * 10);
         for (order_id, patch) in chunk {
-            let (status, reason, version) = match patch.status {
-                Some((status, reason, version)) => (Some(status), reason, Some(version)),
-                None => (None, None, None),
+            let (status, reason) = match patch.status {
+                Some((status, reason)) => (Some(status), reason),
+                None => (None, None),
             };
             // Numbers travel as text too: PostgreSQL keeps the parameter
             // types of a statement's first run, and a NULL is bound as text.
@@ -120,11 +127,13 @@ pub(crate) async fn add_orders(
                 order_id.as_str().into(),
                 status.into(),
                 reason.into(),
-                number(version),
+                number(patch.version),
                 number(patch.stock_replied_at_ms),
                 number(patch.confirmed_at_ms),
                 number(patch.payment_wait_at_ms),
                 number(patch.cancelled_at_ms),
+                number(patch.paid_at_ms),
+                number(patch.completed_at_ms),
             ]);
         }
         tx.run(sql, params).await?;
@@ -183,17 +192,19 @@ pub(crate) async fn add_stock(
     }
     // A new row's price stays NULL until the product's price is projected.
     let sql = target.sql(&format!(
-        "INSERT INTO product_views (product_id, available, reserved) VALUES {} \
+        "INSERT INTO product_views (product_id, available, reserved, sold) VALUES {} \
          ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, \
-         reserved = product_views.reserved + excluded.reserved",
-        values_placeholders(stock.len(), 3, 0)
+         reserved = product_views.reserved + excluded.reserved, \
+         sold = product_views.sold + excluded.sold",
+        values_placeholders(stock.len(), 4, 0)
     ));
-    let mut params = Vec::with_capacity(stock.len() * 3);
-    for (product_id, (available, reserved_delta)) in stock {
+    let mut params = Vec::with_capacity(stock.len() * 4);
+    for (product_id, (available, reserved_delta, sold_delta)) in stock {
         params.extend([
             product_id.as_str().into(),
             i64::from(*available).into(),
             (*reserved_delta).into(),
+            (*sold_delta).into(),
         ]);
     }
     tx.run(sql, params).await?;

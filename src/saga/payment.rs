@@ -1,0 +1,237 @@
+//! Payment results (SPEC §2's "next saga, payment"): how they reach the
+//! order side, and what it does with them.
+//!
+//! With Kafka they arrive on the payment service's topics. With the
+//! in-process bus they are appended to the log as events of the `Payment`
+//! stream of the order ([`PaymentInbox`]), which is what `order-saga payment
+//! simulate` does; either way the order side reads the same integration
+//! events.
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, AggregateError, DomainEvent};
+use order_saga_domain::{
+    CancelReason, FieldError, Order, OrderCommand, OrderError, PaymentRejection,
+};
+use serde::{Deserialize, Serialize};
+
+use super::integration::{Body, IntegrationEvent, PAYMENT_INBOX};
+use super::{store_failure, Cause, HandlerError, Saga};
+use crate::store::TimerKind;
+
+/// A payment result as stored in the in-process log: the integration
+/// event's body as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PaymentResult(pub Body);
+
+impl DomainEvent for PaymentResult {
+    fn event_type(&self) -> String {
+        match self.0 {
+            Body::PaymentCompleted { .. } => "PaymentCompleted",
+            _ => "PaymentFailed",
+        }
+        .to_string()
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_string()
+    }
+}
+
+/// The stream of payment results of one order (id = orderId), for the
+/// in-process bus: every result is appended as it comes; the order side
+/// tells repeats apart.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PaymentInbox;
+
+impl Aggregate for PaymentInbox {
+    const TYPE: &'static str = PAYMENT_INBOX;
+    type Command = PaymentResult;
+    type Event = PaymentResult;
+    type Error = FieldError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        match command.0.topic().is_inbound() {
+            true => sink.write(command, self).await,
+            false => {
+                return Err(FieldError::new(
+                    "result",
+                    format!("{} is not a payment result", command.0.topic()),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, _event: Self::Event) {}
+}
+
+impl Saga {
+    /// `payment.completed`: the order records the payment or its rejection.
+    /// A rejection tells the payment side to refund (`stock.confirmation.failed`,
+    /// from the stored rejection); one for a wrong amount is also a dead
+    /// letter, as is a payment for an order that does not exist.
+    pub(super) async fn complete_payment(
+        &self,
+        event: &IntegrationEvent,
+    ) -> Result<(), HandlerError> {
+        let Body::PaymentCompleted {
+            payment_id,
+            total_amount,
+            payment_method,
+            ..
+        } = &event.body
+        else {
+            return Ok(());
+        };
+        let cause = Cause::of(event);
+        let command = OrderCommand::CompletePayment {
+            payment_id: payment_id.clone(),
+            amount: *total_amount,
+            method: *payment_method,
+            causation_id: Some(cause.causation),
+        };
+        let done = match self
+            .store
+            .execute_retrying::<Order>(
+                &event.order_id,
+                command,
+                &self.order_services,
+                cause.metadata(),
+                20,
+            )
+            .await
+        {
+            Ok(done) => done,
+            Err(AggregateError::UserError(OrderError::NotFound)) => {
+                return Err(HandlerError::Permanent(format!(
+                    "payment {payment_id} is for order {}, which does not exist",
+                    event.order_id
+                )))
+            }
+            Err(AggregateError::UserError(e)) => {
+                return Err(HandlerError::Permanent(e.to_string()))
+            }
+            Err(e) => return Err(store_failure(e)),
+        };
+        if done.aggregate.payment_id.as_deref() == Some(payment_id.as_str()) {
+            self.store
+                .cancel_timers(TimerKind::PaymentTimeout, &event.order_id)
+                .await?;
+        }
+        let rejection = done.aggregate.rejection_of(payment_id);
+        if !done.events.is_empty() {
+            let outcome = match rejection {
+                Some(_) => "REJECTED",
+                None => "PAID",
+            };
+            metrics::counter!("order_saga_payments_total", "outcome" => outcome).increment(1);
+        }
+        match rejection {
+            Some((PaymentRejection::AmountMismatch, reason)) => Err(HandlerError::Permanent(
+                format!("payment {payment_id}: {reason}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `payment.failed`: the waiting order is cancelled (PAYMENT_FAILED);
+    /// for an order that moved on it is nothing.
+    pub(super) async fn fail_payment(&self, event: &IntegrationEvent) -> Result<(), HandlerError> {
+        if self.order_status(&event.order_id).await?.is_none() {
+            return Err(HandlerError::Permanent(format!(
+                "payment failure for order {}, which does not exist",
+                event.order_id
+            )));
+        }
+        self.cancel_order(
+            &event.order_id,
+            CancelReason::PaymentFailed,
+            &Cause::of(event),
+        )
+        .await
+    }
+
+    /// `order.payment.waiting`: the payment wait's deadline, counted from
+    /// when the wait opened.
+    pub(super) async fn start_payment_deadline(
+        &self,
+        event: &IntegrationEvent,
+    ) -> Result<(), HandlerError> {
+        if self.order_status(&event.order_id).await?
+            != Some(order_saga_domain::OrderStatus::PaymentWait)
+        {
+            return Ok(());
+        }
+        let mut deadline = self.timer(
+            TimerKind::PaymentTimeout,
+            &event.order_id,
+            0,
+            std::time::Duration::ZERO,
+            event.event_id,
+            event.correlation_id.clone(),
+        );
+        deadline.due_at = event.occurred_at
+            + chrono::Duration::from_std(self.config.payment_timeout)
+                .unwrap_or(chrono::Duration::MAX);
+        self.store.schedule_timer(&deadline).await?;
+        Ok(())
+    }
+
+    /// `stock.confirmed`: the paid order is complete.
+    pub(super) async fn complete_order(
+        &self,
+        event: &IntegrationEvent,
+    ) -> Result<(), HandlerError> {
+        let command = OrderCommand::CompleteOrder {
+            causation_id: Some(event.event_id),
+        };
+        match self
+            .order_command(&event.order_id, command, &Cause::of(event))
+            .await?
+        {
+            Ok(appended) => {
+                if appended.0 {
+                    metrics::counter!("order_saga_payments_total", "outcome" => "COMPLETED")
+                        .increment(1);
+                }
+                Ok(())
+            }
+            Err(OrderError::InvalidTransition { .. }) => Ok(()),
+            Err(e) => Err(HandlerError::Permanent(e.to_string())),
+        }
+    }
+
+    /// The payment wait ran out: cancel (PAYMENT_TIMEOUT), which publishes
+    /// `order.expiration-notification` and `order.cancelled`.
+    pub(super) async fn expire_payment_wait(
+        &self,
+        cause: &Cause,
+        order_id: &str,
+    ) -> Result<(), HandlerError> {
+        let minutes = self.config.payment_timeout.as_secs().div_ceil(60);
+        let command = OrderCommand::ExpirePaymentWait {
+            expiration_reason: format!("payment time exceeded ({minutes} min)"),
+            causation_id: Some(cause.causation),
+        };
+        match self.order_command(order_id, command, cause).await? {
+            Ok(appended) => {
+                if appended.0 {
+                    metrics::counter!("order_saga_payments_total", "outcome" => "EXPIRED")
+                        .increment(1);
+                    metrics::counter!("order_saga_compensations_total", "reason" => CancelReason::PaymentTimeout.as_str())
+                        .increment(1);
+                }
+                Ok(())
+            }
+            Err(OrderError::InvalidTransition { .. }) => Ok(()),
+            Err(e) => Err(HandlerError::Permanent(e.to_string())),
+        }
+    }
+}
