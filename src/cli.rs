@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use order_saga_domain::Money;
+use order_saga_domain::{Money, PaymentMethod};
 
 use chrono::{DateTime, Utc};
 
@@ -121,6 +121,51 @@ pub enum Command {
     ///
     /// Example: order-saga token --sub u-1 --role operator --secret "$AUTH_JWT_SECRET"
     Token(crate::auth::TokenArgs),
+    /// Payment results for development, as the payment service sends them.
+    #[command(subcommand)]
+    Payment(PaymentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PaymentCommand {
+    /// Send a payment result for an order waiting for its payment, as the
+    /// payment service would: to the payment.completed / payment.failed
+    /// topic with KAFKA_BROKERS set, else into the store's log, where the
+    /// in-process bus of a running service picks it up. Prints the event.
+    ///
+    /// Example: order-saga payment simulate 3f2c… --result completed --method CARD
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The order's id.
+    pub order_id: String,
+    /// Whether the payment went through.
+    #[arg(long, value_enum)]
+    pub result: PaymentOutcome,
+    /// How the customer paid: CARD, BANK_TRANSFER, KAKAO_PAY, NAVER_PAY or TOSS.
+    #[arg(long, default_value = "CARD", value_parser = parse_method)]
+    pub method: PaymentMethod,
+    /// The amount paid, a decimal with at most 2 places [default: the
+    /// order's total].
+    #[arg(long, value_parser = parse_money)]
+    pub amount: Option<Money>,
+    /// Why a failed payment failed.
+    #[arg(long, default_value = "card declined")]
+    pub reason: String,
+    /// The payment's id [default: a new one]; give one again to send a
+    /// second result for the same payment.
+    #[arg(long)]
+    pub payment_id: Option<String>,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PaymentOutcome {
+    Completed,
+    Failed,
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,6 +320,10 @@ pub struct SagaArgs {
     /// Time between payment-wait retries.
     #[arg(long, env = "PAYMENT_WAIT_RETRY_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
     pub payment_wait_retry_interval: Duration,
+    /// Cancel (PAYMENT_TIMEOUT) an order still waiting for its payment this
+    /// long after the wait opened, returning its stock.
+    #[arg(long, env = "PAYMENT_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub payment_timeout: Duration,
     /// Retries of a failed customer notification.
     #[arg(long, env = "NOTIFY_RETRIES", default_value_t = 3)]
     pub notify_retries: u32,
@@ -299,6 +348,7 @@ impl SagaArgs {
             confirm_retry_interval: self.confirm_retry_interval,
             payment_wait_retries: self.payment_wait_retries,
             payment_wait_retry_interval: self.payment_wait_retry_interval,
+            payment_timeout: self.payment_timeout,
             notify_retries: self.notify_retries,
             notify_retry_interval: self.notify_retry_interval,
             handler_concurrency: usize::from(self.handler_concurrency),
@@ -353,6 +403,10 @@ fn parse_money(text: &str) -> Result<Money, String> {
     text.parse::<Money>().map_err(|e| e.to_string())
 }
 
+fn parse_method(text: &str) -> Result<PaymentMethod, String> {
+    text.parse::<PaymentMethod>().map_err(|e| e.message)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -392,6 +446,26 @@ mod tests {
                 "127.0.0.1:8080"
             );
         }
+    }
+
+    #[test]
+    fn a_bad_payment_method_is_refused_by_name() {
+        let err = Cli::try_parse_from([
+            "order-saga",
+            "payment",
+            "simulate",
+            "o-1",
+            "--result",
+            "completed",
+            "--method",
+            "CASH",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--method") && err.contains("KAKAO_PAY"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use order_saga::analytics::{self, ReplayFilter};
 use order_saga::auth::Authenticator;
-use order_saga::cli::{Cli, Command, ProductCommand, ServeArgs};
+use order_saga::cli::{Cli, Command, PaymentCommand, PaymentOutcome, ProductCommand, ServeArgs};
 use order_saga::cli::{OutputFormat, ProjectionsCommand, ReplayArgs};
 use order_saga::health::{pause, Readiness, Shutdown};
 use order_saga::http::HttpState;
@@ -20,6 +20,7 @@ use order_saga::read_models::{ReadModels, PROJECTIONS_ROLE};
 use order_saga::saga::avro::Contract;
 use order_saga::saga::kafka::{KafkaTransport, Relay, RELAY_ROLE};
 use order_saga::saga::notifier::{LogNotifier, Notifier, WebhookNotifier};
+use order_saga::saga::payment::{self, SimulatedPayment};
 use order_saga::saga::transport::{LogTransport, Transport};
 use order_saga::saga::{Saga, SagaOptions, Side};
 use order_saga::service::{App, OrderView, ProductView};
@@ -153,6 +154,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay(args) => replay(&store, args).await,
+        Command::Payment(PaymentCommand::Simulate(args)) => {
+            let kafka = args.kafka.config().map_err(anyhow::Error::msg)?;
+            let payment = SimulatedPayment {
+                order_id: args.order_id.clone(),
+                completed: args.result == PaymentOutcome::Completed,
+                method: args.method,
+                amount: args.amount,
+                failure_reason: args.reason,
+                payment_id: args.payment_id,
+            };
+            let body = payment::simulate(&store, kafka.as_ref(), payment)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let sent = serde_json::json!({
+                "topic": body.topic().as_str(),
+                "orderId": args.order_id,
+                "via": if kafka.is_some() { "kafka" } else { "log" },
+                "event": body,
+            });
+            println!("{sent}");
+            Ok(())
+        }
         Command::Projections(ProjectionsCommand::Rebuild { name }) => {
             rebuild_projections(&store, &name).await
         }
@@ -458,14 +481,14 @@ async fn replay(store: &Store, args: ReplayArgs) -> anyhow::Result<()> {
 
 fn print_products(products: &[ProductView]) {
     println!(
-        "{:<24} {:>14} {:>10} {:>10}",
-        "PRODUCT", "PRICE", "AVAILABLE", "RESERVED"
+        "{:<24} {:>14} {:>10} {:>10} {:>10}",
+        "PRODUCT", "PRICE", "AVAILABLE", "RESERVED", "SOLD"
     );
     for p in products {
         let price = p.price.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:>14} {:>10} {:>10}",
-            p.product_id, price, p.available, p.reserved
+            "{:<24} {:>14} {:>10} {:>10} {:>10}",
+            p.product_id, price, p.available, p.reserved, p.sold
         );
     }
 }

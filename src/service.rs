@@ -175,6 +175,8 @@ pub struct ProductView {
     pub price: Option<Money>,
     pub available: u32,
     pub reserved: u64,
+    /// Units sold to paid orders.
+    pub sold: u64,
 }
 
 impl ProductView {
@@ -184,6 +186,7 @@ impl ProductView {
             price: product.price,
             available: product.available,
             reserved: product.reserved,
+            sold: product.sold,
         }
     }
 }

@@ -10,13 +10,16 @@
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, AggregateError, DomainEvent};
 use order_saga_domain::{
-    CancelReason, FieldError, Order, OrderCommand, OrderError, PaymentRejection,
+    CancelReason, FieldError, Money, Order, OrderCommand, OrderError, PaymentMethod,
+    PaymentRejection,
 };
 use serde::{Deserialize, Serialize};
 
+use super::avro::Contract;
 use super::integration::{Body, IntegrationEvent, PAYMENT_INBOX};
+use super::kafka::KafkaConfig;
 use super::{store_failure, Cause, HandlerError, Saga};
-use crate::store::TimerKind;
+use crate::store::{Store, TimerKind};
 
 /// A payment result as stored in the in-process log: the integration
 /// event's body as it is.
@@ -70,6 +73,90 @@ impl Aggregate for PaymentInbox {
     }
 
     fn apply(&mut self, _event: Self::Event) {}
+}
+
+/// A payment result made up for development (`order-saga payment
+/// simulate`).
+#[derive(Debug, Clone)]
+pub struct SimulatedPayment {
+    pub order_id: String,
+    pub completed: bool,
+    pub method: PaymentMethod,
+    /// `None`: the order's total.
+    pub amount: Option<Money>,
+    pub failure_reason: String,
+    /// `None`: a new payment id.
+    pub payment_id: Option<String>,
+}
+
+/// Sends a payment result for an existing order, as the payment service
+/// would: to its topic with Kafka, else into the store's log (the
+/// `Payment` stream of the order). Returns what was sent.
+pub async fn simulate(
+    store: &Store,
+    kafka: Option<&KafkaConfig>,
+    payment: SimulatedPayment,
+) -> Result<Body, String> {
+    let order = store
+        .load::<Order>(&payment.order_id)
+        .await
+        .map_err(|e| format!("loading the order: {e}"))?
+        .map(|(order, _)| order)
+        .filter(|order| order.status.is_some())
+        .ok_or_else(|| format!("orderId: unknown order '{}'", payment.order_id))?;
+    let now = chrono::Utc::now();
+    let payment_id = payment
+        .payment_id
+        .unwrap_or_else(|| format!("pay-{}", uuid::Uuid::new_v4()));
+    let body = match payment.completed {
+        true => Body::PaymentCompleted {
+            payment_id,
+            user_id: order.user_id.clone(),
+            total_amount: payment.amount.unwrap_or(order.total_amount),
+            payment_method: payment.method,
+            pg_approval_number: format!("SIM-{}", now.timestamp_millis()),
+            completed_at: now,
+        },
+        false => Body::PaymentFailed {
+            payment_id,
+            user_id: order.user_id.clone(),
+            failure_reason: payment.failure_reason,
+            failed_at: now,
+        },
+    };
+    let event = IntegrationEvent {
+        event_id: uuid::Uuid::new_v4(),
+        order_id: payment.order_id.clone(),
+        occurred_at: now,
+        correlation_id: None,
+        causation_id: None,
+        body: body.clone(),
+    };
+    match kafka {
+        Some(config) => {
+            let contract = Contract::load()?;
+            super::kafka::publish_one(config, &contract, &event)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(body)
+        }
+        None => {
+            let done = store
+                .execute_retrying::<PaymentInbox>(
+                    &payment.order_id,
+                    PaymentResult(body.clone()),
+                    &(),
+                    std::collections::HashMap::new(),
+                    20,
+                )
+                .await
+                .map_err(|e| format!("storing the payment result: {e}"))?;
+            if done.events.is_empty() {
+                return Err("the payment result was not stored".into());
+            }
+            Ok(body)
+        }
+    }
 }
 
 impl Saga {

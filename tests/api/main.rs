@@ -17,6 +17,7 @@ mod helpers;
 mod instances;
 mod kafka;
 mod orders;
+mod payment;
 mod read_side;
 mod saga;
 mod stock;

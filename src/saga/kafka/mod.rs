@@ -97,7 +97,7 @@ impl KafkaConfig {
         config
     }
 
-    fn producer(&self) -> Result<FutureProducer, TransportError> {
+    pub(crate) fn producer(&self) -> Result<FutureProducer, TransportError> {
         self.client(
             &self.producer,
             &[
@@ -413,6 +413,43 @@ impl Subscription for KafkaSubscription {
     fn waits(&self) -> bool {
         true
     }
+}
+
+/// Publishes one integration event as the relay does (Avro, keyed by
+/// `orderId`, the same headers), waiting for the broker's acknowledgement:
+/// for `order-saga payment simulate`.
+pub async fn publish_one(
+    config: &KafkaConfig,
+    contract: &Contract,
+    event: &super::integration::IntegrationEvent,
+) -> Result<(), TransportError> {
+    create_topics(config).await?;
+    let bytes = contract.encode(event).map_err(broker)?;
+    let topic = config.topic(event.topic());
+    let event_id = event.event_id.to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "eventId",
+            value: Some(&event_id),
+        })
+        .insert(Header {
+            key: "eventType",
+            value: Some(contract.record_name(event.topic())),
+        })
+        .insert(Header {
+            key: "schemaFingerprint",
+            value: Some(contract.fingerprint(event.topic())),
+        });
+    let record = FutureRecord::to(&topic)
+        .key(&event.order_id)
+        .payload(&bytes)
+        .headers(headers);
+    config
+        .producer()?
+        .send(record, Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| broker(e))
 }
 
 /// Sends messages that could not be handled to `<topic>.dlq`.
