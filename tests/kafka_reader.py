@@ -18,7 +18,9 @@ from fastavro import parse_schema, schemaless_reader
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 TOPICS = ["order.created", "order.confirmed", "order.cancelled", "order.payment.waiting",
-          "stock.reserved", "stock.reservation.failed", "stock.released"]
+          "stock.reserved", "stock.reservation.failed", "stock.released",
+          "order.payment.completed", "stock.confirmed", "stock.confirmation.failed",
+          "order.expiration-notification", "order.completed"]
 # Saga order: a topic's events for one order never come before these.
 AFTER = {
     "stock.reserved": ["order.created"],
@@ -27,6 +29,11 @@ AFTER = {
     "order.payment.waiting": ["order.confirmed"],
     "order.cancelled": ["order.created"],
     "stock.released": ["stock.reserved", "order.cancelled"],
+    "order.payment.completed": ["order.payment.waiting"],
+    "stock.confirmed": ["order.payment.completed"],
+    "order.completed": ["stock.confirmed"],
+    "order.expiration-notification": ["order.payment.waiting"],
+    "stock.confirmation.failed": ["order.created"],
 }
 
 

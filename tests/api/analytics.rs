@@ -362,7 +362,7 @@ async fn product_history_lists_stock_movements_with_their_orders(backend: Backen
         .expect("quantity");
     assert_eq!(
         shown[0],
-        json!({"productId": "p-1", "price": "5.00", "available": 4 - held_quantity, "reserved": held_quantity})
+        json!({"productId": "p-1", "price": "5.00", "available": 4 - held_quantity, "reserved": held_quantity, "sold": 0})
     );
     let (ok, _, err) = run(&t, &["product", "history", "p-404"]).await;
     assert!(!ok && err.contains("productId"), "{err}");

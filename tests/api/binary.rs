@@ -15,7 +15,7 @@ use crate::on_both_backends;
 
 on_both_backends!(the_binary_serves_orders_priced_by_product_set_across_a_restart);
 
-fn order_saga(t: &TestStore) -> Command {
+pub(crate) fn order_saga(t: &TestStore) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_order-saga"));
     command
         .env_remove("DATABASE_URL")

@@ -11,7 +11,9 @@ use apache_avro::types::Value;
 use chrono::{TimeZone, Utc};
 use order_saga::saga::avro::{compatible, Contract, SCHEMA_FILES};
 use order_saga::saga::integration::{Body, IntegrationEvent, Topic};
-use order_saga_domain::{CancelReason, OrderLine, ReservedLine, Shortage, StockItem};
+use order_saga_domain::{
+    CancelReason, OrderLine, PaymentMethod, ReservedLine, Shortage, StockItem,
+};
 use uuid::Uuid;
 
 fn event(body: Body) -> IntegrationEvent {
@@ -85,7 +87,55 @@ fn samples() -> Vec<IntegrationEvent> {
                 quantity: 2,
             }],
         }),
+        event(Body::PaymentCompleted {
+            payment_id: "pay-1".into(),
+            user_id: "u-1".into(),
+            total_amount: m("25800.05"),
+            payment_method: PaymentMethod::KakaoPay,
+            pg_approval_number: "PG-77".into(),
+            completed_at: at(1_764_000_000_456),
+        }),
+        event(Body::PaymentFailed {
+            payment_id: "pay-2".into(),
+            user_id: "u-1".into(),
+            failure_reason: "card declined".into(),
+            failed_at: at(1_764_000_000_789),
+        }),
+        event(Body::OrderPaid {
+            user_id: "u-1".into(),
+            payment_id: "pay-1".into(),
+            total_amount: m("25800.05"),
+            payment_method: PaymentMethod::Toss,
+            items: vec![StockItem {
+                product_id: "p-1".into(),
+                quantity: 2,
+            }],
+        }),
+        event(Body::StockConfirmed {
+            payment_id: "pay-1".into(),
+            confirmed_items: vec![StockItem {
+                product_id: "p-1".into(),
+                quantity: 2,
+            }],
+        }),
+        event(Body::StockConfirmationFailed {
+            payment_id: "pay-3".into(),
+            failure_reason: "order cancelled (PAYMENT_TIMEOUT)".into(),
+        }),
+        event(Body::OrderExpired {
+            user_id: "u-1".into(),
+            expiration_reason: "payment time exceeded (30 min)".into(),
+        }),
+        event(Body::OrderCompleted {
+            user_id: "u-1".into(),
+            payment_id: "pay-1".into(),
+            total_amount: m("25800.05"),
+        }),
     ]
+}
+
+fn at(ms: i64) -> chrono::DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().expect("time")
 }
 
 fn contract_schema(topic: Topic) -> Option<Schema> {
@@ -193,13 +243,50 @@ fn a_consumer_holding_only_the_contract_reads_every_event_we_write() {
                 };
                 assert_eq!(field(&items[0], "availableStock"), &Value::Int(3));
             }
+            Topic::PaymentCompleted => {
+                assert_eq!(
+                    field(&value, "paymentMethod"),
+                    &Value::Enum(2, "KAKAO_PAY".into())
+                );
+                assert_eq!(decimal_text(field(&value, "totalAmount")), "25800.05");
+                assert_eq!(
+                    field(&value, "completedAt"),
+                    &Value::Long(1_764_000_000_456)
+                );
+            }
+            Topic::PaymentFailed => {
+                assert_eq!(
+                    field(&value, "failureReason"),
+                    &Value::String("card declined".into())
+                );
+            }
+            Topic::StockConfirmed => {
+                let Value::Array(items) = field(&value, "confirmedItems") else {
+                    panic!("items")
+                };
+                assert_eq!(field(&items[0], "quantity"), &Value::Int(2));
+                assert_eq!(field(&value, "paymentId"), &Value::String("pay-1".into()));
+            }
+            Topic::StockConfirmationFailed => {
+                assert_eq!(
+                    field(&value, "failureReason"),
+                    &Value::String("order cancelled (PAYMENT_TIMEOUT)".into())
+                );
+            }
+            Topic::OrderExpired => {
+                assert_eq!(
+                    field(&value, "expirationReason"),
+                    &Value::String("payment time exceeded (30 min)".into())
+                );
+                assert_eq!(field(&value, "expiredAt"), &Value::Long(1_764_000_000_123));
+            }
             _ => {}
         }
         // Our additions are not in the reader's view.
         assert!(matches!(&value, Value::Record(f) if f.iter().all(|(n, _)| n != "correlationId")));
         read += 1;
     }
-    assert_eq!(read, 5, "the five contract events");
+    assert_eq!(read, 10, "the ten contract events");
 }
 
 #[test]
@@ -210,6 +297,8 @@ fn cancel_reasons_map_onto_the_contract_enum() {
         (CancelReason::CustomerRequest, "USER_REQUESTED"),
         (CancelReason::SagaTimeout, "SYSTEM_ERROR"),
         (CancelReason::StockReservationTimeout, "SYSTEM_ERROR"),
+        (CancelReason::PaymentTimeout, "PAYMENT_TIMEOUT"),
+        (CancelReason::PaymentFailed, "SYSTEM_ERROR"),
     ] {
         let sample = event(Body::OrderCancelled {
             user_id: "u".into(),
@@ -267,6 +356,52 @@ fn each_schema_reads_data_written_by_its_previous_version() {
     );
 }
 
+/// The payment service writes with its own schema (no correlationId or
+/// causationId): we read its records by schema resolution.
+#[test]
+fn a_payment_record_written_with_the_contract_schema_is_read() {
+    let contract = Contract::load().expect("schemas");
+    let theirs = contract_schema(Topic::PaymentCompleted).expect("contract");
+    let record = Value::Record(vec![
+        ("eventId".into(), Value::String(Uuid::nil().to_string())),
+        (
+            "eventTimestamp".into(),
+            Value::TimestampMillis(1_764_000_000_000),
+        ),
+        ("paymentId".into(), Value::String("pay-7".into())),
+        ("orderId".into(), Value::String("o-7".into())),
+        ("userId".into(), Value::String("u-7".into())),
+        (
+            "totalAmount".into(),
+            Value::Decimal(apache_avro::Decimal::from(vec![0, 0, 0, 0x01, 0x00])),
+        ),
+        ("paymentMethod".into(), Value::Enum(4, "TOSS".into())),
+        ("pgApprovalNumber".into(), Value::String("PG-1".into())),
+        ("completedAt".into(), Value::Long(1_764_000_000_001)),
+    ]);
+    let mut bytes = vec![0xC3, 0x01];
+    bytes.extend_from_slice(&order_saga::saga::avro::fingerprint(&theirs));
+    bytes.extend(apache_avro::to_avro_datum(&theirs, record).expect("their writer"));
+    let event = contract
+        .decode(Topic::PaymentCompleted, &bytes)
+        .expect("read by resolution");
+    assert_eq!(event.order_id, "o-7");
+    assert_eq!(event.correlation_id, None);
+    match event.body {
+        Body::PaymentCompleted {
+            payment_id,
+            total_amount,
+            payment_method,
+            ..
+        } => {
+            assert_eq!(payment_id, "pay-7");
+            assert_eq!(total_amount.to_string(), "2.56");
+            assert_eq!(payment_method, PaymentMethod::Toss);
+        }
+        other => panic!("not a payment: {other:?}"),
+    }
+}
+
 #[test]
 fn a_breaking_change_is_rejected() {
     let contract = Contract::load().expect("schemas");
@@ -305,6 +440,13 @@ fn fingerprints_are_the_ones_standard_tools_compute() {
         (Topic::StockReserved, "df9802a5df7325fd"),
         (Topic::StockReservationFailed, "eb22bf5fd38c8525"),
         (Topic::StockReleased, "09193b44ece4093d"),
+        (Topic::PaymentCompleted, "cdf238cdf44cbf6b"),
+        (Topic::PaymentFailed, "893fdc70e4bb9a2b"),
+        (Topic::OrderPaid, "4bfd2276d4ab2ffb"),
+        (Topic::StockConfirmed, "0855f3b773acb7b0"),
+        (Topic::StockConfirmationFailed, "c0f3ad017eefc6e3"),
+        (Topic::OrderExpired, "9c0de9b33b6ef822"),
+        (Topic::OrderCompleted, "ca4a7614f154e614"),
     ] {
         assert_eq!(contract.fingerprint(topic), expected, "{topic}");
     }

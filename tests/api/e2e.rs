@@ -158,6 +158,19 @@ pub(crate) async fn wait_until_ended(
     since: Instant,
     within: Duration,
 ) -> Duration {
+    let ended = [OrderStatus::PaymentWait, OrderStatus::OrderCancelled];
+    wait_until_in(store, ids, &ended, since, within).await
+}
+
+/// Waits until every order in `ids` is in one of `statuses`, at most
+/// `within` after `since`. Returns the time from `since`.
+pub(crate) async fn wait_until_in(
+    store: &Store,
+    ids: &[String],
+    statuses: &[OrderStatus],
+    since: Instant,
+    within: Duration,
+) -> Duration {
     let mut open: Vec<&String> = ids.iter().collect();
     while !open.is_empty() {
         let mut still = Vec::new();
@@ -166,17 +179,14 @@ pub(crate) async fn wait_until_ended(
                 Ok(loaded) => loaded.and_then(|(o, _)| o.status),
                 Err(_) => None,
             };
-            if !matches!(
-                status,
-                Some(OrderStatus::PaymentWait | OrderStatus::OrderCancelled)
-            ) {
+            if !status.is_some_and(|s| statuses.contains(&s)) {
                 still.push(id);
             }
         }
         open = still;
         assert!(
             since.elapsed() < within,
-            "{} of {} orders had not ended within {within:?}",
+            "{} of {} orders had not reached {statuses:?} within {within:?}",
             open.len(),
             ids.len()
         );

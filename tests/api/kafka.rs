@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use order_saga::saga::integration::IntegrationEvent;
 use order_saga::store::Store;
+use order_saga_domain::{CancelReason, Order, OrderStatus};
 use serde_json::Value;
 use tokio::process::Command;
 use tokio::sync::{Mutex, MutexGuard};
@@ -18,7 +19,7 @@ use tokio::sync::{Mutex, MutexGuard};
 use crate::binary::serve_with;
 use crate::e2e::{
     assert_outcome, order_lines, post_orders, report, stock_half_the_demand, wait_until_all_end,
-    ORDERS,
+    wait_until_in, ORDERS,
 };
 use crate::helpers::{metrics_text, Backend, TestStore};
 
@@ -305,5 +306,173 @@ async fn a_poison_message_goes_to_the_dead_letter_topic_with_its_error() {
     wait_until_all_end(&t.store, std::slice::from_ref(&id)).await;
     server.start_kill().expect("stop");
     let _ = server.wait().await;
+    t.cleanup().await;
+}
+
+/// Runs `order-saga payment simulate` against the test's store and broker.
+async fn simulate(t: &TestStore, prefix: &str, order_id: &str, args: &[&str]) {
+    let output = crate::binary::order_saga(t)
+        .envs(kafka_env(prefix))
+        .args(["payment", "simulate", order_id])
+        .args(args)
+        .output()
+        .await
+        .expect("run payment simulate");
+    assert!(
+        output.status.success(),
+        "payment simulate: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let sent: Value = serde_json::from_slice(&output.stdout).expect("the event sent, as JSON");
+    assert_eq!(sent["via"], "kafka", "{sent}");
+}
+
+async fn order_events(store: &Store, order_id: &str) -> Vec<String> {
+    use cqrs_es::DomainEvent;
+    store
+        .load_events::<Order>(order_id)
+        .await
+        .expect("events")
+        .iter()
+        .map(|e| e.payload.event_type())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payment_results_from_the_broker_complete_cancel_expire_and_refund_and_every_new_topic_reads_back(
+) {
+    let _broker = broker_lock().await;
+    let t = TestStore::new(Backend::Postgres).await;
+    let prefix = format!("{}.", t.schema);
+    let app = order_saga::service::App::new(t.store.clone());
+    for product in ["p-1", "p-2"] {
+        app.set_product(product, Some("5.00".parse().expect("price")), Some(100))
+            .await
+            .expect("stock");
+    }
+    // A payment wait short enough to expire during the test, long enough
+    // for the four payments below to arrive well before it (the deadline
+    // logic itself is tested on the manual clock).
+    let mut env = kafka_env(&prefix);
+    env.push(("PAYMENT_TIMEOUT".into(), "30s".into()));
+    let (mut server, url) = serve_with(&t, &env).await;
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let created: Value = client
+            .post(format!("{url}/api/v1/orders"))
+            .json(&crate::helpers::order_body(&[("p-1", 1 + i), ("p-2", 2)]))
+            .send()
+            .await
+            .expect("POST")
+            .json()
+            .await
+            .expect("json");
+        ids.push(created["orderId"].as_str().expect("id").to_string());
+    }
+    let within = Duration::from_secs(120);
+    wait_until_in(
+        &t.store,
+        &ids,
+        &[OrderStatus::PaymentWait],
+        Instant::now(),
+        within,
+    )
+    .await;
+    // Paid (two), paid with another amount, failed; the last two expire.
+    simulate(
+        &t,
+        &prefix,
+        &ids[0],
+        &["--result", "completed", "--method", "KAKAO_PAY"],
+    )
+    .await;
+    simulate(&t, &prefix, &ids[1], &["--result", "completed"]).await;
+    simulate(
+        &t,
+        &prefix,
+        &ids[2],
+        &["--result", "completed", "--amount", "1.00"],
+    )
+    .await;
+    simulate(
+        &t,
+        &prefix,
+        &ids[3],
+        &["--result", "failed", "--reason", "limit exceeded"],
+    )
+    .await;
+    let since = Instant::now();
+    wait_until_in(
+        &t.store,
+        &ids[..2],
+        &[OrderStatus::OrderCompleted],
+        since,
+        within,
+    )
+    .await;
+    let cancelled = [OrderStatus::OrderCancelled];
+    wait_until_in(&t.store, &ids[2..], &cancelled, since, within).await;
+    // A payment arriving after the wait expired is refunded.
+    simulate(&t, &prefix, &ids[5], &["--result", "completed"]).await;
+    let deadline = Instant::now() + within;
+    while !order_events(&t.store, &ids[5])
+        .await
+        .contains(&"PaymentRejected".to_string())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the late payment was never rejected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_relay(&t.store, &url).await;
+    server.start_kill().expect("stop");
+    let _ = server.wait().await;
+
+    let reasons: Vec<Option<CancelReason>> = {
+        let mut reasons = Vec::new();
+        for id in &ids[2..] {
+            let (order, _) = t
+                .store
+                .load::<Order>(id)
+                .await
+                .expect("load")
+                .expect("order");
+            reasons.push(order.cancel_reason);
+        }
+        reasons
+    };
+    use CancelReason::{PaymentFailed, PaymentTimeout};
+    assert_eq!(
+        reasons,
+        [
+            Some(PaymentTimeout),
+            Some(PaymentFailed),
+            Some(PaymentTimeout),
+            Some(PaymentTimeout)
+        ]
+    );
+    let dead = t.store.dead_letters().await.expect("dead letters");
+    assert!(
+        dead.len() == 1 && dead[0].3.contains("differs from the order total"),
+        "{dead:?}"
+    );
+    let expected = published_events(&t.store).await;
+    let report = independent_reader(&prefix, expected).await;
+    assert_clean(&report, expected);
+    for (topic, count) in [
+        ("order.payment.completed", 2),
+        ("stock.confirmed", 2),
+        ("order.completed", 2),
+        ("stock.confirmation.failed", 2),
+        ("order.expiration-notification", 3),
+    ] {
+        assert_eq!(report["per_topic"][topic], count, "{topic}: {report}");
+    }
+    println!(
+        "payment topics read back by the independent client: {}",
+        report["per_topic"]
+    );
     t.cleanup().await;
 }

@@ -25,6 +25,7 @@ on_both_backends!(
     a_repeated_payment_result_is_a_no_op,
     a_payment_for_an_unknown_order_is_dead_lettered,
     two_hundred_orders_end_completed_failed_or_expired_with_no_stock_held,
+    the_simulate_command_sends_a_payment_through_the_log,
 );
 
 fn payment(order_id: &str, completed: bool) -> SimulatedPayment {
@@ -413,5 +414,66 @@ async fn two_hundred_orders_end_completed_failed_or_expired_with_no_stock_held(b
         .sum();
     assert_eq!(sold, expected);
     assert_eq!(h.t.store.pending_timers().await.expect("timers"), 0);
+    h.finish().await;
+}
+
+/// `order-saga payment simulate` without a broker puts the result in the
+/// log, where the in-process bus delivers it; it refuses what it cannot
+/// send, naming the field.
+async fn the_simulate_command_sends_a_payment_through_the_log(backend: Backend) {
+    let h = harness(backend, vec![]).await;
+    let order = h.waiting_order().await;
+    let run = |args: Vec<String>| {
+        let mut command = crate::binary::order_saga(&h.t);
+        command.env_remove("KAFKA_BROKERS").args(args);
+        async move { command.output().await.expect("run order-saga") }
+    };
+    let simulate = |order: &str, more: &[&str]| {
+        let mut args: Vec<String> = ["payment", "simulate", order, "--result", "completed"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(more.iter().map(|s| s.to_string()));
+        args
+    };
+    let unknown = run(simulate("o-nope", &[])).await;
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("orderId: unknown order 'o-nope'"));
+    let bad = run(simulate(&order, &["--amount", "1.234"])).await;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--amount"));
+    let sent = run(simulate(&order, &["--method", "NAVER_PAY"])).await;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let sent: serde_json::Value = serde_json::from_slice(&sent.stdout).expect("JSON");
+    assert_eq!(
+        (
+            &sent["topic"],
+            &sent["via"],
+            &sent["event"]["paymentMethod"]
+        ),
+        (
+            &"payment.completed".into(),
+            &"log".into(),
+            &"NAVER_PAY".into()
+        )
+    );
+    // Another process appended it: the log shows it once numbered (on
+    // PostgreSQL a reader numbers others' appends at least every 100 ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        h.run().await;
+        if h.state(&order).await.status == OrderStatus::OrderCompleted {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the payment never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     h.finish().await;
 }

@@ -7,8 +7,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use order_saga::saga::payment::{self, SimulatedPayment};
 use order_saga::service::CreateOrderRequest;
-use order_saga_domain::ItemRequest;
+use order_saga::store::Store;
+use order_saga_domain::{ItemRequest, PaymentMethod};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -284,8 +286,13 @@ async fn pagination_walks_250_orders_without_gaps_or_repeats(backend: Backend) {
 }
 
 /// Subscribes over graphql-transport-ws and collects the statuses until the
-/// server completes the stream.
-async fn statuses_over_websocket(app: &TestApp, order_id: &str) -> Vec<(String, Value)> {
+/// server completes the stream (at ORDER_COMPLETED or ORDER_CANCELLED); the
+/// order is paid once it waits for its payment.
+async fn statuses_over_websocket(
+    app: &TestApp,
+    store: &Store,
+    order_id: &str,
+) -> Vec<(String, Value)> {
     let (mut socket, sent) = app
         .follow_order(json!({}), order_id, "orderId status cancelReason version")
         .await;
@@ -306,10 +313,19 @@ async fn statuses_over_websocket(app: &TestApp, order_id: &str) -> Vec<(String, 
             Some("connection_ack") => {}
             Some("next") => {
                 let change = &message["payload"]["data"]["orderStatusChanged"];
-                statuses.push((
-                    change["status"].as_str().expect("status").to_string(),
-                    change["cancelReason"].clone(),
-                ));
+                let status = change["status"].as_str().expect("status").to_string();
+                if status == "PAYMENT_WAIT" {
+                    let payment = SimulatedPayment {
+                        order_id: order_id.to_string(),
+                        completed: true,
+                        method: PaymentMethod::NaverPay,
+                        amount: None,
+                        failure_reason: String::new(),
+                        payment_id: None,
+                    };
+                    payment::simulate(store, None, payment).await.expect("pay");
+                }
+                statuses.push((status, change["cancelReason"].clone()));
             }
             Some("complete") => return statuses,
             other => panic!("unexpected {other:?}: {message}"),
@@ -333,16 +349,20 @@ async fn a_subscription_streams_each_status_of_an_order(backend: Backend) {
         .json()
         .await
         .expect("json");
-    let stocked = statuses_over_websocket(&app, stocked["orderId"].as_str().expect("id")).await;
+    let stocked =
+        statuses_over_websocket(&app, &t.store, stocked["orderId"].as_str().expect("id")).await;
     assert_eq!(
         stocked,
         vec![
             ("ORDER_CREATED".to_string(), Value::Null),
             ("ORDER_CONFIRMED".to_string(), Value::Null),
-            ("PAYMENT_WAIT".to_string(), Value::Null)
+            ("PAYMENT_WAIT".to_string(), Value::Null),
+            ("PAYMENT_COMPLETED".to_string(), Value::Null),
+            ("ORDER_COMPLETED".to_string(), Value::Null)
         ]
     );
-    let short = statuses_over_websocket(&app, short["orderId"].as_str().expect("id")).await;
+    let short =
+        statuses_over_websocket(&app, &t.store, short["orderId"].as_str().expect("id")).await;
     assert_eq!(
         short,
         vec![
@@ -648,7 +668,8 @@ async fn metrics_count_what_the_orders_did(backend: Backend) {
         "order_saga_stock_reservations_total{outcome=\"StockReserved\"}",
         waiting,
     );
-    expect("order_saga_pending_timers", 0.0);
+    // Only the payment deadlines of the orders waiting for payment.
+    expect("order_saga_pending_timers", waiting);
     expect("order_saga_dead_letters", 0.0);
     assert!(
         metrics
