@@ -388,7 +388,7 @@ pub enum ProductCommand {
         #[arg(long, value_enum)]
         format: Option<OutputFormat>,
     },
-    /// A product's stock movements — levels set, stock held and returned —
+    /// A product's stock movements — levels set, stock held, returned and sold —
     /// with the orders that caused them.
     History {
         /// The product's id.

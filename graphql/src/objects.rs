@@ -366,3 +366,45 @@ impl From<StatusChange> for OrderStatusChange {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(metric: &str, count: i64) -> StatRecord {
+        StatRecord {
+            metric: metric.to_string(),
+            count,
+            total_ms: 0,
+            max_ms: 0,
+        }
+    }
+
+    #[test]
+    fn saga_stats_count_the_payment_phase_apart_from_the_creation_saga() {
+        let stats = SagaStats::from_records(&[
+            stat("orders.created", 10),
+            stat("outcome.PAYMENT_WAIT", 8),
+            stat("outcome.ORDER_CANCELLED", 2),
+            stat("payments.completed", 4),
+            stat("payments.rejected", 1),
+            stat("outcome.ORDER_COMPLETED", 3),
+            stat("cancel_reason.STOCK_SHORTAGE", 2),
+            stat("cancel_reason.PAYMENT_FAILED", 1),
+            stat("cancel_reason.PAYMENT_TIMEOUT", 2),
+        ]);
+        assert_eq!(
+            (stats.completed, stats.cancelled, stats.in_progress),
+            (8, 2, 0)
+        );
+        assert_eq!(
+            (
+                stats.awaiting_payment,
+                stats.payments_completed,
+                stats.payments_rejected,
+                stats.orders_completed
+            ),
+            (1, 4, 1, 3)
+        );
+    }
+}

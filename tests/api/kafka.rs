@@ -427,8 +427,19 @@ async fn payment_results_from_the_broker_complete_cancel_expire_and_refund_and_e
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_for_relay(&t.store, &url).await;
+    let metrics = metrics_text(&client, &url).await;
     server.start_kill().expect("stop");
     let _ = server.wait().await;
+    for (outcome, count) in [
+        ("PAID", 2),
+        ("COMPLETED", 2),
+        ("REJECTED", 2),
+        ("FAILED", 1),
+        ("EXPIRED", 3),
+    ] {
+        let line = format!("order_saga_payments_total{{outcome=\"{outcome}\"}} {count}");
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 
     let reasons: Vec<Option<CancelReason>> = {
         let mut reasons = Vec::new();

@@ -112,8 +112,8 @@ async fn an_order_created_through_graphql_or_rest_reads_back_at_once(backend: Ba
         assert_eq!(read["data"]["order"]["orderId"], id.as_str(), "{read}");
         assert_eq!(read["data"]["order"]["userId"], "u-1");
     }
-    // Later the saga has moved it on, with timestamps and history.
-    app.settle(std::slice::from_ref(&graphql_id)).await;
+    // Later the saga has moved both on, with timestamps and history.
+    app.settle(&[graphql_id.clone(), rest_id.clone()]).await;
     let read = app
         .graphql(
             &format!("query($id: ID!) {{ order(id: $id) {{ {ORDER_FIELDS} }} }}"),
