@@ -415,19 +415,14 @@ impl Subscription for KafkaSubscription {
     }
 }
 
-/// Publishes one integration event as the relay does (Avro, keyed by
-/// `orderId`, the same headers), waiting for the broker's acknowledgement:
-/// for `order-saga payment simulate`.
-pub async fn publish_one(
-    config: &KafkaConfig,
+/// The headers of a published record: `eventId`, `eventType` (the Avro
+/// record's full name) and `schemaFingerprint`.
+fn record_headers(
     contract: &Contract,
     event: &super::integration::IntegrationEvent,
-) -> Result<(), TransportError> {
-    create_topics(config).await?;
-    let bytes = contract.encode(event).map_err(broker)?;
-    let topic = config.topic(event.topic());
+) -> OwnedHeaders {
     let event_id = event.event_id.to_string();
-    let headers = OwnedHeaders::new()
+    OwnedHeaders::new()
         .insert(Header {
             key: "eventId",
             value: Some(&event_id),
@@ -439,11 +434,24 @@ pub async fn publish_one(
         .insert(Header {
             key: "schemaFingerprint",
             value: Some(contract.fingerprint(event.topic())),
-        });
+        })
+}
+
+/// Publishes one integration event as the relay does (Avro, keyed by
+/// `orderId`, the same headers), waiting for the broker's acknowledgement:
+/// for `order-saga payment simulate`.
+pub async fn publish_one(
+    config: &KafkaConfig,
+    contract: &Contract,
+    event: &super::integration::IntegrationEvent,
+) -> Result<(), TransportError> {
+    create_topics(config).await?;
+    let bytes = contract.encode(event).map_err(broker)?;
+    let topic = config.topic(event.topic());
     let record = FutureRecord::to(&topic)
         .key(&event.order_id)
         .payload(&bytes)
-        .headers(headers);
+        .headers(record_headers(contract, event));
     config
         .producer()?
         .send(record, Duration::from_secs(30))

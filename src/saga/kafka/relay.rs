@@ -9,10 +9,9 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::{broker, KafkaConfig, TopicsReady};
+use super::{broker, record_headers, KafkaConfig, TopicsReady};
 use crate::health::{pause, pause_until_append, Heartbeat, Shutdown, Tasks};
 use crate::leadership::Roles;
 use crate::saga::avro::Contract;
@@ -180,22 +179,7 @@ impl Relay {
             };
             let bytes = self.contract.encode(&event).map_err(broker)?;
             let topic = self.config.topic(event.topic());
-            let event_id = event.event_id.to_string();
-            let record_name = self.contract.record_name(event.topic());
-            let fingerprint = self.contract.fingerprint(event.topic());
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "eventId",
-                    value: Some(&event_id),
-                })
-                .insert(Header {
-                    key: "eventType",
-                    value: Some(record_name),
-                })
-                .insert(Header {
-                    key: "schemaFingerprint",
-                    value: Some(fingerprint),
-                });
+            let headers = record_headers(&self.contract, &event);
             let mut record = FutureRecord::to(&topic)
                 .key(&event.order_id)
                 .payload(&bytes)
