@@ -7,9 +7,8 @@
 //! order.created            -> order: start the stock-reply and saga deadlines
 //! stock.reserved           -> order: confirm             -> order.confirmed
 //! stock.reservation.failed -> order: cancel STOCK_SHORTAGE -> order.cancelled
-//! order.confirmed          -> order: start payment wait  -> order.payment.waiting
+//! order.confirmed          -> order: start payment wait (and its 30 min deadline) -> order.payment.waiting
 //! order.cancelled          -> stock: release, if held    -> stock.released
-//! order.payment.waiting    -> order: start the payment deadline (30 min)
 //! payment.completed        -> order: record the payment  -> order.payment.completed
 //!                                    | or reject it      -> stock.confirmation.failed
 //! order.payment.completed  -> stock: sell what is held   -> stock.confirmed
@@ -154,7 +153,6 @@ impl Side {
                 Topic::StockReserved,
                 Topic::StockReservationFailed,
                 Topic::OrderConfirmed,
-                Topic::PaymentWaitStarted,
                 Topic::PaymentCompleted,
                 Topic::PaymentFailed,
                 Topic::StockConfirmed,
@@ -470,14 +468,12 @@ impl Saga {
                     .await
             }
             // The confirmation deadline is dropped with the other saga
-            // timers once the payment wait is open (or the order cancelled);
-            // until then it finds the order confirmed and does nothing.
+            // timers once the payment wait is open (its own deadline takes
+            // their place) or the order cancelled; until then it finds the
+            // order confirmed and does nothing.
             (Side::Order, Body::OrderConfirmed { .. }) => {
                 self.try_payment_wait(&event.order_id, &Cause::of(event), 0)
                     .await
-            }
-            (Side::Order, Body::PaymentWaitStarted { .. }) => {
-                self.start_payment_deadline(event).await
             }
             (Side::Order, Body::PaymentCompleted { .. }) => self.complete_payment(event).await,
             (Side::Order, Body::PaymentFailed { .. }) => self.fail_payment(event).await,

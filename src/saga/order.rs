@@ -169,11 +169,28 @@ impl Saga {
             Ok(()) => match self.order_command(order_id, command, cause).await {
                 Ok(Ok(Appended(appended))) => {
                     if step == Step::PaymentWait {
-                        // Counted once its timers are gone: a finished saga
-                        // leaves nothing pending. Counted by the delivery
-                        // that appended the event only, so a redelivery or
-                        // a replay changes no figure.
-                        self.store.cancel_saga_timers(order_id).await?;
+                        // The creation saga's timers give way to the payment
+                        // wait's deadline, in one write; a redelivery (the
+                        // first delivery may have crashed before it) writes
+                        // it too, unless the order moved on. Counted once
+                        // its timers are gone, by the delivery that appended
+                        // the event only, so a redelivery or a replay changes
+                        // no figure.
+                        if appended
+                            || self.order_status(order_id).await? == Some(OrderStatus::PaymentWait)
+                        {
+                            let deadline = self.timer(
+                                TimerKind::PaymentTimeout,
+                                order_id,
+                                0,
+                                self.config.payment_timeout,
+                                cause.causation,
+                                cause.correlation_id.clone(),
+                            );
+                            self.store.end_saga_and_schedule(&deadline).await?;
+                        } else {
+                            self.store.cancel_saga_timers(order_id).await?;
+                        }
                         if appended {
                             metrics::counter!("order_saga_sagas_completed_total", "outcome" => "PAYMENT_WAIT")
                                 .increment(1);

@@ -245,32 +245,6 @@ impl Saga {
         .await
     }
 
-    /// `order.payment.waiting`: the payment wait's deadline, counted from
-    /// when the wait opened.
-    pub(super) async fn start_payment_deadline(
-        &self,
-        event: &IntegrationEvent,
-    ) -> Result<(), HandlerError> {
-        if self.order_status(&event.order_id).await?
-            != Some(order_saga_domain::OrderStatus::PaymentWait)
-        {
-            return Ok(());
-        }
-        let mut deadline = self.timer(
-            TimerKind::PaymentTimeout,
-            &event.order_id,
-            0,
-            std::time::Duration::ZERO,
-            event.event_id,
-            event.correlation_id.clone(),
-        );
-        deadline.due_at = event.occurred_at
-            + chrono::Duration::from_std(self.config.payment_timeout)
-                .unwrap_or(chrono::Duration::MAX);
-        self.store.schedule_timer(&deadline).await?;
-        Ok(())
-    }
-
     /// `stock.confirmed`: the paid order is complete.
     pub(super) async fn complete_order(
         &self,

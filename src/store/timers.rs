@@ -147,6 +147,28 @@ impl Store {
         .await
     }
 
+    /// Drops the order's pending timers of the creation saga (as
+    /// [`Store::cancel_saga_timers`]) and schedules `timer`, the payment
+    /// wait's deadline, in one round trip as [`Store::cancel_and_schedule`].
+    pub async fn end_saga_and_schedule(&self, timer: &Timer) -> Result<(), StoreError> {
+        // $1 is the kind kept besides notification retries: the timer's own.
+        let cancel = format!(
+            "DELETE FROM timers WHERE order_id = $2 AND kind <> $1 AND kind <> '{}'",
+            TimerKind::NotifyRetry.as_str()
+        );
+        let schedule = format!("{SCHEDULE_INTO} {}", schedule_values(1, 2));
+        let statements = match self {
+            Store::Postgres(_) => vec![format!("WITH cancelled AS ({cancel}) {schedule}")],
+            Store::Sqlite(_) => vec![cancel, schedule],
+        };
+        self.execute_scheduling(
+            statements,
+            std::slice::from_ref(timer),
+            Some((timer.kind, &timer.order_id)),
+        )
+        .await
+    }
+
     /// Runs a scheduling write: on PostgreSQL one statement, on SQLite its
     /// statements in order as one write of the group commit.
     async fn execute_scheduling(
