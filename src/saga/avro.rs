@@ -661,10 +661,13 @@ impl Contract {
     pub fn decode(&self, topic: Topic, mut bytes: &[u8]) -> Result<IntegrationEvent, String> {
         let codec = self.codec(topic)?;
         let value = match &codec.foreign {
-            Some(foreign) if bytes.starts_with(&foreign.header) => foreign
-                .reader
-                .read_value(&mut bytes)
-                .and_then(|theirs| theirs.resolve(&codec.schema)),
+            // Read by field name: what their schema lacks (our optional
+            // fields) is absent and reads as none. (No `resolve`: it refuses
+            // a decimal written in fewer bytes than its precision, which is
+            // how Java and fastavro write small amounts.)
+            Some(foreign) if bytes.starts_with(&foreign.header) => {
+                foreign.reader.read_value(&mut bytes)
+            }
             _ => codec.reader.read_value(&mut bytes),
         }
         .map_err(|e| format!("{topic}: {e}"))?;

@@ -179,15 +179,7 @@ impl Saga {
                         if appended
                             || self.order_status(order_id).await? == Some(OrderStatus::PaymentWait)
                         {
-                            let deadline = self.timer(
-                                TimerKind::PaymentTimeout,
-                                order_id,
-                                0,
-                                self.config.payment_timeout,
-                                cause.causation,
-                                cause.correlation_id.clone(),
-                            );
-                            self.store.end_saga_and_schedule(&deadline).await?;
+                            self.schedule_payment_deadline(order_id, cause).await?;
                         } else {
                             self.store.cancel_saga_timers(order_id).await?;
                         }
@@ -219,8 +211,35 @@ impl Saga {
             self.store.schedule_timer(&next).await?;
             Ok(())
         } else {
-            self.cancel_order(order_id, exhausted, cause).await
+            self.cancel_order(order_id, exhausted, cause).await?;
+            // The last try may have opened the wait after all (an error
+            // after the write): then it needs its deadline.
+            if step == Step::PaymentWait
+                && self.order_status(order_id).await? == Some(OrderStatus::PaymentWait)
+            {
+                self.schedule_payment_deadline(order_id, cause).await?;
+            }
+            Ok(())
         }
+    }
+
+    /// The payment wait's deadline, in the write that drops the creation
+    /// saga's timers.
+    async fn schedule_payment_deadline(
+        &self,
+        order_id: &str,
+        cause: &Cause,
+    ) -> Result<(), HandlerError> {
+        let deadline = self.timer(
+            TimerKind::PaymentTimeout,
+            order_id,
+            0,
+            self.config.payment_timeout,
+            cause.causation,
+            cause.correlation_id.clone(),
+        );
+        self.store.end_saga_and_schedule(&deadline).await?;
+        Ok(())
     }
 
     /// The compensating transaction's first step: cancel the order (the

@@ -371,9 +371,10 @@ fn a_payment_record_written_with_the_contract_schema_is_read() {
         ("paymentId".into(), Value::String("pay-7".into())),
         ("orderId".into(), Value::String("o-7".into())),
         ("userId".into(), Value::String("u-7".into())),
+        // As Java and fastavro write it: the fewest bytes (2.56 in two).
         (
             "totalAmount".into(),
-            Value::Decimal(apache_avro::Decimal::from(vec![0, 0, 0, 0x01, 0x00])),
+            Value::Decimal(apache_avro::Decimal::from(vec![0x01, 0x00])),
         ),
         ("paymentMethod".into(), Value::Enum(4, "TOSS".into())),
         ("pgApprovalNumber".into(), Value::String("PG-1".into())),

@@ -26,6 +26,7 @@ on_both_backends!(
     a_payment_for_an_unknown_order_is_dead_lettered,
     two_hundred_orders_end_completed_failed_or_expired_with_no_stock_held,
     the_simulate_command_sends_a_payment_through_the_log,
+    the_upgrade_gives_orders_already_waiting_a_payment_deadline,
 );
 
 fn payment(order_id: &str, completed: bool) -> SimulatedPayment {
@@ -475,5 +476,47 @@ async fn the_simulate_command_sends_a_payment_through_the_log(backend: Backend) 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    h.finish().await;
+}
+
+/// Migration 0011 gives an order that was waiting for its payment before
+/// the payment deadline existed (here: its deadline removed) a deadline 30
+/// minutes after its wait opened, and one that has a deadline keeps it.
+async fn the_upgrade_gives_orders_already_waiting_a_payment_deadline(backend: Backend) {
+    use order_saga::store::Store;
+    let h = harness(backend, vec![]).await;
+    let order = h.waiting_order().await;
+    order_saga::read_models::ReadModels::new(h.t.store.clone())
+        .catch_up()
+        .await
+        .expect("read models");
+    let delete = "DELETE FROM timers WHERE kind = 'PaymentTimeout'";
+    let backfill = match &h.t.store {
+        Store::Postgres(_) => {
+            include_str!("../../migrations/postgres/0011_payment_deadlines_of_waiting_orders.sql")
+        }
+        Store::Sqlite(_) => {
+            include_str!("../../migrations/sqlite/0011_payment_deadlines_of_waiting_orders.sql")
+        }
+    };
+    for sql in [delete, backfill, backfill] {
+        match &h.t.store {
+            Store::Postgres(db) => sqlx::raw_sql(sql).execute(&db.pool).await.map(|_| ()),
+            Store::Sqlite(db) => sqlx::raw_sql(sql).execute(&db.write).await.map(|_| ()),
+        }
+        .expect("run the statement");
+    }
+    assert_eq!(h.t.store.pending_timers().await.expect("timers"), 1);
+    h.advance(31 * MINUTE).await;
+    h.run().await;
+    let state = h.state(&order).await;
+    assert_eq!(
+        (state.status, state.cancel_reason),
+        (
+            OrderStatus::OrderCancelled,
+            Some(CancelReason::PaymentTimeout)
+        )
+    );
+    h.assert_sold("p-1", 5, 0, 0).await;
     h.finish().await;
 }
