@@ -233,6 +233,16 @@ pub struct OrderLine {
     pub unit_price: Money,
 }
 
+impl OrderLine {
+    /// The product and quantity, as the stock side counts them.
+    pub fn stock_item(&self) -> StockItem {
+        StockItem {
+            product_id: self.product_id.clone(),
+            quantity: self.quantity,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum OrderCommand {
     CreateOrder {
@@ -448,13 +458,7 @@ impl Order {
     }
 
     fn items(&self) -> Vec<StockItem> {
-        self.items
-            .iter()
-            .map(|line| StockItem {
-                product_id: line.product_id.clone(),
-                quantity: line.quantity,
-            })
-            .collect()
+        self.items.iter().map(OrderLine::stock_item).collect()
     }
 
     /// What a payment result does to the order: nothing (a payment seen

@@ -34,6 +34,15 @@ pub struct ReservedLine {
     pub available_after: u32,
 }
 
+impl ReservedLine {
+    pub fn stock_item(&self) -> StockItem {
+        StockItem {
+            product_id: self.product_id.clone(),
+            quantity: self.quantity,
+        }
+    }
+}
+
 /// A product that could not be held: requested vs available when handled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -151,13 +160,7 @@ impl<P: ProductStock> StockLedger for ProductLedger<P> {
         if shortages.is_empty() {
             return Ok(Ok(lines));
         }
-        let held: Vec<StockItem> = lines
-            .into_iter()
-            .map(|l| StockItem {
-                product_id: l.product_id,
-                quantity: l.quantity,
-            })
-            .collect();
+        let held: Vec<StockItem> = lines.iter().map(ReservedLine::stock_item).collect();
         self.release_all(order_id, &held).await?;
         Ok(Err(shortages))
     }
@@ -315,6 +318,11 @@ impl StockReservation {
     pub fn holds_stock(&self) -> bool {
         self.status == Some(ReservationStatus::Reserved)
     }
+
+    /// What the reservation holds, product by product.
+    fn held_items(&self) -> Vec<StockItem> {
+        self.lines.iter().map(ReservedLine::stock_item).collect()
+    }
 }
 
 impl Aggregate for StockReservation {
@@ -363,16 +371,8 @@ impl Aggregate for StockReservation {
             } => match self.status {
                 Some(ReservationStatus::Reserved) => {
                     services.ledger.release_all(&order_id, &items).await?;
-                    let released = self
-                        .lines
-                        .iter()
-                        .map(|l| StockItem {
-                            product_id: l.product_id.clone(),
-                            quantity: l.quantity,
-                        })
-                        .collect();
                     let event = StockReservationEvent::StockReleased {
-                        items: released,
+                        items: self.held_items(),
                         causation_id,
                     };
                     sink.write(event, self).await;
@@ -402,14 +402,7 @@ impl Aggregate for StockReservation {
             } => match self.status {
                 Some(ReservationStatus::Sold) => {}
                 Some(ReservationStatus::Reserved) => {
-                    let items: Vec<StockItem> = self
-                        .lines
-                        .iter()
-                        .map(|l| StockItem {
-                            product_id: l.product_id.clone(),
-                            quantity: l.quantity,
-                        })
-                        .collect();
+                    let items = self.held_items();
                     services.ledger.sell_all(&order_id, &items).await?;
                     let event = StockReservationEvent::StockConfirmed {
                         payment_id,

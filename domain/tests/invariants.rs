@@ -231,10 +231,7 @@ impl World {
         self.orders[order]
             .items
             .iter()
-            .map(|l| StockItem {
-                product_id: l.product_id.clone(),
-                quantity: l.quantity,
-            })
+            .map(OrderLine::stock_item)
             .collect()
     }
 

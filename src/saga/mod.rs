@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_es::{Aggregate, AggregateError};
-use order_saga_domain::{CancelReason, OrderServices, OrderStatus, StockItem, StockServices};
+use order_saga_domain::{CancelReason, OrderLine, OrderServices, OrderStatus, StockServices};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -423,13 +423,7 @@ impl Saga {
     pub async fn handle(&self, side: Side, event: &IntegrationEvent) -> Result<(), HandlerError> {
         match (side, &event.body) {
             (Side::Stock, Body::OrderCreated { items, .. }) => {
-                let items = items
-                    .iter()
-                    .map(|l| StockItem {
-                        product_id: l.product_id.clone(),
-                        quantity: l.quantity,
-                    })
-                    .collect();
+                let items = items.iter().map(OrderLine::stock_item).collect();
                 self.reserve_stock(event, items).await
             }
             (Side::Stock, Body::OrderCancelled { items, .. }) => {

@@ -230,13 +230,8 @@ impl Saga {
 
     /// `payment.failed`: the waiting order is cancelled (PAYMENT_FAILED);
     /// for an order that moved on it is nothing.
+    /// An unknown order is dead-lettered (the cancellation's refusal).
     pub(super) async fn fail_payment(&self, event: &IntegrationEvent) -> Result<(), HandlerError> {
-        if self.order_status(&event.order_id).await?.is_none() {
-            return Err(HandlerError::Permanent(format!(
-                "payment failure for order {}, which does not exist",
-                event.order_id
-            )));
-        }
         self.cancel_order(
             &event.order_id,
             CancelReason::PaymentFailed,
