@@ -372,23 +372,29 @@ async fn get_order(
 
 /// Ready when the store answers and every background loop is alive.
 async fn ready(State(state): State<HttpState>) -> Response {
-    let unavailable = |reason: String, code: Option<&str>| {
-        (
+    match unready(&state).await {
+        Some((reason, code)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"status": "unavailable", "reason": reason, "code": code})),
         )
-            .into_response()
-    };
+            .into_response(),
+        None => Json(serde_json::json!({"status": "ready", "roles": state.roles.states()}))
+            .into_response(),
+    }
+}
+
+/// Why the instance is not ready (and the fault's code), if it is not.
+async fn unready(state: &HttpState) -> Option<(String, Option<&'static str>)> {
     if let Err(e) = state.app.store().ping().await {
         let fault = Fault::of(&e).unwrap_or(Fault::StoreUnavailable);
-        return unavailable(format!("store: {e}"), Some(fault.code()));
+        return Some((format!("store: {e}"), Some(fault.code())));
     }
-    for (name, heartbeat) in &state.readiness.components {
-        if !heartbeat.alive(Duration::from_secs(5)) {
-            return unavailable(format!("{name}: not running"), None);
-        }
-    }
-    Json(serde_json::json!({"status": "ready", "roles": state.roles.states()})).into_response()
+    state
+        .readiness
+        .components
+        .iter()
+        .find(|(_, heartbeat)| !heartbeat.alive(Duration::from_secs(5)))
+        .map(|(name, _)| (format!("{name}: not running"), None))
 }
 
 async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {
@@ -401,7 +407,8 @@ async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {
             retry_after: None,
         });
     };
-    let text = crate::telemetry::render(state.app.store(), handle, state.relay)
+    let ready = unready(&state).await.is_none();
+    let text = crate::telemetry::render(state.app.store(), handle, state.relay, ready)
         .await
         .map_err(AppError::from)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

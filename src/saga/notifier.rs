@@ -213,28 +213,26 @@ impl Saga {
         }
         let result = self.notifier.send(notification).await;
         let now = self.clock.now();
-        self.store
-            .record_notification_attempt(notification.attempt(
-                attempt,
-                &result,
-                now.timestamp_millis(),
-            ))
-            .await?;
-        let outcome = if result.is_ok() {
-            "delivered"
-        } else {
-            "failed"
-        };
+        let mut record = notification.attempt(attempt, &result, now.timestamp_millis());
+        let retries_left = attempt < self.config.notify_retries;
+        if result.is_err() && !retries_left {
+            // The last attempt: the customer is not told, and it says so.
+            record.outcome = "abandoned";
+        }
+        let outcome = record.outcome;
+        self.store.record_notification_attempt(record).await?;
         metrics::counter!("order_saga_notifications_total", "outcome" => outcome).increment(1);
         if let Err(error) = result {
-            tracing::warn!(order_id = %notification.order_id, attempt, %error, "notification failed");
-            if attempt < self.config.notify_retries {
-                let due_at = now
-                    + chrono::Duration::from_std(self.config.notify_retry_interval)
-                        .unwrap_or(chrono::Duration::MAX);
-                self.schedule_notification(notification, attempt + 1, due_at)
-                    .await?;
+            if !retries_left {
+                tracing::error!(order_id = %notification.order_id, attempt, %error, "notification abandoned: no retries left");
+                return Ok(());
             }
+            tracing::warn!(order_id = %notification.order_id, attempt, %error, "notification failed");
+            let due_at = now
+                + chrono::Duration::from_std(self.config.notify_retry_interval)
+                    .unwrap_or(chrono::Duration::MAX);
+            self.schedule_notification(notification, attempt + 1, due_at)
+                .await?;
         }
         Ok(())
     }

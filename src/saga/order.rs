@@ -168,6 +168,9 @@ impl Saga {
             Err(injected) => injected,
             Ok(()) => match self.order_command(order_id, command, cause).await {
                 Ok(Ok(Appended(appended))) => {
+                    if step == Step::Confirm && appended {
+                        metrics::counter!("order_saga_orders_confirmed_total").increment(1);
+                    }
                     if step == Step::PaymentWait {
                         // The creation saga's timers give way to the payment
                         // wait's deadline, in one write; a redelivery (the

@@ -34,6 +34,16 @@ pub enum TimerKind {
 }
 
 impl TimerKind {
+    pub const ALL: [TimerKind; 7] = [
+        TimerKind::StockReplyTimeout,
+        TimerKind::ConfirmationDeadline,
+        TimerKind::SagaTimeout,
+        TimerKind::ConfirmRetry,
+        TimerKind::PaymentWaitRetry,
+        TimerKind::NotifyRetry,
+        TimerKind::PaymentTimeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TimerKind::StockReplyTimeout => "StockReplyTimeout",
@@ -47,17 +57,7 @@ impl TimerKind {
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [
-            TimerKind::StockReplyTimeout,
-            TimerKind::ConfirmationDeadline,
-            TimerKind::SagaTimeout,
-            TimerKind::ConfirmRetry,
-            TimerKind::PaymentWaitRetry,
-            TimerKind::NotifyRetry,
-            TimerKind::PaymentTimeout,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
+        TimerKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 }
 
@@ -275,12 +275,20 @@ impl Store {
 
     /// How many timers are waiting (for the pending-timers metric and tests).
     pub async fn pending_timers(&self) -> Result<i64, StoreError> {
-        let n = on_read_pool!(self, |pool| {
-            sqlx::query_scalar("SELECT COUNT(*) FROM timers")
+        Ok(self.timer_counts(i64::MIN).await?.0)
+    }
+
+    /// How many timers are pending, and how many of those fell due before
+    /// `overdue_before_ms` (and have not fired: none of the instances got
+    /// round to them).
+    pub async fn timer_counts(&self, overdue_before_ms: i64) -> Result<(i64, i64), StoreError> {
+        let counts = on_read_pool!(self, |pool| {
+            sqlx::query_as("SELECT COUNT(*), COUNT(*) FILTER (WHERE due_at_ms < $1) FROM timers")
+                .bind(overdue_before_ms)
                 .fetch_one(pool)
                 .await
         })?;
-        Ok(n)
+        Ok(counts)
     }
 }
 

@@ -16,6 +16,7 @@ mod faults;
 mod helpers;
 mod instances;
 mod kafka;
+mod ops;
 mod orders;
 mod payment;
 mod read_side;
