@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -13,8 +14,9 @@ use chrono::{DateTime, Utc};
 
 use crate::analytics::{AsOf, ReplayFormat};
 use crate::saga::kafka::{parse_properties, KafkaConfig};
+use crate::saga::notifier::{LogNotifier, Notifier, WebhookNotifier};
 use crate::saga::SagaConfig;
-use crate::store::StoreConfig;
+use crate::store::{DeadLetterStatus, StoreConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -124,6 +126,94 @@ pub enum Command {
     /// Payment results for development, as the payment service sends them.
     #[command(subcommand)]
     Payment(PaymentCommand),
+    /// Messages a consumer gave up on: look at them, hand them back to
+    /// their consumer (redrive) or set them aside (discard).
+    ///
+    /// Example: order-saga dead-letters list; order-saga dead-letters redrive 12
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+    /// Sagas, as an operator looks at them.
+    #[command(subcommand)]
+    Sagas(SagasCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SagasCommand {
+    /// Sagas that have not ended in time, oldest first, with their last
+    /// step and its age: orders created or confirmed longer ago than
+    /// --older-than, and orders waiting for their payment longer than
+    /// --payment-timeout plus --older-than (from the read models).
+    ///
+    /// Example: order-saga sagas stuck --older-than 10m
+    Stuck {
+        /// How long past its due end a saga counts as stuck (e.g. 90s, 5m).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// The service's payment timeout (PAYMENT_TIMEOUT of `serve`).
+        #[arg(long, env = "PAYMENT_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+        payment_timeout: Duration,
+        /// table or jsonl (default: table on a terminal, jsonl otherwise).
+        #[arg(long, value_enum)]
+        format: Option<OutputFormat>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// The dead letters, oldest first (pending ones unless --status says).
+    List {
+        /// pending, redriven, discarded or all.
+        #[arg(long, value_enum, default_value = "pending")]
+        status: DeadLetterFilter,
+        /// table or jsonl (default: table on a terminal, jsonl otherwise).
+        #[arg(long, value_enum)]
+        format: Option<OutputFormat>,
+    },
+    /// One dead letter in full: its error and its message, as JSON.
+    Show {
+        /// The dead letter's id (from `list`).
+        id: i64,
+    },
+    /// Hand pending dead letters back to their consumer, once each (run it
+    /// after the fix: a new version, the product created, the store back);
+    /// each ends REDRIVEN, or stays PENDING with its new error. Prints one
+    /// JSON line per dead letter; fails if any failed again.
+    Redrive {
+        /// The dead letter's id (from `list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Every pending dead letter, oldest first.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        notify: NotifyArgs,
+        #[command(flatten)]
+        saga: SagaArgs,
+    },
+    /// Set a pending dead letter aside for good (it is kept, DISCARDED).
+    Discard {
+        /// The dead letter's id (from `list`).
+        id: i64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeadLetterFilter {
+    Pending,
+    Redriven,
+    Discarded,
+    All,
+}
+
+impl DeadLetterFilter {
+    pub fn status(self) -> Option<DeadLetterStatus> {
+        match self {
+            DeadLetterFilter::Pending => Some(DeadLetterStatus::Pending),
+            DeadLetterFilter::Redriven => Some(DeadLetterStatus::Redriven),
+            DeadLetterFilter::Discarded => Some(DeadLetterStatus::Discarded),
+            DeadLetterFilter::All => None,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,16 +331,43 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub auth: crate::auth::AuthArgs,
 
-    /// Webhook that customer notifications are POSTed to as JSON (http://
-    /// only). When unset, notifications are written to the log.
-    #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
-    pub notify_webhook_url: Option<String>,
+    #[command(flatten)]
+    pub notify: NotifyArgs,
 
     #[command(flatten)]
     pub saga: SagaArgs,
 
     #[command(flatten)]
     pub kafka: KafkaArgs,
+}
+
+/// Customer notifications.
+#[derive(Debug, Args)]
+pub struct NotifyArgs {
+    /// Webhook that customer notifications are POSTed to as JSON (http://
+    /// only). When unset, notifications are written to the log.
+    #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
+    pub notify_webhook_url: Option<String>,
+}
+
+impl NotifyArgs {
+    /// The notifier these settings name: the webhook, or the log.
+    pub fn notifier(&self) -> Result<Arc<dyn Notifier>, String> {
+        match self.notify_webhook_url.as_deref() {
+            Some(url) if !url.trim().is_empty() => {
+                if !url.starts_with("http://") {
+                    return Err(
+                        "NOTIFY_WEBHOOK_URL (--notify-webhook-url): expected an http:// URL".into(),
+                    );
+                }
+                Ok(Arc::new(WebhookNotifier::new(
+                    url.to_string(),
+                    Duration::from_secs(5),
+                )?))
+            }
+            _ => Ok(Arc::new(LogNotifier)),
+        }
+    }
 }
 
 /// Kafka, the production bus. When KAFKA_BROKERS is unset, integration

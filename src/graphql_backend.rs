@@ -9,16 +9,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::stream::{BoxStream, StreamExt};
 use order_saga_domain::Money;
-use order_saga_graphql::{Backend, BackendError, ErrorCode, NewOrder};
+use order_saga_graphql::{Backend, BackendError, ErrorCode, NewOrder, RedriveRecord};
 use order_saga_projections::{
-    HistoryRecord, LogEntry, OrderFilter, OrderStatusView, ProductRecord, StatRecord, StatusChange,
+    DeadLetterRecord, HistoryRecord, LogEntry, OrderFilter, OrderStatusView, ProductRecord,
+    StatRecord, StatusChange, StuckSagaRecord,
 };
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::fault::Fault;
 use crate::read_models::ReadModels;
+use crate::saga::{Redrive, Saga, SagaConfig, SagaError};
 use crate::service::{App, AppError, CreateOrderRequest};
-use crate::store::StoreError;
+use crate::store::{DeadLetterStatus, StoreError};
 
 /// Longest a mutation waits for the read model to show its effect.
 const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
@@ -26,11 +28,28 @@ const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
 pub struct ApiBackend {
     app: Arc<App>,
     projections: Arc<ReadModels>,
+    /// The running saga, for redrives (none: dead letters are read-only).
+    saga: Option<Arc<Saga>>,
 }
 
 impl ApiBackend {
     pub fn new(app: Arc<App>, projections: Arc<ReadModels>) -> Self {
-        Self { app, projections }
+        Self {
+            app,
+            projections,
+            saga: None,
+        }
+    }
+
+    pub fn with_saga(mut self, saga: Arc<Saga>) -> Self {
+        self.saga = Some(saga);
+        self
+    }
+
+    async fn existing_dead_letter(&self, id: i64) -> Result<DeadLetterRecord, BackendError> {
+        self.app.store().dead_letter(id).await?.ok_or_else(|| {
+            BackendError::new(ErrorCode::NotFound, format!("id: no dead letter {id}"))
+        })
     }
 
     async fn caught_up(
@@ -163,6 +182,83 @@ impl Backend for ApiBackend {
     async fn cancel_order(&self, order_id: &str) -> Result<OrderStatusView, BackendError> {
         let view = self.app.cancel_order(order_id).await?;
         self.caught_up(order_id, view.version).await
+    }
+
+    async fn dead_letters(
+        &self,
+        status: Option<&str>,
+    ) -> Result<Vec<DeadLetterRecord>, BackendError> {
+        let status = DeadLetterStatus::ALL
+            .into_iter()
+            .find(|s| Some(s.as_str()) == status);
+        Ok(self.app.store().dead_letters_in(status).await?)
+    }
+
+    async fn dead_letter(&self, id: i64) -> Result<Option<DeadLetterRecord>, BackendError> {
+        Ok(self.app.store().dead_letter(id).await?)
+    }
+
+    async fn redrive_dead_letter(&self, id: i64) -> Result<Option<RedriveRecord>, BackendError> {
+        let saga = self.saga.as_ref().ok_or_else(|| {
+            BackendError::new(
+                ErrorCode::Unavailable,
+                "redrive: no saga runs in this process",
+            )
+        })?;
+        let outcome = match saga.redrive(id).await {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => return Ok(None),
+            Err(SagaError::Store(e)) => return Err(e.into()),
+            Err(e @ SagaError::Fault(fault)) => {
+                return Err(AppError::Fault {
+                    fault,
+                    message: e.to_string(),
+                }
+                .into())
+            }
+            Err(e) => return Err(BackendError::new(ErrorCode::Internal, e.to_string())),
+        };
+        let (outcome, error) = match outcome {
+            Redrive::Handled => ("HANDLED", None),
+            Redrive::Failed { error } => ("FAILED", Some(error)),
+            Redrive::NotPending { .. } => ("NOT_PENDING", None),
+        };
+        Ok(Some(RedriveRecord {
+            outcome: outcome.to_string(),
+            error,
+            dead_letter: self.existing_dead_letter(id).await?,
+        }))
+    }
+
+    async fn discard_dead_letter(&self, id: i64) -> Result<Option<DeadLetterRecord>, BackendError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let store = self.app.store();
+        if store
+            .settle_dead_letter(id, DeadLetterStatus::Discarded, now)
+            .await?
+        {
+            return Ok(Some(self.existing_dead_letter(id).await?));
+        }
+        match store.dead_letter(id).await? {
+            None => Ok(None),
+            Some(dead) => Err(BackendError::new(
+                ErrorCode::Conflict,
+                format!("id: dead letter {id} is {}, not PENDING", dead.status),
+            )),
+        }
+    }
+
+    async fn stuck_sagas(
+        &self,
+        older_than: Duration,
+    ) -> Result<Vec<StuckSagaRecord>, BackendError> {
+        let payment_timeout = self
+            .saga
+            .as_ref()
+            .map_or(SagaConfig::default().payment_timeout, |s| {
+                s.config().payment_timeout
+            });
+        Ok(self.app.stuck_sagas(older_than, payment_timeout).await?)
     }
 
     async fn set_product(

@@ -40,6 +40,7 @@ use crate::graphql_backend::ApiBackend;
 use crate::health::Readiness;
 use crate::leadership::Roles;
 use crate::read_models::ReadModels;
+use crate::saga::Saga;
 use crate::service::{App, AppError, CreateOrderRequest, OrderView};
 
 /// Largest request body accepted; a 100-item order is far below it.
@@ -75,7 +76,23 @@ impl HttpState {
     /// The service's routes over `app` and `projections`; `readiness` lists
     /// the background loops `/readyz` requires.
     pub fn new(app: Arc<App>, projections: Arc<ReadModels>, readiness: Readiness) -> Self {
-        let backend: Arc<dyn Backend> = Arc::new(ApiBackend::new(app.clone(), projections));
+        Self::serving(ApiBackend::new(app.clone(), projections), app, readiness)
+    }
+
+    /// [`HttpState::new`] with the running saga, which operators' redrives
+    /// hand dead letters back to.
+    pub fn with_saga(
+        app: Arc<App>,
+        projections: Arc<ReadModels>,
+        saga: Arc<Saga>,
+        readiness: Readiness,
+    ) -> Self {
+        let backend = ApiBackend::new(app.clone(), projections).with_saga(saga);
+        Self::serving(backend, app, readiness)
+    }
+
+    fn serving(backend: ApiBackend, app: Arc<App>, readiness: Readiness) -> Self {
+        let backend: Arc<dyn Backend> = Arc::new(backend);
         HttpState {
             app,
             schema: order_saga_graphql::schema(Some(backend)),

@@ -12,20 +12,21 @@ use indicatif::{ProgressBar, ProgressStyle};
 use order_saga::analytics::{self, ReplayFilter};
 use order_saga::auth::Authenticator;
 use order_saga::cli::{Cli, Command, PaymentCommand, PaymentOutcome, ProductCommand, ServeArgs};
-use order_saga::cli::{OutputFormat, ProjectionsCommand, ReplayArgs};
+use order_saga::cli::{
+    DeadLettersCommand, OutputFormat, ProjectionsCommand, ReplayArgs, SagasCommand,
+};
 use order_saga::health::{pause, Readiness, Shutdown};
 use order_saga::http::HttpState;
 use order_saga::leadership::Roles;
 use order_saga::read_models::{ReadModels, PROJECTIONS_ROLE};
 use order_saga::saga::avro::Contract;
 use order_saga::saga::kafka::{KafkaTransport, Relay, RELAY_ROLE};
-use order_saga::saga::notifier::{LogNotifier, Notifier, WebhookNotifier};
 use order_saga::saga::payment::{self, SimulatedPayment};
 use order_saga::saga::transport::{LogTransport, Transport};
-use order_saga::saga::{Saga, SagaOptions, Side};
+use order_saga::saga::{Redrive, Saga, SagaOptions, Side};
 use order_saga::service::{App, OrderView, ProductView};
 use order_saga::store::LogEntry;
-use order_saga::store::{lock_data_dir, Store, StoreConfig};
+use order_saga::store::{lock_data_dir, DeadLetterStatus, Store, StoreConfig};
 use std::io::{IsTerminal, Write};
 use tracing_subscriber::EnvFilter;
 
@@ -179,9 +180,113 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projections(ProjectionsCommand::Rebuild { name }) => {
             rebuild_projections(&store, &name).await
         }
+        Command::DeadLetters(command) => dead_letters(&store, command).await,
+        Command::Sagas(SagasCommand::Stuck {
+            older_than,
+            payment_timeout,
+            format,
+        }) => {
+            let stuck = app.stuck_sagas(older_than, payment_timeout).await?;
+            match output_format(format) {
+                OutputFormat::Jsonl => print_jsonl(&stuck)?,
+                OutputFormat::Table => {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    println!(
+                        "{:<36}  {:<15}  {:<28}  LAST STEP AGE",
+                        "ORDER", "STATUS", "LAST STEP"
+                    );
+                    for saga in &stuck {
+                        let age = saga.last_step_at_ms.map_or("-".to_string(), |at| {
+                            let age = Duration::from_secs(((now - at) / 1000).max(0) as u64);
+                            humantime::format_duration(age).to_string()
+                        });
+                        println!(
+                            "{:<36}  {:<15}  {:<28}  {age}",
+                            saga.order_id,
+                            saga.status,
+                            saga.last_step.as_deref().unwrap_or("-"),
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
     };
     store.close().await;
     result
+}
+
+async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Result<()> {
+    let unknown = |id: i64| anyhow::anyhow!("id: no dead letter {id}");
+    match command {
+        DeadLettersCommand::List { status, format } => {
+            let letters = store.dead_letters_in(status.status()).await?;
+            match output_format(format) {
+                OutputFormat::Jsonl => print_jsonl(&letters)?,
+                OutputFormat::Table => {
+                    println!(
+                        "{:>6}  {:<9}  {:<20}  {:<28}  {:>8}  ERROR",
+                        "ID", "STATUS", "CONSUMER", "TOPIC", "REDRIVES"
+                    );
+                    for d in &letters {
+                        println!(
+                            "{:>6}  {:<9}  {:<20}  {:<28}  {:>8}  {}",
+                            d.id, d.status, d.consumer, d.topic, d.redrives, d.error
+                        );
+                    }
+                }
+            }
+        }
+        DeadLettersCommand::Show { id } => {
+            let dead = store.dead_letter(id).await?.ok_or_else(|| unknown(id))?;
+            println!("{}", serde_json::to_string_pretty(&dead)?);
+        }
+        DeadLettersCommand::Discard { id } => {
+            let now = chrono::Utc::now().timestamp_millis();
+            if !store
+                .settle_dead_letter(id, DeadLetterStatus::Discarded, now)
+                .await?
+            {
+                let dead = store.dead_letter(id).await?.ok_or_else(|| unknown(id))?;
+                anyhow::bail!("id: dead letter {id} is {}, not PENDING", dead.status);
+            }
+            println!("{}", serde_json::json!({"id": id, "status": "DISCARDED"}));
+        }
+        DeadLettersCommand::Redrive {
+            id,
+            all: _,
+            notify,
+            saga,
+        } => {
+            let ids = match id {
+                Some(id) => vec![id],
+                None => store
+                    .dead_letters_in(Some(DeadLetterStatus::Pending))
+                    .await?
+                    .iter()
+                    .map(|d| d.id)
+                    .collect(),
+            };
+            let options = SagaOptions {
+                config: saga.config(),
+                notifier: notify.notifier().map_err(anyhow::Error::msg)?,
+                ..SagaOptions::default()
+            };
+            let saga = Saga::new(store.clone(), &LogTransport::new(store.clone()), options).await?;
+            let mut failed = 0;
+            for id in ids {
+                let outcome = saga.redrive(id).await?.ok_or_else(|| unknown(id))?;
+                failed += usize::from(matches!(outcome, Redrive::Failed { .. }));
+                let mut line = serde_json::to_value(&outcome)?;
+                line["id"] = id.into();
+                println!("{line}");
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} dead letters failed again; they stay PENDING");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Who may call, from where: checked before anything starts.
@@ -213,18 +318,7 @@ impl FrontDoor {
 
 async fn serve(app: Arc<App>, args: ServeArgs, front: FrontDoor) -> anyhow::Result<()> {
     let addr = args.http_addr;
-    let notifier: Arc<dyn Notifier> = match args.notify_webhook_url.as_deref() {
-        Some(url) if !url.trim().is_empty() => {
-            if !url.starts_with("http://") {
-                anyhow::bail!("NOTIFY_WEBHOOK_URL (--notify-webhook-url): expected an http:// URL");
-            }
-            Arc::new(
-                WebhookNotifier::new(url.to_string(), Duration::from_secs(5))
-                    .map_err(anyhow::Error::msg)?,
-            )
-        }
-        _ => Arc::new(LogNotifier),
-    };
+    let notifier = args.notify.notifier().map_err(anyhow::Error::msg)?;
     let store = app.store().clone();
     let kafka = args.kafka.config().map_err(anyhow::Error::msg)?;
     // The work one instance does at a time: the relay with Kafka, each
@@ -304,7 +398,8 @@ async fn serve(app: Arc<App>, args: ServeArgs, front: FrontDoor) -> anyhow::Resu
         )));
     }
     tasks.push(tokio::spawn(sequence_log(store.clone(), shutdown)));
-    let mut state = HttpState::new(app, projections, readiness).with_auth(front.auth);
+    let mut state =
+        HttpState::with_saga(app, projections, saga.clone(), readiness).with_auth(front.auth);
     state.roles = roles;
     state.cors_origins = front.cors_origins;
     state.admin_apart = admin.is_some();

@@ -370,6 +370,24 @@ impl App {
         Ok(loaded.map(|(product, _)| ProductView::of(product_id, &product)))
     }
 
+    /// Sagas that have not ended in time, oldest first (at most 1,000):
+    /// created or confirmed more than `older_than` ago, or waiting for
+    /// their payment more than `payment_timeout` + `older_than`.
+    pub async fn stuck_sagas(
+        &self,
+        older_than: std::time::Duration,
+        payment_timeout: std::time::Duration,
+    ) -> Result<Vec<order_saga_projections::StuckSagaRecord>, AppError> {
+        let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let now = chrono::Utc::now().timestamp_millis();
+        let started_before = now.saturating_sub(ms(older_than));
+        let waiting_before = started_before.saturating_sub(ms(payment_timeout));
+        Ok(self
+            .store
+            .stuck_sagas(started_before, waiting_before, 1_000)
+            .await?)
+    }
+
     pub async fn products(&self) -> Result<Vec<ProductView>, AppError> {
         let mut views = Vec::new();
         for id in self

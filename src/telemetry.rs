@@ -66,6 +66,9 @@ fn register_counters() {
     for side in Side::ALL {
         counter!("order_saga_dead_letters_total", "consumer" => side.group()).increment(0);
     }
+    for outcome in ["handled", "failed"] {
+        counter!("order_saga_redrives_total", "outcome" => outcome).increment(0);
+    }
     for kind in TimerKind::ALL {
         counter!("order_saga_timers_fired_total", "kind" => kind.as_str()).increment(0);
     }
@@ -120,6 +123,6 @@ pub async fn render(
     metrics::gauge!("order_saga_pending_timers").set(pending as f64);
     metrics::gauge!("order_saga_overdue_timers").set(overdue as f64);
     metrics::gauge!("order_saga_ready").set(if ready { 1.0 } else { 0.0 });
-    metrics::gauge!("order_saga_dead_letters").set(store.dead_letters().await?.len() as f64);
+    metrics::gauge!("order_saga_dead_letters").set(store.pending_dead_letters().await? as f64);
     Ok(handle.render())
 }

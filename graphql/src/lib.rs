@@ -13,6 +13,7 @@
 
 pub mod access;
 mod objects;
+mod operations;
 mod roots;
 
 pub use access::Caller;
@@ -26,7 +27,8 @@ use chrono::{TimeZone, Utc};
 use futures_util::stream::BoxStream;
 use order_saga_domain as domain;
 use order_saga_projections::{
-    HistoryRecord, LogEntry, OrderFilter, OrderStatusView, ProductRecord, StatRecord, StatusChange,
+    DeadLetterRecord, HistoryRecord, LogEntry, OrderFilter, OrderStatusView, ProductRecord,
+    StatRecord, StatusChange, StuckSagaRecord,
 };
 
 /// Most orders one page may ask for.
@@ -111,6 +113,15 @@ pub struct NewOrder {
     pub items: Vec<domain::ItemRequest>,
 }
 
+/// What a redrive did: HANDLED, FAILED (with the error) or NOT_PENDING,
+/// and the dead letter after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedriveRecord {
+    pub outcome: String,
+    pub error: Option<String>,
+    pub dead_letter: DeadLetterRecord,
+}
+
 /// Most log events one `events` query returns.
 pub const MAX_EVENTS: i32 = 1_000;
 
@@ -145,6 +156,23 @@ pub trait Backend: Send + Sync {
         price: Option<domain::Money>,
         stock: Option<u32>,
     ) -> Result<ProductRecord, BackendError>;
+    /// Dead letters, oldest first: all, or those in `status` (PENDING,
+    /// REDRIVEN, DISCARDED).
+    async fn dead_letters(
+        &self,
+        status: Option<&str>,
+    ) -> Result<Vec<DeadLetterRecord>, BackendError>;
+    async fn dead_letter(&self, id: i64) -> Result<Option<DeadLetterRecord>, BackendError>;
+    /// Hands a pending dead letter back to its consumer; `None` if there is
+    /// no such dead letter.
+    async fn redrive_dead_letter(&self, id: i64) -> Result<Option<RedriveRecord>, BackendError>;
+    /// Sets a pending dead letter aside (CONFLICT if it is not pending).
+    async fn discard_dead_letter(&self, id: i64) -> Result<Option<DeadLetterRecord>, BackendError>;
+    /// Sagas not ended `older_than` after they should have.
+    async fn stuck_sagas(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<Vec<StuckSagaRecord>, BackendError>;
     /// Every status the order has had, then each new one as it is projected;
     /// ends after a final status (PAYMENT_WAIT or ORDER_CANCELLED).
     fn status_changes(&self, order_id: &str) -> BoxStream<'static, StatusChange>;

@@ -11,7 +11,21 @@ use crate::objects::{
     CreateOrderInput, HistoryEvent, LogEvent, Order, OrderFilterInput, OrderStatusChange, Product,
     SagaStats,
 };
-use crate::{backend, caller, order_not_found, BackendError, NewOrder, MAX_EVENTS, MAX_PAGE};
+use crate::operations::{DeadLetter, DeadLetterStatus, Redrive, StuckSaga};
+use crate::{
+    backend, caller, order_not_found, BackendError, ErrorCode, NewOrder, MAX_EVENTS, MAX_PAGE,
+};
+
+/// The id of a dead letter, or BAD_USER_INPUT naming `id`.
+fn dead_letter_id(id: &ID) -> Result<i64, BackendError> {
+    id.parse().map_err(|_| {
+        BackendError::bad_input("id", format!("id: '{}' is not a dead letter's id", id.0))
+    })
+}
+
+fn no_dead_letter(id: i64) -> BackendError {
+    BackendError::new(ErrorCode::NotFound, format!("id: no dead letter {id}"))
+}
 
 /// The order if the caller may see it: another customer's is `None`, as an
 /// unknown one.
@@ -141,6 +155,48 @@ impl QueryRoot {
         caller(ctx)?.require_operator("sagaStats")?;
         Ok(SagaStats::from_records(&backend(ctx)?.stats().await?))
     }
+
+    /// Messages a consumer gave up on, oldest first: those in `status`
+    /// (PENDING unless asked), or all with `status: null`. Operators only.
+    async fn dead_letters(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default_with = "Some(DeadLetterStatus::Pending)")] status: Option<
+            DeadLetterStatus,
+        >,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        caller(ctx)?.require_operator("deadLetters")?;
+        let letters = backend(ctx)?
+            .dead_letters(status.map(DeadLetterStatus::as_str))
+            .await?;
+        Ok(letters.into_iter().map(DeadLetter).collect())
+    }
+
+    /// One dead letter. Operators only.
+    async fn dead_letter(&self, ctx: &Context<'_>, id: ID) -> Result<Option<DeadLetter>, Error> {
+        caller(ctx)?.require_operator("deadLetter")?;
+        let id = dead_letter_id(&id)?;
+        Ok(backend(ctx)?.dead_letter(id).await?.map(DeadLetter))
+    }
+
+    /// Sagas that have not ended in time, oldest first (at most 1,000),
+    /// with their last step: orders created or confirmed more than
+    /// `olderThanSeconds` ago, or waiting for their payment longer than the
+    /// payment timeout plus that. Operators only.
+    async fn stuck_sagas(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 300)] older_than_seconds: i32,
+    ) -> Result<Vec<StuckSaga>, Error> {
+        caller(ctx)?.require_operator("stuckSagas")?;
+        let seconds = u64::try_from(older_than_seconds).map_err(|_| {
+            BackendError::bad_input("olderThanSeconds", "olderThanSeconds: must not be negative")
+        })?;
+        let stuck = backend(ctx)?
+            .stuck_sagas(std::time::Duration::from_secs(seconds))
+            .await?;
+        Ok(stuck.into_iter().map(StuckSaga).collect())
+    }
 }
 
 pub struct MutationRoot;
@@ -197,6 +253,35 @@ impl MutationRoot {
         Ok(Product(
             backend(ctx)?.set_product(&product_id, price, stock).await?,
         ))
+    }
+
+    /// Hands a pending dead letter back to its consumer, once: HANDLED (it
+    /// is REDRIVEN), FAILED (it stays PENDING with the new error) or
+    /// NOT_PENDING. Operators only.
+    async fn redrive_dead_letter(&self, ctx: &Context<'_>, id: ID) -> Result<Redrive, Error> {
+        caller(ctx)?.require_operator("redriveDeadLetter")?;
+        let id = dead_letter_id(&id)?;
+        let done = backend(ctx)?
+            .redrive_dead_letter(id)
+            .await?
+            .ok_or_else(|| no_dead_letter(id))?;
+        Ok(Redrive {
+            outcome: done.outcome,
+            error: done.error,
+            dead_letter: DeadLetter(done.dead_letter),
+        })
+    }
+
+    /// Sets a pending dead letter aside for good (kept, DISCARDED).
+    /// Operators only.
+    async fn discard_dead_letter(&self, ctx: &Context<'_>, id: ID) -> Result<DeadLetter, Error> {
+        caller(ctx)?.require_operator("discardDeadLetter")?;
+        let id = dead_letter_id(&id)?;
+        let dead = backend(ctx)?
+            .discard_dead_letter(id)
+            .await?
+            .ok_or_else(|| no_dead_letter(id))?;
+        Ok(DeadLetter(dead))
     }
 }
 

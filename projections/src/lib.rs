@@ -514,6 +514,42 @@ pub struct StatRecord {
     pub max_ms: i64,
 }
 
+/// A message a consumer gave up on, as stored for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterRecord {
+    pub id: i64,
+    /// The consumer group that gave up on it.
+    pub consumer: String,
+    pub topic: String,
+    pub event_id: Option<String>,
+    /// Why it was given up on (the last redrive's error, after one failed).
+    pub error: String,
+    /// The message: the integration event as JSON, or the bytes as text
+    /// when they did not decode.
+    pub payload: String,
+    /// PENDING, REDRIVEN or DISCARDED.
+    pub status: String,
+    /// Redrives that failed.
+    pub redrives: i64,
+    pub recorded_at_ms: Option<i64>,
+    pub settled_at_ms: Option<i64>,
+}
+
+/// An order whose saga has not ended in time: created or confirmed past
+/// the threshold, or waiting for its payment past the payment timeout and
+/// the threshold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StuckSagaRecord {
+    pub order_id: String,
+    pub status: String,
+    pub created_at_ms: i64,
+    /// The order's last recorded event (its own or its stock reservation's).
+    pub last_step: Option<String>,
+    pub last_step_at_ms: Option<i64>,
+}
+
 /// Filters of an order listing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrderFilter {

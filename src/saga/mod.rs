@@ -30,6 +30,8 @@ pub mod kafka;
 pub mod notifier;
 mod order;
 pub mod payment;
+mod redrive;
+pub use redrive::Redrive;
 mod runtime;
 mod stock;
 mod timers;
@@ -304,6 +306,11 @@ impl Saga {
             roles: options.roles,
             dead_letter_sink: transport.dead_letters(),
         }))
+    }
+
+    /// The deadlines and retries it runs with.
+    pub fn config(&self) -> &SagaConfig {
+        &self.config
     }
 
     /// Starts a loop per consumer and one for the timers; they stop after

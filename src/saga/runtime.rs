@@ -199,7 +199,14 @@ impl Saga {
         // one that stores it counts and publishes it.
         let first = self
             .store
-            .record_dead_letter(side.group(), &delivery.topic, event_id, error, payload)
+            .record_dead_letter(
+                side.group(),
+                &delivery.topic,
+                event_id,
+                error,
+                payload,
+                self.clock.now().timestamp_millis(),
+            )
             .await?;
         if !first {
             return Ok(());

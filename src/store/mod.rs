@@ -116,6 +116,7 @@ mod tail;
 mod timers;
 
 pub use aggregates::Executed;
+pub use dead_letters::{DeadLetter, DeadLetterStatus};
 pub use leases::{LeaderSession, SESSION_IDLE_TIMEOUT};
 pub use log::{AppendWatch, LogEntry};
 pub use notifications::{AttemptRow, Claim, NotificationAttempt, CLAIM_LEASE_MS};

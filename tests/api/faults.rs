@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use order_saga::saga::Side;
 use order_saga::service::App;
-use order_saga::store::{Store, StoreConfig};
+use order_saga::store::{DeadLetter, Store, StoreConfig};
 use order_saga_domain::{Order, OrderStatus};
 use serde_json::{json, Value};
 use tokio::process::Child;
@@ -136,7 +136,7 @@ fn assert_only_201_and_503(answers: &BTreeMap<String, usize>, code: &str) {
 
 /// The store's dead letters, asked again while the test's own pool finds
 /// connections the restart ended.
-async fn dead_letters(store: &Store) -> Vec<(String, String, Option<String>, String)> {
+async fn dead_letters(store: &Store) -> Vec<DeadLetter> {
     for _ in 0..20 {
         if let Ok(dead) = store.dead_letters().await {
             return dead;

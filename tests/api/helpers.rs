@@ -172,6 +172,7 @@ async fn start(store: Store, with_loops: bool, auth: Authenticator) -> TestApp {
     let app = App::new(store.clone());
     let projections = ReadModels::new(store.clone());
     let mut readiness = Readiness::default();
+    let mut running = None;
     let loops = if with_loops {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let saga = Saga::new(
@@ -187,6 +188,7 @@ async fn start(store: Store, with_loops: bool, auth: Authenticator) -> TestApp {
             ("saga", saga.heartbeat()),
             ("projections", projections.heartbeat()),
         ];
+        running = Some(saga);
         Some((tasks, stop))
     } else {
         None
@@ -195,9 +197,11 @@ async fn start(store: Store, with_loops: bool, auth: Authenticator) -> TestApp {
         .await
         .expect("bind port 0");
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
-    let router = order_saga::http::router(
-        HttpState::new(app.clone(), projections.clone(), readiness).with_auth(auth),
-    );
+    let state = match running {
+        Some(saga) => HttpState::with_saga(app.clone(), projections.clone(), saga, readiness),
+        None => HttpState::new(app.clone(), projections.clone(), readiness),
+    };
+    let router = order_saga::http::router(state.with_auth(auth));
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
@@ -330,4 +334,14 @@ pub fn order_body(items: &[(&str, i64)]) -> Value {
         .map(|(p, q)| serde_json::json!({"productId": p, "quantity": q}))
         .collect();
     serde_json::json!({"userId": "u-1", "storeId": "s-1", "items": items})
+}
+
+/// Runs `sql` (one or more statements) on the test's store, as an operator
+/// at a SQL prompt would.
+pub async fn raw_sql(store: &Store, sql: &str) {
+    match store {
+        Store::Postgres(db) => sqlx::raw_sql(sql).execute(&db.pool).await.map(|_| ()),
+        Store::Sqlite(db) => sqlx::raw_sql(sql).execute(&db.write).await.map(|_| ()),
+    }
+    .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }

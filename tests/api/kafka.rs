@@ -466,7 +466,7 @@ async fn payment_results_from_the_broker_complete_cancel_expire_and_refund_and_e
     );
     let dead = t.store.dead_letters().await.expect("dead letters");
     assert!(
-        dead.len() == 1 && dead[0].3.contains("differs from the order total"),
+        dead.len() == 1 && dead[0].error.contains("differs from the order total"),
         "{dead:?}"
     );
     let expected = published_events(&t.store).await;

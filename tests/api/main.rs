@@ -11,6 +11,7 @@ mod auth;
 mod bench;
 mod binary;
 mod contract;
+mod dead_letters;
 mod e2e;
 mod faults;
 mod helpers;

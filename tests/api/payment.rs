@@ -256,10 +256,10 @@ async fn a_payment_of_another_amount_is_refunded_and_dead_lettered_and_the_wait_
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(
         dead[0]
-            .3
+            .error
             .contains("amount paid 1.00 differs from the order total 25800.30"),
         "{}",
-        dead[0].3
+        dead[0].error
     );
     h.assert_sold("p-1", 3, 2, 0).await;
     // The right payment still completes the order.
@@ -334,7 +334,7 @@ async fn a_payment_for_an_unknown_order_is_dead_lettered(backend: Backend) {
     h.run().await;
     let dead = h.t.store.dead_letters().await.expect("dead letters");
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert!(dead[0].3.contains("o-nope"), "{}", dead[0].3);
+    assert!(dead[0].error.contains("o-nope"), "{}", dead[0].error);
     assert!(h
         .published("o-nope", Topic::StockConfirmationFailed)
         .await
@@ -500,11 +500,7 @@ async fn the_upgrade_gives_orders_already_waiting_a_payment_deadline(backend: Ba
         }
     };
     for sql in [delete, backfill, backfill] {
-        match &h.t.store {
-            Store::Postgres(db) => sqlx::raw_sql(sql).execute(&db.pool).await.map(|_| ()),
-            Store::Sqlite(db) => sqlx::raw_sql(sql).execute(&db.write).await.map(|_| ()),
-        }
-        .expect("run the statement");
+        crate::helpers::raw_sql(&h.t.store, sql).await;
     }
     assert_eq!(h.t.store.pending_timers().await.expect("timers"), 1);
     h.advance(31 * MINUTE).await;

@@ -781,34 +781,24 @@ async fn replaying_every_consumer_from_checkpoint_0_changes_nothing(backend: Bac
     h.finish().await;
 }
 
+/// Stores an `OrderCreated` event no version of the saga can read.
+pub(crate) async fn store_a_garbled_order_event(store: &Store) {
+    crate::helpers::raw_sql(
+        store,
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Order', 'garbled', 1, 'OrderCreated', '1.0', '{\"nonsense\": true}', '{}')",
+    )
+    .await;
+}
+
 async fn an_undecodable_message_is_dead_lettered_and_the_saga_goes_on(backend: Backend) {
     let h = harness(backend, vec![]).await;
-    let insert = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-                  VALUES ('Order', 'garbled', 1, 'OrderCreated', '1.0', $1, '{}')";
-    match &h.t.store {
-        Store::Postgres(db) => {
-            sqlx::query(&insert.replace("$1", "$1::json"))
-                .bind(r#"{"nonsense": true}"#)
-                .execute(&db.pool)
-                .await
-                .expect("insert");
-        }
-        Store::Sqlite(db) => {
-            sqlx::query(insert)
-                .bind(r#"{"nonsense": true}"#)
-                .execute(&db.write)
-                .await
-                .expect("insert");
-        }
-    }
+    store_a_garbled_order_event(&h.t.store).await;
     let order = h.order(&[("p-1", 1)]).await;
     h.run().await;
     assert_eq!(h.state(&order).await.status, OrderStatus::PaymentWait);
     let dead = h.t.store.dead_letters().await.expect("dead letters");
-    let groups: Vec<&str> = dead
-        .iter()
-        .map(|(consumer, ..)| consumer.as_str())
-        .collect();
+    let groups: Vec<&str> = dead.iter().map(|dead| dead.consumer.as_str()).collect();
     assert_eq!(
         groups,
         vec![
@@ -817,11 +807,9 @@ async fn an_undecodable_message_is_dead_lettered_and_the_saga_goes_on(backend: B
             "order-saga.notifier"
         ]
     );
-    assert!(dead
-        .iter()
-        .all(|(_, topic, id, error)| topic == "Order.OrderCreated"
-            && id.is_some()
-            && error.contains("Order event")));
+    assert!(dead.iter().all(|dead| dead.topic == "Order.OrderCreated"
+        && dead.event_id.is_some()
+        && dead.error.contains("Order event")));
     h.finish().await;
 }
 

@@ -796,7 +796,7 @@ async fn a_message_is_dead_lettered_once_per_group(backend: Backend) {
         let store = t.store.clone();
         async move {
             store
-                .record_dead_letter(consumer, "order.created", event, "cannot", "{}")
+                .record_dead_letter(consumer, "order.created", event, "cannot", "{}", 1_000)
                 .await
                 .expect("record")
         }

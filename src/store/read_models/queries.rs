@@ -2,7 +2,7 @@
 
 use order_saga_domain::OrderStatus;
 use order_saga_projections::{
-    HistoryRecord, OrderFilter, OrderStatusView, ProductRecord, StatRecord,
+    HistoryRecord, OrderFilter, OrderStatusView, ProductRecord, StatRecord, StuckSagaRecord,
 };
 
 use crate::store::{Store, StoreError};
@@ -42,6 +42,46 @@ impl Store {
         .fetch_all(pool)
         .await)?;
         rows.into_iter().map(OrderRow::into_record).collect()
+    }
+
+    /// Sagas that have not ended in time, oldest first (at most `limit`):
+    /// orders created or confirmed before `started_before_ms`, and orders
+    /// waiting for their payment since before `waiting_before_ms`.
+    pub async fn stuck_sagas(
+        &self,
+        started_before_ms: i64,
+        waiting_before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<StuckSagaRecord>, StoreError> {
+        type Row = (String, String, i64, Option<String>, Option<i64>);
+        let rows: Vec<Row> = on_read_pool!(self, |pool| sqlx::query_as(
+            "SELECT v.order_id, v.status, v.created_at_ms, \
+                        (SELECT h.event_type FROM order_history h WHERE h.order_id = v.order_id \
+                          ORDER BY h.position DESC LIMIT 1), \
+                        (SELECT MAX(h.recorded_at_ms) FROM order_history h \
+                          WHERE h.order_id = v.order_id) \
+                 FROM order_views v \
+                 WHERE (v.status IN ('ORDER_CREATED', 'ORDER_CONFIRMED') AND v.created_at_ms < $1) \
+                    OR (v.status = 'PAYMENT_WAIT' AND v.payment_wait_at_ms < $2) \
+                 ORDER BY v.created_position LIMIT $3"
+        )
+        .bind(started_before_ms)
+        .bind(waiting_before_ms)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(order_id, status, created_at_ms, last_step, last_step_at_ms)| StuckSagaRecord {
+                    order_id,
+                    status,
+                    created_at_ms,
+                    last_step,
+                    last_step_at_ms,
+                },
+            )
+            .collect())
     }
 
     pub async fn order_history(&self, order_id: &str) -> Result<Vec<HistoryRecord>, StoreError> {
