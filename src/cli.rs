@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 
 use crate::analytics::{AsOf, ReplayFormat};
 use crate::saga::kafka::{parse_properties, KafkaConfig};
-use crate::saga::notifier::{LogNotifier, Notifier, WebhookNotifier};
+use crate::saga::notifier::{LogNotifier, Notifier, WebhookNotifier, WebhookSettings};
 use crate::saga::SagaConfig;
 use crate::store::{DeadLetterStatus, StoreConfig};
 
@@ -344,29 +344,71 @@ pub struct ServeArgs {
 /// Customer notifications.
 #[derive(Debug, Args)]
 pub struct NotifyArgs {
-    /// Webhook that customer notifications are POSTed to as JSON (http://
-    /// only). When unset, notifications are written to the log.
+    /// Webhook that customer notifications are POSTed to as JSON (https://,
+    /// or http:// on a private network). When unset, notifications are
+    /// written to the log.
     #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
     pub notify_webhook_url: Option<String>,
+
+    /// Shared secret the webhook requests are signed with: header
+    /// Order-Saga-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
+    /// "<t>.<body>">.
+    #[arg(long, env = "NOTIFY_WEBHOOK_SECRET", hide_env_values = true)]
+    pub notify_webhook_secret: Option<String>,
+
+    /// PEM file of CA certificates to trust for the webhook, besides the
+    /// public roots (an endpoint with a private CA).
+    #[arg(long, env = "NOTIFY_WEBHOOK_CA_FILE")]
+    pub notify_webhook_ca_file: Option<PathBuf>,
 }
 
 impl NotifyArgs {
     /// The notifier these settings name: the webhook, or the log.
     pub fn notifier(&self) -> Result<Arc<dyn Notifier>, String> {
-        match self.notify_webhook_url.as_deref() {
-            Some(url) if !url.trim().is_empty() => {
-                if !url.starts_with("http://") {
-                    return Err(
-                        "NOTIFY_WEBHOOK_URL (--notify-webhook-url): expected an http:// URL".into(),
-                    );
-                }
-                Ok(Arc::new(WebhookNotifier::new(
-                    url.to_string(),
-                    Duration::from_secs(5),
-                )?))
+        let Some(url) = self
+            .notify_webhook_url
+            .as_deref()
+            .filter(|url| !url.trim().is_empty())
+        else {
+            if self.notify_webhook_secret.is_some() || self.notify_webhook_ca_file.is_some() {
+                return Err("NOTIFY_WEBHOOK_URL (--notify-webhook-url): needed by \
+                            NOTIFY_WEBHOOK_SECRET / NOTIFY_WEBHOOK_CA_FILE"
+                    .into());
             }
-            _ => Ok(Arc::new(LogNotifier)),
+            return Ok(Arc::new(LogNotifier));
+        };
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(
+                "NOTIFY_WEBHOOK_URL (--notify-webhook-url): expected an https:// or http:// URL"
+                    .into(),
+            );
         }
+        let secret = match self.notify_webhook_secret.as_deref() {
+            Some("") => {
+                return Err(
+                    "NOTIFY_WEBHOOK_SECRET (--notify-webhook-secret): must not be empty".into(),
+                )
+            }
+            secret => secret.map(str::to_string),
+        };
+        let ca_pem = match &self.notify_webhook_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                format!(
+                    "NOTIFY_WEBHOOK_CA_FILE (--notify-webhook-ca-file): {}: {e}",
+                    path.display()
+                )
+            })?),
+            None => None,
+        };
+        let settings = WebhookSettings {
+            url: url.to_string(),
+            secret,
+            ca_pem,
+        };
+        Ok(Arc::new(WebhookNotifier::new(
+            settings,
+            Duration::from_secs(5),
+        )?))
     }
 }
 

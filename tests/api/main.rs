@@ -24,3 +24,4 @@ mod read_side;
 mod saga;
 mod stock;
 mod store;
+mod webhooks;

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use order_saga::saga::clock::{Clock, ManualClock};
 use order_saga::saga::integration::{IntegrationEvent, Topic};
-use order_saga::saga::notifier::{Notification, NotificationKind, Notifier, WebhookNotifier};
+use order_saga::saga::notifier::{
+    Notification, NotificationKind, Notifier, WebhookNotifier, WebhookSettings,
+};
 use order_saga::saga::transport::{
     Delivery, LogTransport, Subscription, Transport, TransportError,
 };
@@ -156,7 +158,7 @@ pub(crate) async fn harness_with(
     }
 }
 
-async fn saga_on(
+pub(crate) async fn saga_on(
     store: &Store,
     transport: &dyn Transport,
     clock: &Arc<ManualClock>,
@@ -174,7 +176,7 @@ async fn saga_on(
     .await
 }
 
-async fn saga_with(
+pub(crate) async fn saga_with(
     store: &Store,
     transport: &dyn Transport,
     clock: &Arc<ManualClock>,
@@ -842,7 +844,12 @@ async fn the_webhook_is_retried_and_every_attempt_recorded_without_holding_up_th
 ) {
     let h = harness(backend, vec![]).await;
     let (url, received, server) = fake_webhook().await;
-    let webhook = Arc::new(WebhookNotifier::new(url, Duration::from_secs(5)).expect("notifier"));
+    let settings = WebhookSettings {
+        url,
+        ..WebhookSettings::default()
+    };
+    let webhook =
+        Arc::new(WebhookNotifier::new(settings, Duration::from_secs(5)).expect("notifier"));
     let saga = saga_on(
         &h.t.store,
         &LogTransport::new(h.t.store.clone()),
