@@ -178,23 +178,26 @@ pub enum DeadLettersCommand {
     /// after the fix: a new version, the product created, the store back);
     /// each ends REDRIVEN, or stays PENDING with its new error. Prints one
     /// JSON line per dead letter; fails if any failed again.
-    Redrive {
-        /// The dead letter's id (from `list`).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        id: Option<i64>,
-        /// Every pending dead letter, oldest first.
-        #[arg(long)]
-        all: bool,
-        #[command(flatten)]
-        notify: NotifyArgs,
-        #[command(flatten)]
-        saga: SagaArgs,
-    },
+    Redrive(Box<RedriveArgs>),
     /// Set a pending dead letter aside for good (it is kept, DISCARDED).
     Discard {
         /// The dead letter's id (from `list`).
         id: i64,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct RedriveArgs {
+    /// The dead letter's id (from `list`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub id: Option<i64>,
+    /// Every pending dead letter, oldest first.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub notify: NotifyArgs,
+    #[command(flatten)]
+    pub saga: SagaArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -13,7 +13,7 @@ use order_saga::analytics::{self, ReplayFilter};
 use order_saga::auth::Authenticator;
 use order_saga::cli::{Cli, Command, PaymentCommand, PaymentOutcome, ProductCommand, ServeArgs};
 use order_saga::cli::{
-    DeadLettersCommand, OutputFormat, ProjectionsCommand, ReplayArgs, SagasCommand,
+    DeadLettersCommand, OutputFormat, ProjectionsCommand, RedriveArgs, ReplayArgs, SagasCommand,
 };
 use order_saga::health::{pause, Readiness, Shutdown};
 use order_saga::http::HttpState;
@@ -252,12 +252,10 @@ async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Res
             }
             println!("{}", serde_json::json!({"id": id, "status": "DISCARDED"}));
         }
-        DeadLettersCommand::Redrive {
-            id,
-            all: _,
-            notify,
-            saga,
-        } => {
+        DeadLettersCommand::Redrive(args) => {
+            let RedriveArgs {
+                id, notify, saga, ..
+            } = *args;
             let ids = match id {
                 Some(id) => vec![id],
                 None => store
