@@ -30,7 +30,9 @@ use crate::store::{DeadLetterStatus, StoreConfig};
         Several instances may serve one PostgreSQL database: the relay, and with the \
         in-process bus each saga consumer and the projection, run on one instance at a \
         time (elected through the database; see /readyz). The embedded store serves one \
-        process: `serve` and `migrate` lock --data-dir."
+        process: `serve` and `migrate` lock --data-dir.\n\n\
+        With OTEL_EXPORTER_OTLP_ENDPOINT set (e.g. http://collector:4318), traces are \
+        exported over OTLP/HTTP; an order's saga is one trace."
 )]
 pub struct Cli {
     #[command(flatten)]

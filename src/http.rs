@@ -42,6 +42,7 @@ use crate::leadership::Roles;
 use crate::read_models::ReadModels;
 use crate::saga::Saga;
 use crate::service::{App, AppError, CreateOrderRequest, OrderView};
+use tracing::Instrument;
 
 /// Largest request body accepted; a 100-item order is far below it.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -364,7 +365,14 @@ async fn create_order(
             )
         })?),
     };
-    let order = app.create_order(request, key).await?;
+    // One span for the acceptance, continuing the caller's trace if it
+    // sent one; the saga's spans continue it.
+    let span = tracing::info_span!("accept order", user_id = %request.user_id);
+    let caller_trace = headers
+        .get(crate::telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    crate::telemetry::continue_trace(&span, caller_trace);
+    let order = app.create_order(request, key).instrument(span).await?;
     let location = format!("/api/v1/orders/{}", order.order_id);
     Ok((
         StatusCode::CREATED,

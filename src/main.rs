@@ -28,6 +28,8 @@ use order_saga::service::{App, OrderView, ProductView};
 use order_saga::store::LogEntry;
 use order_saga::store::{lock_data_dir, DeadLetterStatus, Store, StoreConfig};
 use std::io::{IsTerminal, Write};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's allocator: see ARCHITECTURE.md, "Performance".
@@ -59,11 +61,30 @@ fn no_huge_pages() {
 async fn main() -> ExitCode {
     no_huge_pages();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+    let tracer = match order_saga::telemetry::otlp_tracer() {
+        Ok(tracer) => tracer,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let traces = tracer.as_ref().map(|provider| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("order-saga"))
+    });
+    tracing_subscriber::registry()
+        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(traces)
         .init();
-    match run(cli).await {
+    let result = run(cli).await;
+    if let Some(provider) = tracer {
+        // The spans still in the batch are sent before the process ends.
+        if let Err(e) = provider.shutdown() {
+            eprintln!("warning: traces not all sent: {e}");
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -231,11 +231,15 @@ impl App {
             store_id: request.store_id,
             items: request.items,
         };
-        // The order's saga is correlated by one id across all its events.
-        let metadata = HashMap::from([(
+        // The order's saga is correlated by one id across all its events,
+        // and traced from the request that created it.
+        let mut metadata = HashMap::from([(
             crate::saga::integration::CORRELATION_ID.to_string(),
             Uuid::new_v4().to_string(),
         )]);
+        if let Some(traceparent) = crate::telemetry::current_traceparent() {
+            metadata.insert(crate::telemetry::TRACEPARENT.to_string(), traceparent);
+        }
         let services = &self.order_services;
         let result = if order_id == fresh_id {
             // An id made just now names no stored order: nothing to load.

@@ -1,3 +1,9 @@
+//! Telemetry. Traces: OpenTelemetry over OTLP/HTTP, on when the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the SDK reads the other `OTEL_*`
+//! settings itself); the W3C `traceparent` of the span that appended an
+//! event travels in the event's metadata and in its Kafka record's headers,
+//! and each consumer's span of that event continues the trace.
+//!
 //! Metrics export: the Prometheus recorder behind the `metrics` facade the
 //! rest of the code records into, and the gauges computed at scrape time
 //! (log head, relay, consumer and projection lag, pending and overdue
@@ -7,6 +13,7 @@
 //! recorder is installed, so that a rate over it (`ops/prometheus/`) has a
 //! series before the first increment.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -125,4 +132,59 @@ pub async fn render(
     metrics::gauge!("order_saga_ready").set(if ready { 1.0 } else { 0.0 });
     metrics::gauge!("order_saga_dead_letters").set(store.pending_dead_letters().await? as f64);
     Ok(handle.render())
+}
+
+/// The W3C trace-context key in event metadata and Kafka record headers.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// The OTLP span exporter's provider, when `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// is set; installs the W3C trace-context propagator.
+pub fn otlp_tracer() -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>, String> {
+    let configured = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .is_ok_and(|endpoint| !endpoint.trim().is_empty());
+    if !configured {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+        .map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("order-saga")
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build();
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    Ok(Some(provider))
+}
+
+/// The `traceparent` of the current span, when traces are exported.
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = tracing::Span::current().context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut carrier)
+    });
+    carrier.remove(TRACEPARENT)
+}
+
+/// Makes `span` continue the trace `traceparent` names (if any).
+pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let carrier = HashMap::from([(TRACEPARENT.to_string(), traceparent.to_string())]);
+    let context =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier));
+    let _ = span.set_parent(context);
 }

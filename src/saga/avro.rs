@@ -811,6 +811,8 @@ impl Contract {
             occurred_at: f.time("eventTimestamp")?,
             correlation_id: f.optional("correlationId")?,
             causation_id: f.optional("causationId")?,
+            // Not in the record: a Kafka header (see `kafka::record_headers`).
+            traceparent: None,
             body,
         })
     }

@@ -229,6 +229,9 @@ pub struct IntegrationEvent {
     pub occurred_at: DateTime<Utc>,
     pub correlation_id: Option<String>,
     pub causation_id: Option<String>,
+    /// The W3C trace context of the span that appended it, if traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     pub body: Body,
 }
 
@@ -368,6 +371,7 @@ impl IntegrationEvent {
             occurred_at: entry.recorded_at,
             correlation_id: meta(CORRELATION_ID),
             causation_id: meta(CAUSATION_ID),
+            traceparent: meta(crate::telemetry::TRACEPARENT),
             body,
         }))
     }

@@ -492,6 +492,8 @@ impl Saga {
 struct Cause {
     causation: Uuid,
     correlation_id: Option<String>,
+    /// The handling span's trace context, for the events it appends.
+    traceparent: Option<String>,
 }
 
 impl Cause {
@@ -499,6 +501,7 @@ impl Cause {
         Cause {
             causation: event.event_id,
             correlation_id: event.correlation_id.clone(),
+            traceparent: crate::telemetry::current_traceparent(),
         }
     }
 
@@ -506,6 +509,12 @@ impl Cause {
         let mut metadata = HashMap::from([(CAUSATION_ID.to_string(), self.causation.to_string())]);
         if let Some(correlation) = &self.correlation_id {
             metadata.insert(CORRELATION_ID.to_string(), correlation.clone());
+        }
+        if let Some(traceparent) = &self.traceparent {
+            metadata.insert(
+                crate::telemetry::TRACEPARENT.to_string(),
+                traceparent.clone(),
+            );
         }
         metadata
     }

@@ -130,6 +130,7 @@ pub async fn simulate(
         occurred_at: now,
         correlation_id: None,
         causation_id: None,
+        traceparent: crate::telemetry::current_traceparent(),
         body: body.clone(),
     };
     match kafka {

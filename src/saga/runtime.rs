@@ -148,6 +148,7 @@ impl Saga {
             event_id = %event.event_id,
             correlation_id = event.correlation_id.as_deref().unwrap_or(""),
         );
+        crate::telemetry::continue_trace(&span, event.traceparent.as_deref());
         let started = self.clock.now();
         let result = self.handle(consumer.side, event).instrument(span).await;
         let payload = || serde_json::to_string(event).unwrap_or_default();

@@ -48,6 +48,7 @@ impl Saga {
             causation: Uuid::parse_str(&timer.causation_id)
                 .map_err(|e| HandlerError::Permanent(format!("timer cause: {e}")))?,
             correlation_id: timer.correlation_id.clone(),
+            traceparent: crate::telemetry::current_traceparent(),
         };
         let order_id = timer.order_id.as_str();
         match timer.kind {

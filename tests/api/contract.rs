@@ -26,6 +26,7 @@ fn event(body: Body) -> IntegrationEvent {
             .expect("time"),
         correlation_id: Some("c-1".into()),
         causation_id: None,
+        traceparent: None,
         body,
     }
 }

@@ -24,4 +24,5 @@ mod read_side;
 mod saga;
 mod stock;
 mod store;
+mod traces;
 mod webhooks;

@@ -309,11 +309,18 @@ impl KafkaSubscription {
             Some(topic) => self.contract.decode(topic, &raw),
             None => Err(format!("unknown topic {}", message.topic())),
         };
-        let event_id = message.headers().and_then(|h| {
-            h.iter()
-                .find(|h| h.key == "eventId")
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).to_string())
+        let header = |key: &str| {
+            message.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == key)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).to_string())
+            })
+        };
+        let event_id = header("eventId");
+        let event = event.map(|mut event| {
+            event.traceparent = header(crate::telemetry::TRACEPARENT);
+            event
         });
         Delivery {
             topic: message.topic().to_string(),
@@ -422,7 +429,7 @@ fn record_headers(
     event: &super::integration::IntegrationEvent,
 ) -> OwnedHeaders {
     let event_id = event.event_id.to_string();
-    OwnedHeaders::new()
+    let headers = OwnedHeaders::new()
         .insert(Header {
             key: "eventId",
             value: Some(&event_id),
@@ -434,7 +441,14 @@ fn record_headers(
         .insert(Header {
             key: "schemaFingerprint",
             value: Some(contract.fingerprint(event.topic())),
-        })
+        });
+    match &event.traceparent {
+        Some(traceparent) => headers.insert(Header {
+            key: crate::telemetry::TRACEPARENT,
+            value: Some(traceparent),
+        }),
+        None => headers,
+    }
 }
 
 /// Publishes one integration event as the relay does (Avro, keyed by
