@@ -374,20 +374,7 @@ async fn graphql_events_pages_through_the_log(backend: Backend) {
     with_orders(&t, &[("p-1", 1), ("p-2", 1), ("p-2", 2)]).await;
     let app = spawn_app(t.store.clone()).await;
     let query = "query($after: Int!, $type: [String!]) { events(after: $after, first: 2, type: $type) { position eventType aggregateId payload } }";
-    let post = |variables: Value| {
-        let app = &app;
-        async move {
-            app.client
-                .post(format!("{}/graphql", app.address))
-                .json(&json!({"query": query, "variables": variables}))
-                .send()
-                .await
-                .expect("POST")
-                .json::<Value>()
-                .await
-                .expect("json")
-        }
-    };
+    let post = |variables: Value| app.graphql(query, variables);
     let mut seen = Vec::new();
     let mut after = 0;
     loop {
@@ -458,16 +445,12 @@ async fn projections_rebuild_while_orders_queries_keep_answering(backend: Backen
         let mut answered = 0;
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(3) || answered < 5 {
-            let page: Value = app
-                .client
-                .post(format!("{}/graphql", app.address))
-                .json(&json!({"query": "{ orders(first: 100) { edges { node { orderId status } } } }"}))
-                .send()
-                .await
-                .expect("POST")
-                .json()
-                .await
-                .expect("json");
+            let page = app
+                .graphql(
+                    "{ orders(first: 100) { edges { node { orderId status } } } }",
+                    json!({}),
+                )
+                .await;
             assert!(page["errors"].is_null(), "{page}");
             assert_eq!(
                 page["data"]["orders"]["edges"].as_array().map(Vec::len),

@@ -149,27 +149,15 @@ async fn operators_see_and_settle_dead_letters_and_stuck_sagas_through_graphql(b
             .await
             .expect("record");
     }
-    let ask = |query: &'static str, variables: Value| {
-        let app = &app;
-        async move {
-            app.client
-                .post(format!("{}/graphql", app.address))
-                .json(&json!({"query": query, "variables": variables}))
-                .send()
-                .await
-                .expect("POST /graphql")
-                .json::<Value>()
-                .await
-                .expect("GraphQL answer")
-        }
-    };
-    let listed = ask("{ deadLetters { id consumer status error } }", json!({})).await;
+    let listed = app
+        .graphql("{ deadLetters { id consumer status error } }", json!({}))
+        .await;
     let letters = listed["data"]["deadLetters"].as_array().expect("list");
     assert_eq!(letters.len(), 2, "{listed}");
     let id = letters[0]["id"].clone();
 
     let redrive = "mutation($id: ID!) { redriveDeadLetter(id: $id) { outcome error deadLetter { status redrives } } }";
-    let redriven = ask(redrive, json!({"id": id})).await;
+    let redriven = app.graphql(redrive, json!({"id": id})).await;
     let done = &redriven["data"]["redriveDeadLetter"];
     assert_eq!(done["outcome"], "FAILED", "{redriven}");
     assert!(done["error"]
@@ -181,26 +169,27 @@ async fn operators_see_and_settle_dead_letters_and_stuck_sagas_through_graphql(b
     );
 
     let discard = "mutation($id: ID!) { discardDeadLetter(id: $id) { status settledAt } }";
-    let discarded = ask(discard, json!({"id": id})).await;
+    let discarded = app.graphql(discard, json!({"id": id})).await;
     assert_eq!(
         discarded["data"]["discardDeadLetter"]["status"],
         "DISCARDED"
     );
-    let again = ask(discard, json!({"id": id})).await;
+    let again = app.graphql(discard, json!({"id": id})).await;
     assert_eq!(
         again["errors"][0]["extensions"]["code"], "CONFLICT",
         "{again}"
     );
-    let unknown = ask(redrive, json!({"id": "nope"})).await;
+    let unknown = app.graphql(redrive, json!({"id": "nope"})).await;
     assert_eq!(
         unknown["errors"][0]["extensions"]["field"], "id",
         "{unknown}"
     );
-    let pending = ask(
-        "{ deadLetters { id } all: deadLetters(status: null) { id } }",
-        json!({}),
-    )
-    .await;
+    let pending = app
+        .graphql(
+            "{ deadLetters { id } all: deadLetters(status: null) { id } }",
+            json!({}),
+        )
+        .await;
     assert_eq!(
         pending["data"]["deadLetters"].as_array().map(Vec::len),
         Some(1)
@@ -239,16 +228,8 @@ async fn operators_see_and_settle_dead_letters_and_stuck_sagas_through_graphql(b
 }
 
 async fn stuck_sagas(app: &TestApp) -> Vec<Value> {
-    let answer: Value = app
-        .client
-        .post(format!("{}/graphql", app.address))
-        .json(&json!({"query": "{ stuckSagas(olderThanSeconds: 0) { orderId status lastStep } }"}))
-        .send()
-        .await
-        .expect("POST /graphql")
-        .json()
-        .await
-        .expect("GraphQL answer");
+    let query = "{ stuckSagas(olderThanSeconds: 0) { orderId status lastStep } }";
+    let answer = app.graphql(query, json!({})).await;
     answer["data"]["stuckSagas"]
         .as_array()
         .unwrap_or_else(|| panic!("{answer}"))

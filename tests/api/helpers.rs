@@ -256,6 +256,19 @@ impl TestApp {
     }
 
     /// A WebSocket to `/graphql/ws` speaking graphql-transport-ws.
+    /// One GraphQL request over HTTP; the JSON answer.
+    pub async fn graphql(&self, query: &str, variables: Value) -> Value {
+        self.client
+            .post(format!("{}/graphql", self.address))
+            .json(&serde_json::json!({"query": query, "variables": variables}))
+            .send()
+            .await
+            .expect("POST /graphql")
+            .json()
+            .await
+            .expect("GraphQL response")
+    }
+
     pub async fn graphql_ws(&self) -> GraphqlSocket {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let url = format!("{}/graphql/ws", self.address.replacen("http", "ws", 1));

@@ -36,18 +36,6 @@ on_both_backends!(
 );
 
 impl TestApp {
-    async fn graphql(&self, query: &str, variables: Value) -> Value {
-        self.client
-            .post(format!("{}/graphql", self.address))
-            .json(&json!({"query": query, "variables": variables}))
-            .send()
-            .await
-            .expect("POST /graphql")
-            .json()
-            .await
-            .expect("GraphQL response")
-    }
-
     async fn stock(&self, products: &[(&str, &str, u32)]) {
         for (id, price, stock) in products {
             self.set_product(id, price, *stock).await;
