@@ -414,12 +414,17 @@ async fn unready(state: &HttpState) -> Option<(String, Option<&'static str>)> {
         let fault = Fault::of(&e).unwrap_or(Fault::StoreUnavailable);
         return Some((format!("store: {e}"), Some(fault.code())));
     }
+    stalled(state).map(|name| (format!("{name}: not running"), None))
+}
+
+/// The first background loop that has not beaten lately, if any.
+fn stalled(state: &HttpState) -> Option<&'static str> {
     state
         .readiness
         .components
         .iter()
         .find(|(_, heartbeat)| !heartbeat.alive(Duration::from_secs(5)))
-        .map(|(name, _)| (format!("{name}: not running"), None))
+        .map(|(name, _)| *name)
 }
 
 async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {
@@ -432,7 +437,9 @@ async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {
             retry_after: None,
         });
     };
-    let ready = unready(&state).await.is_none();
+    // The store answers the scrape's own queries or the scrape fails: only
+    // the loops are left to ask.
+    let ready = stalled(&state).is_none();
     let text = crate::telemetry::render(state.app.store(), handle, state.relay, ready)
         .await
         .map_err(AppError::from)?;
