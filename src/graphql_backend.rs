@@ -232,18 +232,12 @@ impl Backend for ApiBackend {
 
     async fn discard_dead_letter(&self, id: i64) -> Result<Option<DeadLetterRecord>, BackendError> {
         let now = chrono::Utc::now().timestamp_millis();
-        let store = self.app.store();
-        if store
-            .settle_dead_letter(id, DeadLetterStatus::Discarded, now)
-            .await?
-        {
-            return Ok(Some(self.existing_dead_letter(id).await?));
-        }
-        match store.dead_letter(id).await? {
-            None => Ok(None),
-            Some(dead) => Err(BackendError::new(
+        match self.app.store().discard_dead_letter(id, now).await? {
+            Ok(dead) => Ok(Some(dead)),
+            Err(None) => Ok(None),
+            Err(Some(status)) => Err(BackendError::new(
                 ErrorCode::Conflict,
-                format!("id: dead letter {id} is {}, not PENDING", dead.status),
+                format!("id: dead letter {id} is {status}, not PENDING"),
             )),
         }
     }

@@ -264,12 +264,12 @@ async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Res
         }
         DeadLettersCommand::Discard { id } => {
             let now = chrono::Utc::now().timestamp_millis();
-            if !store
-                .settle_dead_letter(id, DeadLetterStatus::Discarded, now)
-                .await?
-            {
-                let dead = store.dead_letter(id).await?.ok_or_else(|| unknown(id))?;
-                anyhow::bail!("id: dead letter {id} is {}, not PENDING", dead.status);
+            match store.discard_dead_letter(id, now).await? {
+                Ok(_) => {}
+                Err(None) => return Err(unknown(id)),
+                Err(Some(status)) => {
+                    anyhow::bail!("id: dead letter {id} is {status}, not PENDING")
+                }
             }
             println!("{}", serde_json::json!({"id": id, "status": "DISCARDED"}));
         }

@@ -167,6 +167,23 @@ impl Store {
         Ok(settled)
     }
 
+    /// Discards pending dead letter `id`: the record after, or why not —
+    /// `Err(None)`: no such dead letter; `Err(Some(status))`: not pending.
+    pub async fn discard_dead_letter(
+        &self,
+        id: i64,
+        at_ms: i64,
+    ) -> Result<Result<DeadLetter, Option<String>>, StoreError> {
+        let settled = self
+            .settle_dead_letter(id, DeadLetterStatus::Discarded, at_ms)
+            .await?;
+        Ok(match self.dead_letter(id).await? {
+            Some(dead) if settled => Ok(dead),
+            Some(dead) => Err(Some(dead.status)),
+            None => Err(None),
+        })
+    }
+
     /// A redrive of a pending dead letter failed with `error`: it stays
     /// pending, with that error.
     pub async fn redrive_failed(&self, id: i64, error: &str) -> Result<(), StoreError> {
