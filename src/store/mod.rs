@@ -203,6 +203,15 @@ impl Pg {
         self.batched.notification_claims.run(row).await
     }
 
+    /// Runs one scheduling write (a batched statement: `batch.rs`): its
+    /// own statement's outcome.
+    async fn schedule_timers(
+        &self,
+        write: timers::TimerWrite,
+    ) -> Result<Result<(), sqlx::Error>, StoreError> {
+        self.batched.timer_writes.run(write).await
+    }
+
     /// Records one notification attempt (a batched statement: `batch.rs`);
     /// an attempt already recorded stays as it is.
     pub async fn record_notification_attempt(&self, row: AttemptRow) -> Result<(), StoreError> {

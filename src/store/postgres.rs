@@ -19,6 +19,7 @@ use sqlx::Row;
 use super::batch::Batcher;
 use super::notifications::AttemptRow;
 use super::sql::{bind_events, insert_sql};
+use super::timers::{millis, Cancel, Timer, TimerKind, TimerWrite};
 use super::{corrupt, LogEntry, Statements, StoreError};
 
 /// Requests one batched statement takes at most.
@@ -41,7 +42,7 @@ pub(super) struct Append {
 /// by every command that changes something; hold lookups, made for every
 /// item of every order the stock side reserves or releases; and a
 /// notification's progress check and attempt record, made for every
-/// notification.
+/// notification; and scheduling writes, two or three per order.
 #[derive(Debug)]
 pub(super) struct Batched {
     /// Appends, each answered with its own statement's outcome.
@@ -54,6 +55,8 @@ pub(super) struct Batched {
     /// A notification attempt to claim before sending → whether it was
     /// taken.
     pub notification_claims: Batcher<AttemptRow, bool>,
+    /// Scheduling writes, each answered with its own statement's outcome.
+    pub timer_writes: Batcher<TimerWrite, Result<(), sqlx::Error>>,
 }
 
 impl Batched {
@@ -68,6 +71,7 @@ impl Batched {
                 on(statements, record_notification_attempts),
             ),
             notification_claims: Batcher::spawn(MAX_BATCH, on(statements, claim_notifications)),
+            timer_writes: Batcher::spawn(MAX_BATCH, on(statements, schedule_timer_batch)),
         }
     }
 }
@@ -213,6 +217,116 @@ async fn append_alone(pool: &Statements, append: &Append) -> Result<(), sqlx::Er
         .execute(pool)
         .await
         .map(|_| ())
+}
+
+/// Runs a batch of scheduling writes (`pg_schedule_timers.sql`): in runs
+/// of consecutive writes on orders of their own, each run one statement
+/// and one commit; a write on an order already in the run starts the next
+/// one, so every write's cancel sees the timers written before it, as it
+/// would alone. A run that fails runs again write by write, as
+/// [`append_batch`] does, and each write gets its own outcome. Timers go
+/// in id order, so two instances' runs cannot deadlock on their keys.
+async fn schedule_timer_batch(
+    pool: Arc<Statements>,
+    writes: Vec<TimerWrite>,
+) -> Result<Vec<Result<(), sqlx::Error>>, StoreError> {
+    let mut outcomes = Vec::with_capacity(writes.len());
+    for run in runs_on_distinct_orders(&writes) {
+        if run.len() > 1 && schedule_timers(&pool, run).await.is_ok() {
+            outcomes.extend(run.iter().map(|_| Ok(())));
+            continue;
+        }
+        for write in run {
+            outcomes.push(schedule_timers(&pool, std::slice::from_ref(write)).await);
+        }
+    }
+    Ok(outcomes)
+}
+
+/// `writes` cut into consecutive runs in which no two writes change the
+/// same order's timers.
+fn runs_on_distinct_orders(writes: &[TimerWrite]) -> Vec<&[TimerWrite]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut orders = std::collections::HashSet::new();
+    for (i, write) in writes.iter().enumerate() {
+        if write.orders().any(|order| orders.contains(order)) {
+            runs.push(&writes[start..i]);
+            start = i;
+            orders.clear();
+        }
+        orders.extend(write.orders());
+    }
+    if start < writes.len() {
+        runs.push(&writes[start..]);
+    }
+    runs
+}
+
+async fn schedule_timers(pool: &Statements, writes: &[TimerWrite]) -> Result<(), sqlx::Error> {
+    let mut cancelled: Vec<(&str, &str, &str)> = writes
+        .iter()
+        .filter_map(|w| w.cancel.as_ref())
+        .map(|(cancel, order_id)| match cancel {
+            Cancel::Kind(kind) => (order_id.as_str(), "kind", kind.as_str()),
+            Cancel::SagaBut(kind) => (order_id.as_str(), "saga", kind.as_str()),
+        })
+        .collect();
+    cancelled.sort_unstable();
+    let mut cancels = (Vec::new(), Vec::new(), Vec::new());
+    for (order_id, mode, kind) in cancelled {
+        cancels.0.push(mode);
+        cancels.1.push(kind);
+        cancels.2.push(order_id);
+    }
+    let mut timers: Vec<&Timer> = writes.iter().flat_map(|w| &w.timers).collect();
+    timers.sort_by_cached_key(|t| t.id());
+    let mut columns = TimerColumns::default();
+    for timer in timers {
+        columns.push(timer);
+    }
+    sqlx::query(include_str!("sql/pg_schedule_timers.sql"))
+        .bind(cancels.0)
+        .bind(cancels.1)
+        .bind(cancels.2)
+        .bind(columns.timer_ids)
+        .bind(columns.kinds)
+        .bind(columns.order_ids)
+        .bind(columns.attempts)
+        .bind(columns.due_at_ms)
+        .bind(columns.causation_ids)
+        .bind(columns.correlation_ids)
+        .bind(columns.payloads)
+        .bind(TimerKind::NotifyRetry.as_str())
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// Timers as the arrays the scheduling statement unnests.
+#[derive(Default)]
+struct TimerColumns<'a> {
+    timer_ids: Vec<String>,
+    kinds: Vec<&'static str>,
+    order_ids: Vec<&'a str>,
+    attempts: Vec<i64>,
+    due_at_ms: Vec<i64>,
+    causation_ids: Vec<&'a str>,
+    correlation_ids: Vec<Option<&'a str>>,
+    payloads: Vec<String>,
+}
+
+impl<'a> TimerColumns<'a> {
+    fn push(&mut self, timer: &'a Timer) {
+        self.timer_ids.push(timer.id());
+        self.kinds.push(timer.kind.as_str());
+        self.order_ids.push(&timer.order_id);
+        self.attempts.push(i64::from(timer.attempt));
+        self.due_at_ms.push(millis(timer.due_at));
+        self.causation_ids.push(&timer.causation_id);
+        self.correlation_ids.push(timer.correlation_id.as_deref());
+        self.payloads.push(timer.payload.to_string());
+    }
 }
 
 /// Attempt rows as the arrays the batch INSERT unnests.

@@ -8,7 +8,7 @@
 //! action is idempotent, so firing twice is harmless. Times come from the
 //! saga's clock (`saga::clock`), never from the database.
 
-use super::sql::{bind_params, values_placeholders, Param};
+use super::sql::{values_placeholders, Param};
 use super::{Store, StoreError};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -96,12 +96,40 @@ fn schedule_values(rows: usize, skip: usize) -> String {
     )
 }
 
-fn millis(t: DateTime<Utc>) -> i64 {
+pub(super) fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
 fn from_millis(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+/// What a scheduling write drops before it stores its timers: the order's
+/// pending timers of one kind, or every one of its creation saga's but one
+/// kind (and its notification retries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cancel {
+    Kind(TimerKind),
+    SagaBut(TimerKind),
+}
+
+/// One scheduling write: the timers to store (unless stored already), after
+/// dropping the pending timers `cancel` names for its order. Durable, as
+/// the schedule must be; on PostgreSQL a batched statement (`postgres.rs`).
+#[derive(Debug)]
+pub(super) struct TimerWrite {
+    pub cancel: Option<(Cancel, String)>,
+    pub timers: Vec<Timer>,
+}
+
+impl TimerWrite {
+    /// The orders whose timers the write changes.
+    pub(super) fn orders(&self) -> impl Iterator<Item = &str> {
+        let cancelled = self.cancel.as_ref().map(|(_, order_id)| order_id.as_str());
+        cancelled
+            .into_iter()
+            .chain(self.timers.iter().map(|t| t.order_id.as_str()))
+    }
 }
 
 impl Store {
@@ -115,85 +143,74 @@ impl Store {
         if timers.is_empty() {
             return Ok(());
         }
-        let sql = format!("{} {}", SCHEDULE_INTO, schedule_values(timers.len(), 0));
-        self.execute_scheduling(vec![sql], timers, None).await
+        self.write_timers(TimerWrite {
+            cancel: None,
+            timers: timers.to_vec(),
+        })
+        .await
     }
 
     /// Drops the order's pending timers of kind `cancel` and schedules
-    /// `timer`, in one round trip: on PostgreSQL one statement (durable, as
-    /// the schedule must be); on SQLite two statements sent as one query
-    /// (their `$n` count over both), in the same group commit.
+    /// `timer`, in one write.
     pub async fn cancel_and_schedule(
         &self,
         cancel: TimerKind,
         timer: &Timer,
     ) -> Result<(), StoreError> {
-        let schedule = format!("{SCHEDULE_INTO} {}", schedule_values(1, 2));
-        let statements = match self {
-            Store::Postgres(_) => vec![format!(
-                "WITH cancelled AS (DELETE FROM timers WHERE kind = $1 AND order_id = $2) \
-                 {schedule}"
-            )],
-            Store::Sqlite(_) => vec![
-                "DELETE FROM timers WHERE kind = $1 AND order_id = $2".to_string(),
-                schedule,
-            ],
-        };
-        self.execute_scheduling(
-            statements,
-            std::slice::from_ref(timer),
-            Some((cancel, &timer.order_id)),
-        )
+        self.write_timers(TimerWrite {
+            cancel: Some((Cancel::Kind(cancel), timer.order_id.clone())),
+            timers: vec![timer.clone()],
+        })
         .await
     }
 
     /// Drops the order's pending timers of the creation saga (as
     /// [`Store::cancel_saga_timers`]) and schedules `timer`, the payment
-    /// wait's deadline, in one round trip as [`Store::cancel_and_schedule`].
+    /// wait's deadline, in one write as [`Store::cancel_and_schedule`].
     pub async fn end_saga_and_schedule(&self, timer: &Timer) -> Result<(), StoreError> {
-        // $1 is the kind kept besides notification retries: the timer's own.
-        let cancel = format!(
-            "DELETE FROM timers WHERE order_id = $2 AND kind <> $1 AND kind <> '{}'",
-            TimerKind::NotifyRetry.as_str()
-        );
-        let schedule = format!("{SCHEDULE_INTO} {}", schedule_values(1, 2));
-        let statements = match self {
-            Store::Postgres(_) => vec![format!("WITH cancelled AS ({cancel}) {schedule}")],
-            Store::Sqlite(_) => vec![cancel, schedule],
-        };
-        self.execute_scheduling(
-            statements,
-            std::slice::from_ref(timer),
-            Some((timer.kind, &timer.order_id)),
-        )
+        self.write_timers(TimerWrite {
+            cancel: Some((Cancel::SagaBut(timer.kind), timer.order_id.clone())),
+            timers: vec![timer.clone()],
+        })
         .await
     }
 
-    /// Runs a scheduling write: on PostgreSQL one statement, on SQLite its
-    /// statements in order as one write of the group commit.
-    async fn execute_scheduling(
-        &self,
-        statements: Vec<String>,
-        timers: &[Timer],
-        cancel: Option<(TimerKind, &str)>,
-    ) -> Result<(), StoreError> {
-        let params = scheduling_params(timers, cancel);
+    /// Runs a scheduling write: on PostgreSQL in the next batched
+    /// statement, with the writes of other orders that arrive together (one
+    /// commit for all); on SQLite as its statements, in order, in one write
+    /// of the group commit (their `$n` count over both).
+    async fn write_timers(&self, write: TimerWrite) -> Result<(), StoreError> {
         match self {
-            Store::Postgres(db) => {
-                let sql = statements.concat();
-                bind_params(sqlx::query(&sql), params)
-                    .execute(&*db.statements)
-                    .await?;
-            }
+            Store::Postgres(db) => Ok(db.schedule_timers(write).await??),
             Store::Sqlite(db) => {
+                let params = scheduling_params(&write.timers, write.cancel.as_ref());
+                let skip = if write.cancel.is_some() { 2 } else { 0 };
+                let schedule = format!(
+                    "{SCHEDULE_INTO} {}",
+                    schedule_values(write.timers.len(), skip)
+                );
+                let statements = match write.cancel {
+                    None => vec![schedule],
+                    Some((Cancel::Kind(_), _)) => vec![
+                        "DELETE FROM timers WHERE kind = $1 AND order_id = $2".to_string(),
+                        schedule,
+                    ],
+                    // $1 is the kind kept besides notification retries.
+                    Some((Cancel::SagaBut(_), _)) => vec![
+                        format!(
+                            "DELETE FROM timers WHERE order_id = $2 AND kind <> $1 AND kind <> '{}'",
+                            TimerKind::NotifyRetry.as_str()
+                        ),
+                        schedule,
+                    ],
+                };
                 let statements = statements
                     .into_iter()
                     .map(|sql| (sql, params.clone()))
                     .collect();
-                db.execute(statements, false).await?
+                Ok(db.execute(statements, false).await?)
             }
         }
-        Ok(())
     }
 
     /// Drops every pending timer of this kind for the order. A cancel lost
@@ -327,14 +344,14 @@ impl TimerRow {
     }
 }
 
-/// The values of a scheduling statement: the cancelled kind and order (if
-/// any), then each timer's columns in `SCHEDULE_INTO`'s order. Owned, so
-/// they can travel to SQLite's writer task.
-fn scheduling_params(timers: &[Timer], cancel: Option<(TimerKind, &str)>) -> Vec<Param> {
+/// The values of a SQLite scheduling write: the cancelled kind and order
+/// (if any), then each timer's columns in `SCHEDULE_INTO`'s order. Owned,
+/// so they can travel to SQLite's writer task.
+fn scheduling_params(timers: &[Timer], cancel: Option<&(Cancel, String)>) -> Vec<Param> {
     let mut params = Vec::with_capacity(2 + timers.len() * 8);
-    if let Some((kind, order_id)) = cancel {
+    if let Some((Cancel::Kind(kind) | Cancel::SagaBut(kind), order_id)) = cancel {
         params.push(kind.as_str().into());
-        params.push(order_id.into());
+        params.push(order_id.clone().into());
     }
     for timer in timers {
         params.extend([

@@ -17,6 +17,7 @@ on_both_backends!(
     two_writers_on_one_aggregate_one_wins_the_other_conflicts,
     many_concurrent_appends_conflict_only_where_they_collide,
     bookkeeping_writes_beside_appends_are_stored_when_answered,
+    scheduling_writes_made_together_each_drop_only_what_they_cancel,
     a_command_on_a_stale_remembered_state_sees_the_other_process_writes,
     the_global_log_is_read_exactly_once_under_concurrent_writers,
     a_busy_product_loads_from_its_snapshot_and_reads_its_holds_from_its_events,
@@ -254,6 +255,119 @@ async fn bookkeeping_writes_beside_appends_are_stored_when_answered(backend: Bac
     assert_eq!(due, expected);
     let log = t.store.read_log(0, 1000).await.expect("log");
     assert_eq!(log.len(), EACH as usize);
+    t.cleanup().await;
+}
+
+/// The saga's scheduling writes for many orders at once (on PostgreSQL
+/// they share statements; on SQLite commits), two of them on the same
+/// order at the same time: each drops only what it cancels, on its own
+/// order, and stores its timer.
+async fn scheduling_writes_made_together_each_drop_only_what_they_cancel(backend: Backend) {
+    use order_saga::store::{Timer, TimerKind};
+    let t = TestStore::new(backend).await;
+    const ORDERS: usize = 40;
+    let timer = |kind: TimerKind, i: usize| Timer {
+        kind,
+        subject: match kind {
+            TimerKind::NotifyRetry => format!("event-{i}"),
+            _ => format!("o-{i}"),
+        },
+        order_id: format!("o-{i}"),
+        attempt: 0,
+        due_at: chrono::Utc::now(),
+        causation_id: format!("cause-{i}"),
+        correlation_id: None,
+        payload: serde_json::json!({}),
+    };
+    let each_order = |work: fn(Store, usize, Timer) -> tokio::task::JoinHandle<()>| {
+        (0..ORDERS)
+            .map(|i| work(t.store.clone(), i, timer(TimerKind::SagaTimeout, i)))
+            .collect::<Vec<_>>()
+    };
+    // A saga's start: its deadlines and a notification retry.
+    for task in each_order(|store, i, saga_timeout| {
+        tokio::spawn(async move {
+            let retry = Timer {
+                kind: TimerKind::NotifyRetry,
+                subject: format!("event-{i}"),
+                ..saga_timeout.clone()
+            };
+            let reply = Timer {
+                kind: TimerKind::StockReplyTimeout,
+                ..saga_timeout.clone()
+            };
+            store
+                .schedule_timers(&[saga_timeout, reply, retry])
+                .await
+                .expect("schedule");
+        })
+    }) {
+        task.await.expect("task");
+    }
+    // Even orders get their stock reply (the reply's deadline goes, the
+    // confirmation's comes) and, at the same moment, every fourth a retry;
+    // odd orders end their saga (all but the payment wait's deadline and
+    // the notification retry go).
+    for task in each_order(|store, i, saga_timeout| {
+        tokio::spawn(async move {
+            let with = |kind| Timer {
+                kind,
+                ..saga_timeout.clone()
+            };
+            if i % 2 == 1 {
+                store
+                    .end_saga_and_schedule(&with(TimerKind::PaymentTimeout))
+                    .await
+                    .expect("end saga");
+                return;
+            }
+            let deadline = with(TimerKind::ConfirmationDeadline);
+            let retry = with(TimerKind::ConfirmRetry);
+            let (replaced, retried) = tokio::join!(
+                store.cancel_and_schedule(TimerKind::StockReplyTimeout, &deadline),
+                async {
+                    match i % 4 {
+                        0 => store.schedule_timer(&retry).await,
+                        _ => Ok(()),
+                    }
+                }
+            );
+            replaced.expect("replace");
+            retried.expect("retry");
+        })
+    }) {
+        task.await.expect("task");
+    }
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut pending: Vec<(String, TimerKind)> = t
+        .store
+        .claim_due_timers(later, later, 1000)
+        .await
+        .expect("claim")
+        .into_iter()
+        .map(|timer| (timer.order_id, timer.kind))
+        .collect();
+    pending.sort_by_key(|(order, kind)| (order.clone(), kind.as_str()));
+    let mut expected = Vec::new();
+    for i in 0..ORDERS {
+        let kinds: &[TimerKind] = match i % 4 {
+            0 => &[
+                TimerKind::SagaTimeout,
+                TimerKind::NotifyRetry,
+                TimerKind::ConfirmationDeadline,
+                TimerKind::ConfirmRetry,
+            ],
+            2 => &[
+                TimerKind::SagaTimeout,
+                TimerKind::NotifyRetry,
+                TimerKind::ConfirmationDeadline,
+            ],
+            _ => &[TimerKind::NotifyRetry, TimerKind::PaymentTimeout],
+        };
+        expected.extend(kinds.iter().map(|&kind| (format!("o-{i}"), kind)));
+    }
+    expected.sort_by_key(|(order, kind)| (order.clone(), kind.as_str()));
+    assert_eq!(pending, expected);
     t.cleanup().await;
 }
 
