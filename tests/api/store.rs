@@ -237,16 +237,7 @@ async fn bookkeeping_writes_beside_appends_are_stored_when_answered(backend: Bac
         task.await.expect("task");
     }
     assert_eq!(t.store.pending_timers().await.expect("timers"), EACH / 2);
-    let later = chrono::Utc::now() + chrono::Duration::hours(1);
-    let mut due: Vec<(String, TimerKind)> = t
-        .store
-        .claim_due_timers(later, later, 1000)
-        .await
-        .expect("claim")
-        .into_iter()
-        .map(|timer| (timer.order_id, timer.kind))
-        .collect();
-    due.sort_by(|a, b| a.0.cmp(&b.0));
+    let due = pending_timers(&t.store).await;
     let mut expected: Vec<(String, TimerKind)> = (0..EACH)
         .filter(|i| i % 2 == 1)
         .map(|i| (format!("o-{i}"), TimerKind::ConfirmationDeadline))
@@ -256,6 +247,21 @@ async fn bookkeeping_writes_beside_appends_are_stored_when_answered(backend: Bac
     let log = t.store.read_log(0, 1000).await.expect("log");
     assert_eq!(log.len(), EACH as usize);
     t.cleanup().await;
+}
+
+/// Every pending timer as (order, kind), by order then kind (claimed an
+/// hour ahead, so all are due).
+async fn pending_timers(store: &Store) -> Vec<(String, order_saga::store::TimerKind)> {
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut pending: Vec<_> = store
+        .claim_due_timers(later, later, 1000)
+        .await
+        .expect("claim")
+        .into_iter()
+        .map(|timer| (timer.order_id, timer.kind))
+        .collect();
+    pending.sort_by_key(|(order, kind)| (order.clone(), kind.as_str()));
+    pending
 }
 
 /// The saga's scheduling writes for many orders at once (on PostgreSQL
@@ -338,16 +344,7 @@ async fn scheduling_writes_made_together_each_drop_only_what_they_cancel(backend
     }) {
         task.await.expect("task");
     }
-    let later = chrono::Utc::now() + chrono::Duration::hours(1);
-    let mut pending: Vec<(String, TimerKind)> = t
-        .store
-        .claim_due_timers(later, later, 1000)
-        .await
-        .expect("claim")
-        .into_iter()
-        .map(|timer| (timer.order_id, timer.kind))
-        .collect();
-    pending.sort_by_key(|(order, kind)| (order.clone(), kind.as_str()));
+    let pending = pending_timers(&t.store).await;
     let mut expected = Vec::new();
     for i in 0..ORDERS {
         let kinds: &[TimerKind] = match i % 4 {
