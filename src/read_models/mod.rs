@@ -138,16 +138,26 @@ impl ReadModels {
 
     /// On an instance that does not apply the log: tells subscribers and
     /// waiters what the applying instance has applied since the last look
-    /// (the status changes are the log's, projected without writing).
+    /// (the status changes are the log's, projected without writing). With
+    /// no subscriber the log is not read: waiters need only the position,
+    /// and a subscriber that comes later reads the history the applying
+    /// instance wrote up to it, then listens.
     async fn follow_once(&self) -> Result<usize, StoreError> {
         let applied = self.store.load_checkpoint(CHECKPOINT).await?;
         let seen = *self.followed.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(seen) = seen else {
+        let skip_to = |applied: i64| {
             *self.followed.lock().unwrap_or_else(|e| e.into_inner()) = Some(applied);
             self.progress.send_replace(applied);
+        };
+        let Some(seen) = seen else {
+            skip_to(applied);
             return Ok(0);
         };
         if applied <= seen {
+            return Ok(0);
+        }
+        if self.changes.receiver_count() == 0 {
+            skip_to(applied);
             return Ok(0);
         }
         let entries = self

@@ -219,11 +219,58 @@ async fn start(store: Store, with_loops: bool, auth: Authenticator) -> TestApp {
 pub type GraphqlSocket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Opens `address`'s `/graphql/ws`, sends `connection_init` with
+/// `init_payload` and subscribes (id "1") to `orderStatusChanged(orderId)`
+/// selecting `fields`. Returns the socket and how sending the subscription
+/// went (a server that refused the init may have closed already).
+pub async fn follow_order_at(
+    address: &str,
+    init_payload: serde_json::Value,
+    order_id: &str,
+    fields: &str,
+) -> (
+    GraphqlSocket,
+    Result<(), tokio_tungstenite::tungstenite::Error>,
+) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut socket = graphql_ws_at(address).await;
+    let init = serde_json::json!({"type": "connection_init", "payload": init_payload});
+    socket
+        .send(Message::Text(init.to_string().into()))
+        .await
+        .expect("init");
+    let subscribe = serde_json::json!({
+        "id": "1",
+        "type": "subscribe",
+        "payload": {
+            "query": format!("subscription($id: ID!) {{ orderStatusChanged(orderId: $id) {{ {fields} }} }}"),
+            "variables": {"id": order_id}
+        }
+    });
+    let sent = socket
+        .send(Message::Text(subscribe.to_string().into()))
+        .await;
+    (socket, sent)
+}
+
+/// A WebSocket to `address`'s `/graphql/ws` speaking graphql-transport-ws.
+pub async fn graphql_ws_at(address: &str) -> GraphqlSocket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{address}/graphql/ws").replacen("http", "ws", 1);
+    let mut request = url.into_client_request().expect("ws request");
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "graphql-transport-ws".parse().expect("header"),
+    );
+    let (socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connect");
+    socket
+}
+
 impl TestApp {
-    /// Opens `/graphql/ws`, sends `connection_init` with `init_payload` and
-    /// subscribes (id "1") to `orderStatusChanged(orderId)` selecting
-    /// `fields`. Returns the socket and how sending the subscription went
-    /// (a server that refused the init may have closed already).
+    /// [`follow_order_at`] this app.
     pub async fn follow_order(
         &self,
         init_payload: serde_json::Value,
@@ -233,29 +280,9 @@ impl TestApp {
         GraphqlSocket,
         Result<(), tokio_tungstenite::tungstenite::Error>,
     ) {
-        use futures_util::SinkExt;
-        use tokio_tungstenite::tungstenite::Message;
-        let mut socket = self.graphql_ws().await;
-        let init = serde_json::json!({"type": "connection_init", "payload": init_payload});
-        socket
-            .send(Message::Text(init.to_string().into()))
-            .await
-            .expect("init");
-        let subscribe = serde_json::json!({
-            "id": "1",
-            "type": "subscribe",
-            "payload": {
-                "query": format!("subscription($id: ID!) {{ orderStatusChanged(orderId: $id) {{ {fields} }} }}"),
-                "variables": {"id": order_id}
-            }
-        });
-        let sent = socket
-            .send(Message::Text(subscribe.to_string().into()))
-            .await;
-        (socket, sent)
+        follow_order_at(&self.address, init_payload, order_id, fields).await
     }
 
-    /// A WebSocket to `/graphql/ws` speaking graphql-transport-ws.
     /// One GraphQL request over HTTP; the JSON answer.
     pub async fn graphql(&self, query: &str, variables: Value) -> Value {
         self.client
@@ -267,20 +294,6 @@ impl TestApp {
             .json()
             .await
             .expect("GraphQL response")
-    }
-
-    pub async fn graphql_ws(&self) -> GraphqlSocket {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let url = format!("{}/graphql/ws", self.address.replacen("http", "ws", 1));
-        let mut request = url.into_client_request().expect("ws request");
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            "graphql-transport-ws".parse().expect("header"),
-        );
-        let (socket, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .expect("connect");
-        socket
     }
 
     pub async fn set_product(&self, product_id: &str, price: &str, stock: u32) {

@@ -582,3 +582,51 @@ async fn a_holder_that_loses_its_postgresql_session_gives_its_roles_up_and_they_
     }
     t.cleanup().await;
 }
+
+/// An instance that does not apply the read models still streams an
+/// order's status changes to its own subscribers, from the history the
+/// applying instance wrote and then as that instance applies more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_an_instance_that_does_not_project_sees_every_status() {
+    let t = TestStore::new(Backend::Postgres).await;
+    let env = vec![("DATABASE_POOL_SIZE".to_string(), "4".to_string())];
+    let mut instances = vec![serve_with(&t, &env).await, serve_with(&t, &env).await];
+    let urls: Vec<String> = instances.iter().map(|(_, u)| u.clone()).collect();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let follower = loop {
+        let mut held = Vec::new();
+        for url in &urls {
+            held.push(holds(&client, url, "projections").await);
+        }
+        if let [true, false] | [false, true] = held[..] {
+            break held.iter().position(|h| !h).unwrap_or(0);
+        }
+        assert!(Instant::now() < deadline, "no single projections holder");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    order_saga::service::App::new(t.store.clone())
+        .set_product("p-1", Some("1.00".parse().expect("price")), Some(5))
+        .await
+        .expect("set product");
+    let id = create_order(&client, &urls[follower], &order_body(&[("p-1", 1)])).await;
+    // Paid once it waits: the last two changes are applied while the
+    // subscriber listens.
+    let statuses = crate::read_side::statuses_over_websocket(&urls[follower], &t.store, &id).await;
+    let statuses: Vec<&str> = statuses.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        statuses,
+        [
+            "ORDER_CREATED",
+            "ORDER_CONFIRMED",
+            "PAYMENT_WAIT",
+            "PAYMENT_COMPLETED",
+            "ORDER_COMPLETED"
+        ]
+    );
+    for (mut child, _) in instances.drain(..) {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    t.cleanup().await;
+}

@@ -20,7 +20,8 @@ use tower::ServiceExt;
 
 use crate::binary::serve;
 use crate::helpers::{
-    create_order, order_body, spawn_app, spawn_service, Backend, TestApp, TestStore,
+    create_order, follow_order_at, order_body, spawn_app, spawn_service, Backend, TestApp,
+    TestStore,
 };
 use crate::on_both_backends;
 
@@ -276,14 +277,18 @@ async fn pagination_walks_250_orders_without_gaps_or_repeats(backend: Backend) {
 /// Subscribes over graphql-transport-ws and collects the statuses until the
 /// server completes the stream (at ORDER_COMPLETED or ORDER_CANCELLED); the
 /// order is paid once it waits for its payment.
-async fn statuses_over_websocket(
-    app: &TestApp,
+pub async fn statuses_over_websocket(
+    address: &str,
     store: &Store,
     order_id: &str,
 ) -> Vec<(String, Value)> {
-    let (mut socket, sent) = app
-        .follow_order(json!({}), order_id, "orderId status cancelReason version")
-        .await;
+    let (mut socket, sent) = follow_order_at(
+        address,
+        json!({}),
+        order_id,
+        "orderId status cancelReason version",
+    )
+    .await;
     sent.expect("subscribe");
     let mut statuses = Vec::new();
     let deadline = Duration::from_secs(60);
@@ -337,8 +342,12 @@ async fn a_subscription_streams_each_status_of_an_order(backend: Backend) {
         .json()
         .await
         .expect("json");
-    let stocked =
-        statuses_over_websocket(&app, &t.store, stocked["orderId"].as_str().expect("id")).await;
+    let stocked = statuses_over_websocket(
+        &app.address,
+        &t.store,
+        stocked["orderId"].as_str().expect("id"),
+    )
+    .await;
     assert_eq!(
         stocked,
         vec![
@@ -349,8 +358,12 @@ async fn a_subscription_streams_each_status_of_an_order(backend: Backend) {
             ("ORDER_COMPLETED".to_string(), Value::Null)
         ]
     );
-    let short =
-        statuses_over_websocket(&app, &t.store, short["orderId"].as_str().expect("id")).await;
+    let short = statuses_over_websocket(
+        &app.address,
+        &t.store,
+        short["orderId"].as_str().expect("id"),
+    )
+    .await;
     assert_eq!(
         short,
         vec![
