@@ -51,6 +51,17 @@ impl Admin {
         Ok(name)
     }
 
+    /// Writes every dirty page out now (`CHECKPOINT`), so a run does not
+    /// pay for the one before it: the checkpoint and the full-page writes
+    /// after it would otherwise fall at a random moment of the run.
+    pub async fn checkpoint(&self) -> Result<(), String> {
+        sqlx::raw_sql("CHECKPOINT")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("CHECKPOINT: {e}"))
+    }
+
     /// Drops the database, closing whatever is still connected to it.
     pub async fn drop_database(&self, name: &str) -> Result<(), String> {
         sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))

@@ -302,7 +302,9 @@ pub fn markdown(r: &SuiteResults) -> String {
          batches: with the service's 1 ms linger it took ~75 % of a core 20 s into a run at \
          200 orders/s); the broker ceiling uses the same settings. Before it is measured, each instance \
          gets 20 warm-up orders (sent in one second, their sagas waited for), so start-up \
-         transients — connection pools, Kafka consumer groups joining — stay out of the figures.\n\
+         transients — connection pools, Kafka consumer groups joining — stay out of the figures; \
+         on PostgreSQL a `CHECKPOINT` then writes out what earlier runs left dirty. Each backend's \
+         2-instance search runs right after its 1-instance one.\n\
          - PostgreSQL is reached with the suite's `--admin-url` (its database name replaced), by the \
          ceilings and the service alike; `scripts/bench` passes `sslmode=disable`: TLS on loopback \
          protects nothing and cost ~7 % of PostgreSQL's CPU.\n\

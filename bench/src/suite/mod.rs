@@ -210,10 +210,20 @@ impl Suite {
         self.write()?;
         self.ceilings().await;
         self.write()?;
+        let several = self.several();
+        // Two instances right after one on the same backend: the ratio
+        // compares runs made under the same conditions of the machine.
         for backend in self.config.backends.clone() {
-            let result = self.ramp_and_bisect(backend, 1).await;
-            self.results.backends.push(result);
-            self.write()?;
+            let counts: &[usize] = if several.contains(&backend) {
+                &[1, 2]
+            } else {
+                &[1]
+            };
+            for &instances in counts {
+                let result = self.ramp_and_bisect(backend, instances).await;
+                self.results.backends.push(result);
+                self.write()?;
+            }
         }
         match self.usable(Backend::Postgres) {
             _ if !self.config.backends.contains(&Backend::Postgres) => {
@@ -223,25 +233,6 @@ impl Suite {
             Ok(()) => self.results.auth = Some(self.auth_cost().await),
         }
         self.write()?;
-        let several: Vec<Backend> = [Backend::Postgres, Backend::PostgresKafka]
-            .into_iter()
-            .filter(|b| self.config.backends.contains(b))
-            .collect();
-        if !self.config.instances {
-            self.results.instances_skipped = Some("--skip-instances".into());
-        } else if several.is_empty() {
-            self.results.instances_skipped = Some("no PostgreSQL backend was chosen".into());
-        }
-        let several = if self.config.instances {
-            several
-        } else {
-            Vec::new()
-        };
-        for &backend in &several {
-            let result = self.ramp_and_bisect(backend, 2).await;
-            self.results.backends.push(result);
-            self.write()?;
-        }
         for &backend in &several {
             let result = self.failover(backend).await;
             self.results.failover.push(result);
@@ -265,6 +256,23 @@ impl Suite {
             None => self.results.long_run_skipped = Some("--skip-long".into()),
         }
         Ok(())
+    }
+
+    /// The backends run with 2 instances too (and failed over), noting
+    /// in the results why there are none.
+    fn several(&mut self) -> Vec<Backend> {
+        let several: Vec<Backend> = [Backend::Postgres, Backend::PostgresKafka]
+            .into_iter()
+            .filter(|b| self.config.backends.contains(b))
+            .collect();
+        if !self.config.instances {
+            self.results.instances_skipped = Some("--skip-instances".into());
+            return Vec::new();
+        }
+        if several.is_empty() {
+            self.results.instances_skipped = Some("no PostgreSQL backend was chosen".into());
+        }
+        several
     }
 
     fn leftovers(&self) -> std::sync::MutexGuard<'_, Vec<Leftover>> {
@@ -575,6 +583,11 @@ impl Suite {
         }
         let before = match &instance.database {
             Some(db) => {
+                if let Ok(admin) = &self.admin {
+                    if let Err(e) = admin.checkpoint().await {
+                        self.progress(&format!("  {e}"));
+                    }
+                }
                 // Let the backends flush the statistics of the start.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 self.xact_commit(db).await
