@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{order_body, spawn_service_with_auth, Backend, TestApp, TestStore};
+use crate::helpers::{
+    follow_order_at, order_body, spawn_service_with_auth, Backend, TestApp, TestStore,
+};
 use crate::on_both_backends;
 
 const SECRET: &str = "integration-test-secret";
@@ -199,7 +201,8 @@ async fn subscribe(app: &TestApp, auth: &Option<String>, order_id: &str) -> Subs
         None => json!({}),
     };
     // The server may have closed already; a failed send shows below.
-    let (mut socket, _sent) = app.follow_order(payload, order_id, "orderId status").await;
+    let (mut socket, _sent) =
+        follow_order_at(&app.address, payload, order_id, "orderId status").await;
     loop {
         let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
             .await

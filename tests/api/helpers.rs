@@ -270,19 +270,6 @@ pub async fn graphql_ws_at(address: &str) -> GraphqlSocket {
 }
 
 impl TestApp {
-    /// [`follow_order_at`] this app.
-    pub async fn follow_order(
-        &self,
-        init_payload: serde_json::Value,
-        order_id: &str,
-        fields: &str,
-    ) -> (
-        GraphqlSocket,
-        Result<(), tokio_tungstenite::tungstenite::Error>,
-    ) {
-        follow_order_at(&self.address, init_payload, order_id, fields).await
-    }
-
     /// One GraphQL request over HTTP; the JSON answer.
     pub async fn graphql(&self, query: &str, variables: Value) -> Value {
         self.client

@@ -423,10 +423,7 @@ impl Run {
                 None => String::new(),
             }
         );
-        for (mut child, _) in self.instances.drain(..) {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-        }
+        kill_all(std::mem::take(&mut self.instances)).await;
         self.t.cleanup().await;
     }
 }
@@ -493,6 +490,22 @@ async fn a_second_serve_on_an_embedded_data_directory_in_use_is_refused_naming_i
 }
 
 /// The roles' `since` times an instance reports, by role.
+/// Two instances on `t`'s schema (small pools), and their addresses.
+async fn two_instances(t: &TestStore) -> (Vec<(Child, String)>, Vec<String>) {
+    let env = vec![("DATABASE_POOL_SIZE".to_string(), "4".to_string())];
+    let instances = vec![serve_with(t, &env).await, serve_with(t, &env).await];
+    let urls = instances.iter().map(|(_, u)| u.clone()).collect();
+    (instances, urls)
+}
+
+/// SIGKILLs every instance and waits for each to end.
+async fn kill_all(instances: Vec<(Child, String)>) {
+    for (mut child, _) in instances {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+}
+
 async fn held_since(client: &reqwest::Client, url: &str) -> HashMap<String, String> {
     let Ok(response) = client.get(format!("{url}/readyz")).send().await else {
         return HashMap::new();
@@ -515,9 +528,7 @@ async fn held_since(client: &reqwest::Client, url: &str) -> HashMap<String, Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_that_loses_its_postgresql_session_gives_its_roles_up_and_they_are_taken_again() {
     let t = TestStore::new(Backend::Postgres).await;
-    let env = vec![("DATABASE_POOL_SIZE".to_string(), "4".to_string())];
-    let mut instances = vec![serve_with(&t, &env).await, serve_with(&t, &env).await];
-    let urls: Vec<String> = instances.iter().map(|(_, u)| u.clone()).collect();
+    let (instances, urls) = two_instances(&t).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
@@ -576,10 +587,7 @@ async fn a_holder_that_loses_its_postgresql_session_gives_its_roles_up_and_they_
         .expect("set product");
     let id = create_order(&client, &urls[1], &order_body(&[("p-1", 1)])).await;
     wait_until_all_end(&t.store, &[id]).await;
-    for (mut child, _) in instances.drain(..) {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
+    kill_all(instances).await;
     t.cleanup().await;
 }
 
@@ -589,9 +597,7 @@ async fn a_holder_that_loses_its_postgresql_session_gives_its_roles_up_and_they_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_on_an_instance_that_does_not_project_sees_every_status() {
     let t = TestStore::new(Backend::Postgres).await;
-    let env = vec![("DATABASE_POOL_SIZE".to_string(), "4".to_string())];
-    let mut instances = vec![serve_with(&t, &env).await, serve_with(&t, &env).await];
-    let urls: Vec<String> = instances.iter().map(|(_, u)| u.clone()).collect();
+    let (instances, urls) = two_instances(&t).await;
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let follower = loop {
@@ -624,9 +630,6 @@ async fn a_subscriber_on_an_instance_that_does_not_project_sees_every_status() {
             "ORDER_COMPLETED"
         ]
     );
-    for (mut child, _) in instances.drain(..) {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
+    kill_all(instances).await;
     t.cleanup().await;
 }
